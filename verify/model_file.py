@@ -1,0 +1,144 @@
+"""One model file: weights + everything needed to use them, loadable with
+`torch.load(path, weights_only=True)` (plain dicts, lists, numbers, strings and tensors only)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import Backbone, backbone_from_config
+from .geometry import NORMALISATION, CropGeometry
+from .runtime import atomic_path
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.pt"
+
+
+class ModelFileError(ValueError):
+    pass
+
+
+def fingerprint(state_dict: dict) -> str:
+    """Hash of the weights (names, shapes and values): galleries refuse vectors of another model."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_model(
+    path: str | Path,
+    net: Backbone,
+    *,
+    arch: dict,
+    geometry: CropGeometry,
+    threshold: float,
+    calibration: dict,
+    provenance: dict,
+    tta_flip: bool = True,
+    extra: dict | None = None,
+) -> str:
+    state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    fp = fingerprint(state)
+    blob = {
+        "format_version": FORMAT_VERSION,
+        "arch": dict(arch),
+        "state_dict": state,
+        "geometry": geometry.to_dict(),
+        "normalisation": dict(NORMALISATION),
+        "embedding_dim": int(arch["embedding_dim"]),
+        "threshold": float(threshold),
+        "calibration": dict(calibration),
+        "provenance": provenance,
+        "tta_flip": bool(tta_flip),
+        "fingerprint": fp,
+        "extra": extra or {},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+    return fp
+
+
+def read_model_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ModelFileError(f"{p}: model file not found")
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelFileError(f"{p}: not a faceverify model file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(blob, dict) or "format_version" not in blob:
+        raise ModelFileError(f"{p}: not a faceverify model file (no format_version)")
+    if blob["format_version"] > FORMAT_VERSION:
+        raise ModelFileError(f"{p}: model format {blob['format_version']} is newer than this faceverify ({FORMAT_VERSION})")
+    return blob
+
+
+@dataclass
+class Embedder:
+    """A loaded model: uint8 face crops in, L2-normalised float32 embeddings out."""
+
+    net: Backbone
+    meta: dict
+    device: torch.device
+    path: Path | None = None
+
+    @property
+    def geometry(self) -> CropGeometry:
+        return CropGeometry.from_dict(self.meta["geometry"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["embedding_dim"])
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: torch.device | str = "cpu") -> "Embedder":
+        path = Path(path) if path else DEFAULT_MODEL
+        blob = read_model_file(path)
+        net = backbone_from_config(blob["arch"], blob["geometry"]["size"], head="embedding",
+                                   out_dim=int(blob["embedding_dim"]))
+        try:
+            net.load_state_dict(blob["state_dict"])
+        except RuntimeError as e:
+            raise ModelFileError(f"{path}: weights do not match the architecture ({str(e).splitlines()[0]})") from None
+        device = torch.device(device)
+        net.to(device).eval()
+        meta = {k: v for k, v in blob.items() if k != "state_dict"}
+        return cls(net, meta, device, path)
+
+    @torch.no_grad()
+    def embed(self, crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """(N, S, S, 3) uint8 crops -> (N, D) float32 unit vectors."""
+        crops = np.asarray(crops)
+        size = self.geometry.size
+        if crops.ndim != 4 or crops.shape[1:] != (size, size, 3) or crops.dtype != np.uint8:
+            raise ValueError(f"expected uint8 crops of shape (N, {size}, {size}, 3), got {crops.dtype} {crops.shape}")
+        mean = torch.tensor(self.meta["normalisation"]["mean"], device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.meta["normalisation"]["std"], device=self.device).view(1, 3, 1, 1)
+        out = np.zeros((len(crops), self.dim), dtype=np.float32)
+        for s in range(0, len(crops), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(crops[s : s + batch_size])).to(self.device)
+            x = (x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std  # (B,3,S,S)
+            y = self.net(x).float()
+            if self.meta.get("tta_flip", True):
+                y = y + self.net(torch.flip(x, dims=[3])).float()
+            out[s : s + len(x)] = torch.nn.functional.normalize(y, dim=1).cpu().numpy()
+        return out

@@ -1,0 +1,81 @@
+"""Scores of a query face against an enrolled identity, with a false-accept rate that is known for
+that identity's enrollment.
+
+The nearest of hundreds of enrolled vectors (photos x augmented views) is a maximum over many
+comparisons, so a threshold calibrated on single pairs lets far more strangers through. Instead:
+1. pool each enrolled photo's augmented views into one unit vector (mean, renormalised);
+2. score a query by the mean of its top-k cosine similarities to the identity's pooled photos;
+3. set that identity's threshold at the target FAR on a cohort of impostor faces (embeddings shipped
+   in the model file), scored exactly the same way, and report each decision's estimated FAR as the
+   fraction of cohort faces that score at least as high.
+Numpy only: vectors come from the gallery, cohort from the model file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+
+
+def pool_photos(vectors: np.ndarray, photo_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, D) view vectors + (n,) photo keys -> (keys (m,), pooled unit vectors (m, D))."""
+    keys, inv = np.unique(np.asarray(photo_keys), return_inverse=True)
+    pooled = np.zeros((len(keys), vectors.shape[1]), dtype=np.float64)
+    np.add.at(pooled, inv, vectors)
+    return keys, normalise(pooled)
+
+
+def identity_scores(queries: np.ndarray, pooled: np.ndarray, top_k: int = 3) -> np.ndarray:
+    """(Q, D) queries vs (m, D) pooled photos -> (Q,) mean of the top-k cosine similarities."""
+    sims = normalise(queries) @ pooled.T  # (Q, m)
+    k = max(1, min(top_k, pooled.shape[0]))
+    top = -np.partition(-sims, k - 1, axis=1)[:, :k]
+    return top.mean(axis=1)
+
+
+@dataclass(frozen=True)
+class IdentityCalibration:
+    threshold: float  # on the identity score (similarity: accept when score >= threshold)
+    target_far: float
+    far: float  # FAR of the threshold on the cohort
+    top_k: int
+    cohort_size: int
+    tail: tuple[float, ...]  # highest cohort scores, descending (for estimated FAR)
+
+    def estimated_far(self, score: float) -> float:
+        """Fraction of cohort impostors scoring >= score. Reported as at least 1/cohort (a cohort of C
+        cannot show less); for scores below the stored tail it is a lower bound (those are rejects)."""
+        n = int(np.sum(np.asarray(self.tail) >= score))
+        return max(n, 1) / self.cohort_size
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "target_far": self.target_far, "far": self.far, "top_k": self.top_k,
+                "cohort_size": self.cohort_size, "tail": [round(float(v), 6) for v in self.tail]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IdentityCalibration":
+        return cls(float(d["threshold"]), float(d["target_far"]), float(d["far"]), int(d["top_k"]),
+                   int(d["cohort_size"]), tuple(float(v) for v in d["tail"]))
+
+
+def calibrate_identity(pooled: np.ndarray, cohort: np.ndarray, target_far: float = 1e-3, top_k: int = 3,
+                       floor: float | None = None) -> IdentityCalibration:
+    """Threshold for this enrollment at `target_far` on the cohort. `floor` (e.g. the model's pair
+    threshold) keeps the threshold from dropping below a sane level when the cohort is small."""
+    if len(cohort) == 0:
+        raise ValueError("calibration needs a non-empty impostor cohort")
+    s = np.sort(identity_scores(cohort, pooled, top_k))[::-1]  # descending
+    allowed = int(np.floor(target_far * len(s)))  # impostors allowed at or above the threshold
+    # Accept when score >= threshold: put it just above the (allowed+1)-th highest cohort score.
+    thr = float(np.nextafter(s[allowed], np.inf)) if allowed < len(s) else float(s[-1])
+    if floor is not None:
+        thr = max(thr, float(floor))
+    far = float((s >= thr).mean())
+    tail = tuple(float(v) for v in s[: max(50, int(0.1 * len(s)))])
+    return IdentityCalibration(thr, float(target_far), far, int(top_k), int(len(s)), tail)
