@@ -104,6 +104,243 @@ def train_identity(
                   extra={"identity.init": init})
 
 
+
+# --------------------------------------------------------------------------------------------------
+# enroll / verify / gallery: the part a user touches
+
+gallery_app = typer.Typer(no_args_is_help=True, help="Inspect or edit the gallery of enrolled people.")
+app.add_typer(gallery_app, name="gallery")
+
+
+def default_gallery() -> Path:
+    """Per-user data folder: $FACEVERIFY_HOME/gallery, else $XDG_DATA_HOME/faceverify/gallery."""
+    import os
+
+    home = os.environ.get("FACEVERIFY_HOME")
+    if home:
+        return Path(home) / "gallery"
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "faceverify" / "gallery"
+
+
+GalleryOpt = Annotated[Optional[Path], typer.Option("--gallery", "-g", help="Gallery folder [default: per-user data folder].")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file [default: the shipped model].")]
+DevOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+MinFaceOpt = Annotated[int, typer.Option("--min-face", help="Smallest face side in pixels.")]
+MinProbOpt = Annotated[float, typer.Option("--min-prob", help="Smallest detection probability.")]
+
+
+def _load_embedder(model: Optional[Path], device: str):
+    from .model_file import Embedder, ModelFileError
+    from .runtime import resolve_device
+
+    try:
+        return Embedder.load(model, resolve_device(device))
+    except (ModelFileError, RuntimeError, ValueError) as e:
+        _fail(str(e))
+
+
+def _pipeline(embedder, device: str, min_face: int, min_prob: float):
+    from .faces import DetectorConfig, FaceDetector, FacePipeline
+
+    det = FaceDetector(DetectorConfig(min_face_size=min_face, min_prob=min_prob, device=device))
+    return FacePipeline(det, embedder.geometry)
+
+
+def _open_gallery(path: Optional[Path], embedder, create: bool):
+    from index import Gallery, GalleryError
+
+    path = path or default_gallery()
+    try:
+        if create:
+            return Gallery.open_or_create(path, embedder.dim, embedder.fingerprint, threshold=embedder.threshold)
+        if not (path / "manifest.json").exists():
+            _fail(f"{path}: no gallery here yet; enroll someone first (faceverify enroll NAME PHOTOS...)")
+        return Gallery.open(path, fingerprint=embedder.fingerprint if embedder else None)
+    except GalleryError as e:
+        _fail(str(e))
+
+
+def _cohort(embedder):
+    import numpy as np
+
+    c = (embedder.meta.get("extra") or {}).get("cohort")
+    return None if c is None else np.asarray(c.float().numpy() if hasattr(c, "numpy") else c, dtype=np.float32)
+
+
+def _recalibrate(gallery, name: str, embedder, target_far: float, top_k: int) -> dict:
+    """Per-identity threshold at `target_far` on the model's impostor cohort (see verify.scoring)."""
+    from .scoring import calibrate_identity, pool_photos
+
+    vecs, meta = gallery.vectors(name)
+    _, pooled = pool_photos(vecs, meta["sha256"].to_numpy())
+    cohort = _cohort(embedder)
+    if cohort is None:
+        info = {"threshold": embedder.threshold, "calibrated": False, "photos": int(len(pooled))}
+    else:
+        cal = calibrate_identity(pooled, cohort, target_far=target_far, top_k=top_k)
+        info = {**cal.to_dict(), "calibrated": True, "photos": int(len(pooled))}
+    gallery.set_identity_info(name, info)
+    return info
+
+
+def _matcher(gallery, embedder, top_k: int = 3):
+    """Identity scoring over the gallery: FAISS finds candidate identities, then each candidate is
+    scored with its pooled photos and its own calibrated threshold."""
+    from .scoring import IdentityCalibration, IdentityMatcher, pool_photos
+
+    vecs, meta = gallery.vectors()
+    pooled, cals = {}, {}
+    for name, rows in meta.groupby("identity").indices.items():
+        _, pooled[name] = pool_photos(vecs[rows], meta["sha256"].to_numpy()[rows])
+        info = gallery.identity_info(name)
+        if info.get("calibrated"):
+            cals[name] = IdentityCalibration.from_dict(info)
+    n_ids = len(pooled)
+
+    def candidates(q):
+        res = gallery.search(q, k=min(len(gallery), 64))
+        return [[n for n in row if n is not None] for row in res.identities.tolist()]
+
+    return IdentityMatcher(pooled, cals, embedder.threshold, top_k=top_k, candidates=candidates if n_ids > 8 else None)
+
+
+@app.command()
+def enroll(
+    name: Annotated[str, typer.Argument(help="The person's name (identity).")],
+    photos: Annotated[list[Path], typer.Argument(help="Photos or folders of photos of that person.")],
+    gallery: GalleryOpt = None,
+    model: ModelOpt = None,
+    augment: Annotated[int, typer.Option("--augment", help="Augmented views per photo (rotation 20, zoom 0.2, shift 0.1, flip).")] = 8,
+    target_far: Annotated[float, typer.Option("--target-far", help="False-accept rate the identity's threshold is set at.")] = 1e-3,
+    device: DevOpt = "auto",
+    min_face: MinFaceOpt = 40,
+    min_prob: MinProbOpt = 0.95,
+) -> None:
+    """Enroll NAME from photos: one face per photo (several: the largest), original + N augmented views."""
+    import numpy as np
+
+    from .enroll import embed_enrollment, expand_inputs, outlier_photos
+
+    if not name.strip():
+        _fail("NAME must not be empty")
+    embedder = _load_embedder(model, device)
+    files, problems = expand_inputs(photos)
+    if not files:
+        _fail("no image files found in " + ", ".join(str(p) for p in photos))
+    pipeline = _pipeline(embedder, device, min_face, min_prob)
+    g = _open_gallery(gallery, embedder, create=True)
+    from index import GalleryError
+
+    try:
+        with g.locked():
+            known = set()
+            if name in set(g.identities()["identity"]):
+                known = set(g.vectors(name)[1]["sha256"])
+            batch = embed_enrollment(files, pipeline, embedder, n_views=augment, skip_hashes=known)
+            added = 0
+            for ph in batch.photos:
+                v = len(ph.vectors)
+                g.add(ph.vectors, name, sources=[ph.source] * v, sha256s=[ph.sha256] * v, views=list(range(v)))
+                added += v
+            info = _recalibrate(g, name, embedder, target_far, top_k=3) if name in set(g.identities()["identity"]) else None
+            flagged = []
+            if info:
+                vecs, meta = g.vectors(name)
+                flagged = outlier_photos(vecs, meta["sha256"].to_numpy(), embedder.threshold)
+                src = dict(zip(meta["sha256"], meta["source"]))
+    except GalleryError as e:
+        _fail(str(e))
+    for w in batch.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    for src_, why in problems + batch.skipped:
+        typer.echo(f"skipped: {src_}: {why}", err=True)
+    typer.echo(f"{name}: {len(batch.photos)} photos used, {len(problems) + len(batch.skipped)} skipped, "
+               f"{added} vectors added (gallery {g.path})")
+    if info:
+        far = f"estimated FAR {info['far']:.1e} on {info['cohort_size']} cohort faces" if info.get("calibrated") else "model threshold (no cohort in the model file)"
+        typer.echo(f"{name}: {info['photos']} photos enrolled; accept at distance <= {1 - info['threshold']:.4f} ({far})")
+    for sha, sim in flagged:
+        typer.echo(f"warning: {src[sha]}: far from {name}'s other photos (similarity {sim:.3f}); is it really {name}?", err=True)
+    if not batch.photos and not known:
+        raise typer.Exit(EXIT_NO)
+
+
+@app.command("verify")
+def verify_cmd(
+    photos: Annotated[list[Path], typer.Argument(help="Photos to check.")],
+    gallery: GalleryOpt = None,
+    model: ModelOpt = None,
+    as_: Annotated[Optional[str], typer.Option("--as", help="Check one claimed identity (1:1) instead of 1:N.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="One JSON object per photo per line.")] = False,
+    device: DevOpt = "auto",
+    min_face: MinFaceOpt = 20,
+    min_prob: MinProbOpt = 0.9,
+) -> None:
+    """Is this photo me? For every face: nearest identity, distance, threshold, decision, estimated FAR.
+
+    Exit code 0 when every photo has a matching face, 1 when any has none, 2 on error."""
+    embedder = _load_embedder(model, device)
+    g = _open_gallery(gallery, embedder, create=False)
+    if len(g) == 0:
+        _fail(f"{g.path}: the gallery is empty; enroll someone first")
+    if as_ is not None and as_ not in set(g.identities()["identity"]):
+        _fail(f"{as_!r} is not enrolled in {g.path}")
+    matcher = _matcher(g, embedder)
+    pipeline = _pipeline(embedder, device, min_face, min_prob)
+    all_matched = True
+    for res in pipeline.iter_process([str(p) for p in photos]):
+        faces = []
+        if res.ok and res.faces:
+            vecs = embedder.embed(__import__("numpy").stack([c for _, c in res.faces]))
+            for (face, _), m in zip(res.faces, matcher(vecs, only=as_)):
+                faces.append({"box": [round(float(v), 1) for v in face.box], **m.to_dict()})
+        matched = any(f["match"] for f in faces)
+        all_matched &= matched
+        error = res.error if not res.ok else (None if faces else "no face found")
+        if json_:
+            typer.echo(json.dumps({"image": res.source, "faces": faces, "error": error}, ensure_ascii=False))
+            continue
+        if error:
+            typer.echo(f"{res.source}: {error}")
+        for i, f in enumerate(faces):
+            verdict = f"MATCH {f['identity']}" if f["match"] else f"no match (nearest {f['nearest']})"
+            far = f", est. FAR {f['far']:.1e}" if f["far"] is not None else ""
+            typer.echo(f"{res.source} face {i}: {verdict}, distance {f['distance']:.4f} "
+                       f"(threshold {f['threshold']:.4f}{far})")
+    raise typer.Exit(EXIT_OK if all_matched else EXIT_NO)
+
+
+@gallery_app.command("list")
+def gallery_list(gallery: GalleryOpt = None) -> None:
+    """Enrolled identities with their photo and vector counts."""
+    g = _open_gallery(gallery, None, create=False)
+    df = g.identities()
+    if df.empty:
+        typer.echo("(empty)")
+    for r in df.itertuples():
+        typer.echo(f"{r.identity}\t{r.photos} photos\t{r.vectors} vectors")
+
+
+@gallery_app.command("remove")
+def gallery_remove(name: Annotated[str, typer.Argument(help="Identity to remove.")], gallery: GalleryOpt = None) -> None:
+    """Remove an identity and all its vectors."""
+    g = _open_gallery(gallery, None, create=False)
+    with g.locked():
+        n = g.remove_identity(name)
+    if n == 0:
+        typer.echo(f"{name!r} is not enrolled in {g.path}", err=True)
+        raise typer.Exit(EXIT_NO)
+    typer.echo(f"removed {name}: {n} vectors")
+
+
+@gallery_app.command("info")
+def gallery_info(gallery: GalleryOpt = None) -> None:
+    """The gallery's manifest: model fingerprint, dimension, size, index kind."""
+    g = _open_gallery(gallery, None, create=False)
+    typer.echo(json.dumps(g.info(), indent=1, default=str))
+
+
 def main() -> None:
     app()
 

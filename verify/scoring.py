@@ -79,3 +79,67 @@ def calibrate_identity(pooled: np.ndarray, cohort: np.ndarray, target_far: float
     far = float((s >= thr).mean())
     tail = tuple(float(v) for v in s[: max(50, int(0.1 * len(s)))])
     return IdentityCalibration(thr, float(target_far), far, int(top_k), int(len(s)), tail)
+
+
+@dataclass(frozen=True)
+class Match:
+    """The decision for one face. Distances are cosine distances (1 - similarity)."""
+
+    identity: str | None  # best-scoring enrolled identity (reported even when not a match)
+    distance: float  # 1 - identity score
+    threshold: float  # distance threshold of that identity (accept when distance <= threshold)
+    match: bool
+    far: float | None  # estimated false-accept rate of accepting at this score
+
+    def to_dict(self) -> dict:
+        return {"identity": self.identity if self.match else None, "nearest": self.identity,
+                "distance": round(self.distance, 6), "threshold": round(self.threshold, 6), "match": self.match,
+                "far": self.far}
+
+
+class IdentityMatcher:
+    """Scores faces against enrolled identities (pooled photos, top-k mean, per-identity threshold).
+
+    `candidates(queries) -> list[list[str]]` narrows each query to a few identities (the CLI passes a
+    FAISS nearest-neighbour search over the gallery); None scores every identity.
+    """
+
+    def __init__(self, pooled: dict[str, np.ndarray], calibrations: dict[str, IdentityCalibration],
+                 default_threshold: float, top_k: int = 3, candidates=None) -> None:
+        self.pooled = pooled
+        self.calibrations = calibrations
+        self.default_threshold = float(default_threshold)  # similarity, from the model file
+        self.top_k = top_k
+        self.candidates = candidates
+
+    def threshold_of(self, name: str) -> float:
+        cal = self.calibrations.get(name)
+        return cal.threshold if cal else self.default_threshold
+
+    def __call__(self, queries: np.ndarray, only: str | None = None) -> list[Match]:
+        """(F, D) face embeddings -> one Match per face; `only` checks one claimed identity (1:1)."""
+        queries = np.asarray(queries, dtype=np.float32)
+        if len(queries) == 0:
+            return []
+        if only is not None:
+            if only not in self.pooled:
+                raise KeyError(f"identity {only!r} is not enrolled")
+            names = [[only]] * len(queries)
+        elif self.candidates is not None:
+            names = self.candidates(queries)
+        else:
+            names = [list(self.pooled)] * len(queries)
+        out = []
+        for q, cands in zip(queries, names):
+            best: Match | None = None
+            for name in dict.fromkeys(c for c in cands if c in self.pooled):
+                score = float(identity_scores(q[None], self.pooled[name], self.top_k)[0])
+                thr = self.threshold_of(name)
+                cal = self.calibrations.get(name)
+                m = Match(name, 1.0 - score, 1.0 - thr, score >= thr, cal.estimated_far(score) if cal else None)
+                # Prefer accepted identities, then the largest margin over their own threshold.
+                key = (m.match, score - thr)
+                if best is None or key > (best.match, (1.0 - best.distance) - (1.0 - best.threshold)):
+                    best = m
+            out.append(best or Match(None, float("inf"), 1.0 - self.default_threshold, False, None))
+        return out

@@ -388,7 +388,7 @@ def evaluate_identity(net: nn.Module, data: FaceData, rows: np.ndarray, device: 
         "genuine_pairs": int(same.sum()),
         "auc": float(summary["auc"]),
         "eer": float(summary["eer"]),
-        "tar_at_far": {k: float(v) for k, v in summary["tar_at_far"].items()},
+        "tar_at_far": {k: (None if v is None else float(v)) for k, v in summary["tar_at_far"].items()},
         "accuracy": float(acc),
         "accuracy_std": float(acc_std),
         "threshold_at_target_far": float(thr),
