@@ -1,0 +1,625 @@
+"""Verification on LFW-format pair files, and the impostor cohort shipped in a model file.
+
+Images go through the same pipeline as `faceverify verify` (load -> MTCNN -> `align` to the model's
+crop geometry), or, for already aligned sets such as CelebA (`aligned=True`), through `fixed_crop`.
+The score of a pair is the cosine similarity of the two embeddings.
+
+Choices, stated once:
+- Which face: LFW pair images are centred on their subject, and another, larger face sometimes shares
+  the frame (measured: in 3 of 96 DevTest images the largest face is not the centred one). We take the
+  face whose box centre is nearest the image centre among faces with at least half the largest face's
+  area (`face_choice="central"`); `"largest"` is what `verify` does with a single photo.
+- An image with no detected face falls back to a centre crop of the same scale (`no_face="centre"`):
+  the median landmarks of the faces found in same-sized images of this run (LFW: all 250x250), or,
+  when there are none, the median MTCNN landmarks of LFW deep-funneled images scaled to the image. The
+  image still gets an embedding; it is counted in `failed_images` / `no_face_images`.
+- An image that cannot be read has no embedding (a NaN row). Its pairs score FAILED_SCORE, below every
+  cosine similarity: a genuine pair counts as a false reject, an impostor pair as a reject. It is
+  counted in `failed_images` / `unreadable_images`, its pairs in `failed_pairs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any, Callable, Mapping, MutableMapping, Sequence
+
+import numpy as np
+
+from verify.faces import (
+    AlignedFace, DetectorConfig, FaceDetector, FacePipeline, ImageLoadError, align, fixed_crop, load_image,
+)
+from verify.metrics import accuracy_at, auc, best_accuracy_threshold, eer, kfold_accuracy, roc_curve, tar_at_far
+from verify.model_file import Embedder, ModelFileError, fingerprint, read_model_file
+from verify.pairs import lfw_image_path, read_lfw_pairs
+from verify.runtime import atomic_path
+
+log = logging.getLogger(__name__)
+
+FAILED_SCORE = -2.0  # below every cosine similarity: the score of a pair with an unreadable image
+
+# Median MTCNN landmarks (x, y) of 96 LFW deep-funneled DevTest images (250x250), measured once with
+# FaceDetector defaults; the no-face fallback when no same-sized image of the run had a face.
+LFW_FRAME = 250
+LFW_LANDMARKS = np.array(
+    [[105.0, 114.0], [146.6, 112.5], [126.5, 137.2], [108.4, 159.4], [144.7, 158.4]], dtype=np.float64
+)
+
+ORACLE_NOTE = "optimistic: best threshold chosen on these same pairs"
+OVERLAP_NOTE = (
+    "CelebA celebrities and LFW people overlap in part: LFW figures of a model trained on CelebA are optimistic"
+)
+
+EmbeddingCache = MutableMapping[tuple, np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedding images
+
+
+def choose_face(faces: Sequence[AlignedFace], image_size: tuple[int, int], min_area_ratio: float = 0.5) -> int:
+    """Index of the face whose box centre is nearest the image centre, among faces whose area is at
+    least `min_area_ratio` of the largest one's (`faces` as FacePipeline gives them: largest first)."""
+    if not faces:
+        raise ValueError("choose_face needs at least one face")
+    w, h = image_size
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0  # pixel-centre coordinates
+    largest = max(f.face.area for f in faces)
+    best, best_d = 0, np.inf
+    for i, f in enumerate(faces):
+        if f.face.area < min_area_ratio * largest:
+            continue
+        x1, y1, x2, y2 = f.face.box
+        d = float(np.hypot((x1 + x2) / 2.0 - cx, (y1 + y2) / 2.0 - cy))
+        if d < best_d:
+            best, best_d = i, d
+    return best
+
+
+def fallback_landmarks(image_size: tuple[int, int]) -> np.ndarray:
+    """LFW's median landmarks, scaled by min(w, h) / 250 about the image centre: (5, 2)."""
+    w, h = image_size
+    s = min(w, h) / LFW_FRAME
+    centre_lfw = (LFW_FRAME - 1) / 2.0
+    pts = (LFW_LANDMARKS - centre_lfw) * s
+    pts[:, 0] += (w - 1) / 2.0
+    pts[:, 1] += (h - 1) / 2.0
+    return pts
+
+
+def _cache_key(embedder: Embedder, path: Path, aligned: bool, face_choice: str) -> tuple:
+    return (embedder.fingerprint, str(path), bool(aligned), face_choice)
+
+
+def _from_cache(entry: tuple, path: Path, no_face: str, dim: int) -> tuple | None:
+    """A cached (vec, error, status) as this call's `no_face` policy wants it; None: embed again."""
+    vec, err, status = entry
+    if status == "centre_crop" and no_face == "fail":
+        return np.full(dim, np.nan, dtype=np.float32), f"{path}: no face found", "no_face"
+    if status == "no_face" and no_face == "centre":
+        return None  # the centre crop was never made
+    return entry
+
+
+def embed_images(
+    paths: Sequence[Path],
+    embedder: Embedder,
+    *,
+    aligned: bool = False,
+    detector_config: DetectorConfig | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    face_choice: str = "central",
+    no_face: str = "centre",
+    cache: EmbeddingCache | None = None,
+) -> tuple[np.ndarray, list[str | None]]:
+    """Embed each image: (N, D) float32 unit rows and one error per image (None when a face was found).
+
+    Detect path (`aligned=False`): load -> MTCNN -> the face chosen by `face_choice` ("central" or
+    "largest", see the module docstring) -> `align` to `embedder.geometry`. An image with no face gets
+    a centre crop (`no_face="centre"`, its error says so) or a NaN row (`no_face="fail"`).
+    Aligned path: load -> `fixed_crop`. Unreadable images always get a NaN row and their one-line error.
+    Repeated paths are embedded once. `cache` (any dict) keeps embeddings across calls.
+    """
+    emb, errors, _ = _embed_status(paths, embedder, aligned=aligned, detector_config=detector_config,
+                                   batch_size=batch_size, progress=progress, face_choice=face_choice,
+                                   no_face=no_face, cache=cache)
+    return emb, errors
+
+
+# Per-image outcome: a face was found ("ok"), none and a centre crop was used ("centre_crop"), none and
+# no embedding ("no_face", with no_face="fail"), or the file could not be read ("unreadable").
+STATUSES = ("ok", "centre_crop", "no_face", "unreadable")
+
+
+def _embed_status(
+    paths: Sequence[Path],
+    embedder: Embedder,
+    *,
+    aligned: bool,
+    detector_config: DetectorConfig | None,
+    batch_size: int,
+    progress: bool,
+    face_choice: str,
+    no_face: str,
+    cache: EmbeddingCache | None,
+) -> tuple[np.ndarray, list[str | None], list[str]]:
+    if face_choice not in ("central", "largest"):
+        raise ValueError(f"face_choice must be 'central' or 'largest', got {face_choice!r}")
+    if no_face not in ("centre", "fail"):
+        raise ValueError(f"no_face must be 'centre' or 'fail', got {no_face!r}")
+    paths = [Path(p) for p in paths]
+    unique = list(dict.fromkeys(paths))  # first-appearance order
+    key = lambda p: _cache_key(embedder, p, aligned, face_choice)  # noqa: E731
+    known: dict[Path, tuple[np.ndarray, str | None, str]] = {}
+    if cache is not None:
+        for p in unique:
+            hit = _from_cache(cache[key(p)], p, no_face, embedder.dim) if key(p) in cache else None
+            if hit is not None:
+                known[p] = hit
+    todo = [p for p in unique if p not in known]
+    if todo:
+        run = _embed_aligned if aligned else _embed_detected
+        new = run(todo, embedder, detector_config=detector_config, batch_size=batch_size, progress=progress,
+                  face_choice=face_choice, no_face=no_face)
+        known.update(new)
+        if cache is not None:
+            for p in todo:
+                cache[key(p)] = new[p]
+    emb = np.full((len(paths), embedder.dim), np.nan, dtype=np.float32)  # (N, D)
+    errors: list[str | None] = []
+    statuses: list[str] = []
+    for i, p in enumerate(paths):
+        vec, err, status = known[p]
+        emb[i] = vec
+        errors.append(err)
+        statuses.append(status)
+    return emb, errors, statuses
+
+
+class _Batcher:
+    """Collects (S, S, 3) crops and embeds them `batch_size` at a time (bounded memory)."""
+
+    def __init__(self, embedder: Embedder, batch_size: int, out: dict) -> None:
+        self.embedder, self.batch_size, self.out = embedder, batch_size, out
+        self.crops: list[np.ndarray] = []
+        self.items: list[tuple[Path, str | None, str]] = []
+
+    def add(self, path: Path, crop: np.ndarray, error: str | None, status: str) -> None:
+        self.crops.append(crop)
+        self.items.append((path, error, status))
+        if len(self.crops) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.crops:
+            return
+        vecs = self.embedder.embed(np.stack(self.crops), batch_size=self.batch_size)  # (B, D)
+        for (path, error, status), vec in zip(self.items, vecs):
+            self.out[path] = (vec, error, status)
+        self.crops, self.items = [], []
+
+
+def _nan_row(embedder: Embedder) -> np.ndarray:
+    return np.full(embedder.dim, np.nan, dtype=np.float32)
+
+
+def _progress_bar(total: int, progress: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+
+
+def _embed_aligned(paths, embedder, *, batch_size, progress, **_) -> dict:
+    out: dict[Path, tuple[np.ndarray, str | None, str]] = {}
+    batcher = _Batcher(embedder, batch_size, out)
+    geometry = embedder.geometry
+    with _progress_bar(len(paths), progress, "embedding (aligned)") as bar:
+        for p in paths:
+            try:
+                batcher.add(p, fixed_crop(load_image(p), geometry), None, "ok")
+            except ImageLoadError as exc:
+                log.info("%s", exc)
+                out[p] = (_nan_row(embedder), str(exc), "unreadable")
+            bar.update(1)
+    batcher.flush()
+    return out
+
+
+def _embed_detected(paths, embedder, *, detector_config, batch_size, progress, face_choice, no_face) -> dict:
+    config = detector_config or DetectorConfig(device=embedder.device.type)
+    pipeline = FacePipeline(FaceDetector(config), embedder.geometry)
+    out: dict[Path, tuple[np.ndarray, str | None, str]] = {}
+    batcher = _Batcher(embedder, batch_size, out)
+    found_landmarks: dict[tuple[int, int], list[np.ndarray]] = {}  # image size -> chosen faces' landmarks
+    faceless: list[tuple[Path, tuple[int, int]]] = []
+    with _progress_bar(len(paths), progress, "detecting + embedding") as bar:
+        for p, res in zip(paths, pipeline.iter_process(paths, chunk_size=config.batch_size)):
+            bar.update(1)
+            if not res.ok:
+                out[p] = (_nan_row(embedder), res.error, "unreadable")
+            elif not res.faces:
+                faceless.append((p, res.image_size))
+            else:
+                i = choose_face(res.faces, res.image_size) if face_choice == "central" else 0
+                found_landmarks.setdefault(res.image_size, []).append(res.faces[i].face.landmarks)
+                batcher.add(p, res.faces[i].crop, None, "ok")
+    for p, size in faceless:
+        if no_face == "fail":
+            out[p] = (_nan_row(embedder), f"{p}: no face found", "no_face")
+            continue
+        same_size = found_landmarks.get(size)
+        if same_size:
+            landmarks = np.median(np.stack(same_size), axis=0)  # (5, 2)
+            how = f"median landmarks of {len(same_size)} faces in {size[0]}x{size[1]} images"
+        else:
+            landmarks = fallback_landmarks(size)
+            how = "LFW median landmarks scaled to the image"
+        try:
+            crop = align(load_image(p), landmarks, embedder.geometry)
+        except ImageLoadError as exc:  # changed on disk since detection
+            out[p] = (_nan_row(embedder), str(exc), "unreadable")
+            continue
+        log.info("%s: no face found; centre crop (%s)", p, how)
+        batcher.add(p, crop, f"{p}: no face found; used a centre crop ({how})", "centre_crop")
+    batcher.flush()
+    return out
+
+
+def pair_scores(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:
+    """Cosine similarity of matching rows, (N,) float64; FAILED_SCORE where either row is NaN."""
+    a = np.asarray(emb1, dtype=np.float64)
+    b = np.asarray(emb2, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"pair_scores needs two (N, D) arrays of one shape, got {a.shape} and {b.shape}")
+    bad = ~(np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1))
+    a, b = np.nan_to_num(a), np.nan_to_num(b)
+    na = np.linalg.norm(a, axis=1).clip(1e-12)
+    nb = np.linalg.norm(b, axis=1).clip(1e-12)
+    s = np.clip(np.einsum("ij,ij->i", a, b) / (na * nb), -1.0, 1.0)
+    s[bad] = FAILED_SCORE
+    return s
+
+
+# --------------------------------------------------------------------------------------------------
+# Pair-file evaluation
+
+
+def far_key(far: float) -> str:
+    """1e-2 -> "1e-02" (the tar_at_far keys); a FAR that is not a power of ten as %g (0.25 -> "0.25")."""
+    key = f"{far:.0e}"
+    return key if float(key) == far else f"{far:g}"
+
+
+def summarise_scores(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    *,
+    folds: np.ndarray | None = None,
+    threshold: float | None = None,
+    fars: Sequence[float] = (1e-2, 1e-3),
+) -> dict:
+    """Metrics of one scored pair set.
+
+    `accuracy`: k-fold (threshold chosen on the other folds; `threshold` reports their mean) when
+    `folds` is given, else at the given `threshold` (`accuracy_std` None: one threshold, no spread).
+    `accuracy_oracle`: at the best threshold for these very pairs (optimistic). `tar_at_far[far_key(f)]`
+    is None where the impostor pairs are too few to measure that FAR (f * impostors < 1).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    if folds is None and threshold is None:
+        raise ValueError("summarise_scores needs folds or a threshold")
+    out: dict[str, Any] = {}
+    if folds is not None:
+        acc, acc_std, fold_thr = kfold_accuracy(s, y, folds=np.asarray(folds))
+        out.update(accuracy=acc, accuracy_std=acc_std, threshold=float(np.mean(fold_thr)),
+                   fold_thresholds=[float(t) for t in fold_thr])
+    else:
+        out.update(accuracy=accuracy_at(s, y, float(threshold)), accuracy_std=None, threshold=float(threshold))
+    oracle_t, oracle_acc = best_accuracy_threshold(s, y)
+    out.update(accuracy_oracle=oracle_acc, accuracy_oracle_threshold=oracle_t, accuracy_oracle_note=ORACLE_NOTE)
+    both = bool(y.any() and (~y).any())
+    if both:
+        far, tar, _ = roc_curve(s, y)
+        out["auc"] = auc(far, tar)
+        out["eer"] = eer(s, y)[0]
+    else:
+        out["auc"] = out["eer"] = None
+    n_imp = int((~y).sum())
+    tars: dict[str, float | None] = {}
+    for f in fars:
+        tars[far_key(f)] = tar_at_far(s, y, f)[0] if both and f * n_imp >= 1 else None
+    out.update(tar_at_far=tars, pairs=int(len(s)), genuine=int(y.sum()), impostor=n_imp)
+    return out
+
+
+def _pair_paths(pairs, images_root: Path) -> tuple[list[Path], list[Path]]:
+    p1 = [lfw_image_path(images_root, n, i) for n, i in zip(pairs["name1"], pairs["idx1"])]
+    p2 = [lfw_image_path(images_root, n, i) for n, i in zip(pairs["name2"], pairs["idx2"])]
+    return p1, p2
+
+
+def evaluate_pairs(
+    pairs_file: Path,
+    images_root: Path,
+    embedder: Embedder,
+    *,
+    aligned: bool = False,
+    threshold_from: Path | None = None,
+    fars: Sequence[float] = (1e-2, 1e-3),
+    progress: bool = True,
+    detector_config: DetectorConfig | None = None,
+    face_choice: str = "central",
+    no_face: str = "centre",
+    batch_size: int = 64,
+    plot: Path | None = None,
+    keep_scores: bool = False,
+    cache: EmbeddingCache | None = None,
+) -> dict:
+    """Verification accuracy, AUC, EER and TAR@FAR of `embedder` on an LFW-format pair file.
+
+    Images are `images_root/NAME/NAME_0001.jpg`. The accuracy threshold (`accuracy_protocol` says which):
+    k-fold cross-validation when the file has folds (View 2 `pairs.txt`); else the best-accuracy
+    threshold on `threshold_from` (e.g. pairsDevTrain.txt when evaluating pairsDevTest.txt); else the
+    model file's threshold. Returns plain python values (JSON-ready); with `keep_scores` also numpy
+    `scores` and `labels` (file order). `plot` writes the ROC curve there.
+    """
+    pairs_file, images_root = Path(pairs_file), Path(images_root)
+    if not images_root.is_dir():
+        raise FileNotFoundError(f"{images_root}: images folder not found")
+    pairs = read_lfw_pairs(pairs_file)
+    labels = pairs["same"].to_numpy(dtype=bool)
+    fold_ids = pairs["fold"].to_numpy()
+    has_folds = bool((fold_ids >= 0).all() and len(np.unique(fold_ids)) >= 2)
+
+    ref = None
+    if threshold_from is not None:
+        if has_folds:
+            log.warning("%s has folds: accuracy is %d-fold, --threshold-from %s is ignored",
+                        pairs_file, len(np.unique(fold_ids)), threshold_from)
+        else:
+            ref = read_lfw_pairs(threshold_from)
+
+    p1, p2 = _pair_paths(pairs, images_root)
+    all_paths = p1 + p2
+    if ref is not None:
+        r1, r2 = _pair_paths(ref, images_root)
+        all_paths += r1 + r2
+    emb, errors, statuses = _embed_status(all_paths, embedder, aligned=aligned, detector_config=detector_config,
+                                          batch_size=batch_size, progress=progress, face_choice=face_choice,
+                                          no_face=no_face, cache=cache)
+    n = len(pairs)
+    scores = pair_scores(emb[:n], emb[n : 2 * n])  # (n,)
+
+    # Image counts: this file's unique images only (not those of threshold_from).
+    per_image: dict[Path, tuple[str, str | None]] = {}
+    for p, status, err in zip(all_paths[: 2 * n], statuses[: 2 * n], errors[: 2 * n]):
+        per_image[p] = (status, err)
+    counts = {k: sum(1 for st, _ in per_image.values() if st == k) for k in STATUSES}
+    unreadable = [e for st, e in per_image.values() if st == "unreadable"]
+    if len(unreadable) == len(per_image):
+        raise ValueError(
+            f"{pairs_file}: none of its {len(per_image)} images could be read under {images_root} "
+            f"(is that the folder holding the NAME/ folders?); first error: {unreadable[0]}"
+        )
+    for e in unreadable[:5]:
+        log.warning("unreadable: %s", e)
+
+    if has_folds:
+        k = len(np.unique(fold_ids))
+        protocol = f"{k}-fold: each fold's threshold chosen on the other {k - 1} folds of {pairs_file.name}"
+        summary = summarise_scores(scores, labels, folds=fold_ids, fars=fars)
+    elif ref is not None:
+        ref_scores = pair_scores(emb[2 * n : 2 * n + len(ref)], emb[2 * n + len(ref) :])
+        thr, _ = best_accuracy_threshold(ref_scores, ref["same"].to_numpy(dtype=bool))
+        protocol = f"threshold chosen on {Path(threshold_from).name} ({len(ref)} pairs, best accuracy)"
+        summary = summarise_scores(scores, labels, threshold=thr, fars=fars)
+    else:
+        cal = embedder.meta.get("calibration") or {}
+        where = cal.get("data", "data not recorded in the model file")
+        at = f" at FAR {float(cal['target_far']):g}" if "target_far" in cal else ""
+        protocol = f"threshold from the model file (calibrated on {where}{at})"
+        summary = summarise_scores(scores, labels, threshold=embedder.threshold, fars=fars)
+
+    caveats = [f"accuracy_oracle is {ORACLE_NOTE}"]
+    if not aligned:
+        caveats.append(OVERLAP_NOTE)
+    result: dict[str, Any] = {
+        "pairs_file": str(pairs_file),
+        "images_root": str(images_root),
+        "model": embedder.fingerprint,
+        "aligned": bool(aligned),
+        "accuracy_protocol": protocol,
+        **summary,
+        "images": len(per_image),
+        "failed_images": len(per_image) - counts["ok"],  # no usable face, whatever the reason
+        "unreadable_images": counts["unreadable"],
+        "no_face_images": counts["centre_crop"] + counts["no_face"],
+        "centre_crop_images": counts["centre_crop"],
+        "failed_pairs": int(np.sum(scores == FAILED_SCORE)),
+        "failure_policy": (
+            "no face: centre crop of the same scale (still scored); unreadable: pair scored below every "
+            "other" if no_face == "centre" else "no face or unreadable: pair scored below every other"
+        ),
+        "caveats": caveats,
+    }
+    if plot is not None:
+        roc_plot((scores, labels), plot, title=f"{pairs_file.name} ({embedder.fingerprint})")
+    if keep_scores:
+        result["scores"] = scores
+        result["labels"] = labels
+    log.info("%s: accuracy %.4f (%s), AUC %.4f, %d/%d images without a usable face", pairs_file.name,
+             result["accuracy"], protocol, result["auc"] if result["auc"] is not None else float("nan"),
+             result["failed_images"], result["images"])
+    return result
+
+
+def roc_plot(result_or_scores: Mapping | tuple, path: Path, title: str | None = None) -> None:
+    """ROC curve (TAR against FAR, log FAR axis) as a PNG at `path`, written atomically.
+
+    Takes an `evaluate_pairs(..., keep_scores=True)` result or a (scores, labels) pair.
+    """
+    if isinstance(result_or_scores, Mapping):
+        if "scores" not in result_or_scores or "labels" not in result_or_scores:
+            raise ValueError("roc_plot needs scores: pass evaluate_pairs(..., keep_scores=True) or (scores, labels)")
+        scores, labels = result_or_scores["scores"], result_or_scores["labels"]
+    else:
+        scores, labels = result_or_scores
+    far, tar, _ = roc_curve(scores, labels)
+    area = auc(far, tar)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_imp = int(np.sum(~np.asarray(labels).astype(bool)))
+    keep = far > 0  # log axis: FAR 0 cannot be drawn; the lowest measurable FAR is 1 / impostors
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.semilogx(far[keep], tar[keep], "-", lw=1.5, label=f"ROC (AUC {area:.4f})")
+    ax.set_xlim(max(1.0 / max(n_imp, 1), 1e-5), 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel(f"false accept rate ({n_imp} impostor pairs)")
+    ax.set_ylabel("true accept rate")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Impostor cohort
+
+
+def lfw_people_images(pairs_file: Path, images_root: Path) -> list[Path]:
+    """The unique images of a pair file, sorted by (name, number)."""
+    pairs = read_lfw_pairs(pairs_file)
+    keys = set(zip(pairs["name1"], pairs["idx1"])) | set(zip(pairs["name2"], pairs["idx2"]))
+    return [lfw_image_path(images_root, name, int(idx)) for name, idx in sorted(keys)]
+
+
+def build_cohort(
+    image_paths: Sequence[Path],
+    embedder: Embedder,
+    *,
+    identities: Sequence[str] | None = None,
+    max_per_identity: int | None = 1,
+    aligned: bool = False,
+    detector_config: DetectorConfig | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    cache: EmbeddingCache | None = None,
+) -> np.ndarray:
+    """(C, D) float32 unit embeddings of many people's faces, for per-identity thresholds at a FAR.
+
+    `identities` names each image's person (default: its folder, as in LFW's NAME/NAME_0001.jpg).
+    At most `max_per_identity` faces per person (default 1: cohort scores are then independent
+    impostors, one per person); an image without a face is replaced by that person's next image.
+    Images with no face are skipped, never centre-cropped: a cohort row must be a real face.
+    """
+    paths = [Path(p) for p in image_paths]
+    if identities is None:
+        identities = [p.parent.name for p in paths]
+    if len(identities) != len(paths):
+        raise ValueError(f"{len(identities)} identities for {len(paths)} images")
+    if max_per_identity is not None and max_per_identity < 1:
+        raise ValueError(f"max_per_identity must be >= 1 or None, got {max_per_identity}")
+    groups: dict[str, list[Path]] = {}
+    for p, ident in zip(paths, identities):
+        groups.setdefault(str(ident), []).append(p)
+    want = {k: (len(v) if max_per_identity is None else min(max_per_identity, len(v))) for k, v in groups.items()}
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in groups}
+    next_i = dict.fromkeys(groups, 0)
+    skipped = 0
+    while True:  # each round asks only for the faces still missing
+        batch: list[tuple[str, Path]] = []
+        for ident, ps in groups.items():
+            need = want[ident] - len(rows[ident])
+            take = ps[next_i[ident] : next_i[ident] + need] if need > 0 else []
+            next_i[ident] += len(take)
+            batch += [(ident, p) for p in take]
+        if not batch:
+            break
+        emb, errors = embed_images([p for _, p in batch], embedder, aligned=aligned, detector_config=detector_config,
+                                   batch_size=batch_size, progress=progress, no_face="fail", cache=cache)
+        for (ident, _), vec, err in zip(batch, emb, errors):
+            if np.isfinite(vec).all():
+                rows[ident].append(vec)
+            else:
+                skipped += 1
+                log.debug("cohort: skipped %s", err)
+    cohort = [v for ident in groups for v in rows[ident]]
+    people = sum(1 for ident in groups if rows[ident])
+    if not cohort:
+        raise ValueError(f"no usable face in the {len(paths)} cohort images ({skipped} failed)")
+    log.info("cohort: %d faces of %d people (%d of %d people without a usable face, %d images skipped)",
+             len(cohort), people, len(groups) - people, len(groups), skipped)
+    return np.stack(cohort).astype(np.float32)  # (C, D)
+
+
+def attach_cohort(model_path: Path, cohort: np.ndarray, source: str) -> None:
+    """Rewrite the model file (atomically, same permissions) with `extra["cohort"]` (C, D) float16
+    unit rows and `extra["cohort_source"]`. The fingerprint hashes the weights only: it does not change."""
+    import torch
+
+    model_path = Path(model_path)
+    blob = read_model_file(model_path)
+    c = np.asarray(cohort, dtype=np.float32)
+    dim = int(blob["embedding_dim"])
+    if c.ndim != 2 or c.shape[0] == 0 or c.shape[1] != dim:
+        raise ValueError(f"{model_path}: cohort must be (C, {dim}) with C >= 1, got shape {c.shape}")
+    if not np.isfinite(c).all():
+        raise ValueError(f"{model_path}: cohort has non-finite values")
+    c = c / np.linalg.norm(c, axis=1, keepdims=True).clip(1e-12)
+    if fingerprint(blob["state_dict"]) != blob.get("fingerprint"):
+        raise ModelFileError(f"{model_path}: weights do not match the stored fingerprint; not rewriting it")
+    extra = dict(blob.get("extra") or {})
+    extra["cohort"] = torch.from_numpy(c).to(torch.float16)
+    extra["cohort_source"] = str(source)
+    blob["extra"] = extra
+    mode = stat.S_IMODE(os.stat(model_path).st_mode)
+    with atomic_path(model_path, mode=mode) as tmp:
+        torch.save(blob, tmp)
+    log.info("%s: attached a cohort of %d faces (%s)", model_path, len(c), source)
+
+
+def calibrate_model(
+    model_path: Path,
+    pairs_file: Path,
+    images_root: Path,
+    *,
+    max_per_identity: int | None = 1,
+    device: str = "cpu",
+    detector_config: DetectorConfig | None = None,
+    progress: bool = True,
+    embedder_loader: Callable[..., Embedder] = Embedder.load,
+) -> dict:
+    """Build the impostor cohort from the people of an LFW pair file (use pairsDevTrain.txt: its
+    people are disjoint from pairsDevTest.txt's, so a DevTest evaluation stays clean) and attach it."""
+    model_path, pairs_file = Path(model_path), Path(pairs_file)
+    embedder = embedder_loader(model_path, device=device)
+    images = lfw_people_images(pairs_file, images_root)
+    cohort = build_cohort(images, embedder, max_per_identity=max_per_identity, detector_config=detector_config,
+                          progress=progress)
+    people = len({p.parent.name for p in images})
+    per = "all" if max_per_identity is None else str(max_per_identity)
+    source = f"LFW people of {pairs_file.name}: {len(cohort)} faces, at most {per} per person, of {people} people"
+    attach_cohort(model_path, cohort, source)
+    return {"model": str(model_path), "fingerprint": embedder.fingerprint, "cohort_size": int(len(cohort)),
+            "people": people, "images": len(images), "source": source}
+
+
+__all__ = [
+    "FAILED_SCORE", "attach_cohort", "build_cohort", "calibrate_model", "choose_face", "embed_images",
+    "evaluate_pairs", "fallback_landmarks", "far_key", "lfw_people_images", "pair_scores", "roc_plot",
+    "summarise_scores",
+]
