@@ -341,6 +341,62 @@ def gallery_info(gallery: GalleryOpt = None) -> None:
     typer.echo(json.dumps(g.info(), indent=1, default=str))
 
 
+@app.command()
+def evaluate(
+    pairs: Annotated[Path, typer.Option("--pairs", help="LFW pair file: View 1 (pairsDevTest.txt) or View 2 (pairs.txt).")],
+    images: Annotated[Path, typer.Option("--images", help="Images root: NAME/NAME_0001.jpg.")],
+    model: ModelOpt = None,
+    aligned: Annotated[bool, typer.Option("--aligned", help="Images are already aligned like CelebA: fixed crop, no detection.")] = False,
+    threshold_from: Annotated[Optional[Path], typer.Option("--threshold-from", help="Choose the accuracy threshold on this other pair file (e.g. pairsDevTrain.txt).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the ROC curve to this PNG.")] = None,
+    device: DevOpt = "auto",
+    min_face: MinFaceOpt = 40,
+) -> None:
+    """Verification accuracy, ROC AUC, EER and TAR at FAR 1e-2 / 1e-3 on LFW-format pairs."""
+    from .evaluate import evaluate_pairs
+    from .faces import DetectorConfig
+
+    embedder = _load_embedder(model, device)
+    try:
+        r = evaluate_pairs(pairs, images, embedder, aligned=aligned, threshold_from=threshold_from, plot=plot,
+                           detector_config=DetectorConfig(min_face_size=min_face, device=device))
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    keys = ("accuracy", "accuracy_std", "accuracy_protocol", "accuracy_oracle", "auc", "eer", "tar_at_far", "pairs",
+            "failed_images", "images", "threshold", "model", "caveats")
+    out = {k: r.get(k) for k in keys if k in r}
+    if json_:
+        typer.echo(json.dumps(out, default=float))
+        return
+    std = f" ± {out['accuracy_std']:.4f}" if out.get("accuracy_std") is not None else ""
+    typer.echo(f"{pairs.name}: {out['pairs']} pairs, {out['images']} images ({out['failed_images']} without a usable face)")
+    typer.echo(f"accuracy {out['accuracy']:.4f}{std} ({out['accuracy_protocol']})")
+    typer.echo(f"ROC AUC {out['auc']:.4f}, EER {out['eer']:.4f}, " + ", ".join(
+        f"TAR@FAR={k} {('n/a' if v is None else f'{v:.4f}')}" for k, v in out["tar_at_far"].items()))
+
+
+@app.command()
+def calibrate(
+    pairs: Annotated[Path, typer.Option("--pairs", help="LFW pair file whose people form the impostor cohort (use pairsDevTrain.txt).")],
+    images: Annotated[Path, typer.Option("--images", help="Images root: NAME/NAME_0001.jpg.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model file to attach the cohort to (rewritten atomically).")],
+    per_person: Annotated[int, typer.Option("--per-person", help="Faces per person in the cohort.")] = 1,
+    device: DevOpt = "auto",
+    min_face: MinFaceOpt = 40,
+) -> None:
+    """Attach an impostor cohort to a model: enrollment sets each person's threshold at a target FAR on it."""
+    from .evaluate import calibrate_model
+    from .faces import DetectorConfig
+
+    try:
+        r = calibrate_model(model, pairs, images, max_per_identity=per_person, device=device,
+                            detector_config=DetectorConfig(min_face_size=min_face, device=device))
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"{model}: cohort of {r['cohort_size']} faces attached ({r['source']})")
+
+
 def main() -> None:
     app()
 
