@@ -1,0 +1,221 @@
+"""Folder scan speed: `faceverify scan` vs the face_recognition package's CLI, on the same photos.
+
+    .venv/bin/python bench/bench_scan.py [--images 300] [--workers 2] [--fr-env /tmp/frenv]
+                                         [--model PATH] [--breakdown auto|in-process|none]
+
+Photos: LFW deep-funneled (../shared/data/lfw/lfw-deepfunneled, 250x250 JPEGs, one or more faces
+each), copied into a temporary folder (never into the repository). One person (default: the LFW
+person with the most photos here) is enrolled from `--enroll-photos` of their photos with
+`faceverify enroll NAME PHOTOS --gallery G`; the scan folder holds that person's other photos plus the
+first LFW photos in sorted order, `--images` in all. Then, each as one command in a subprocess:
+  faceverify scan FOLDER --gallery G --out R.csv --workers N
+  face_recognition KNOWN_DIR FOLDER --cpus N     (KNOWN_DIR: the same enrollment photos)
+images/s = photos / wall seconds of the whole command (process start, model loading, known-face
+encoding of face_recognition included; enrollment of faceverify is timed separately). Peak memory:
+"largest process" is wait4's ru_maxrss (what /usr/bin/time -v reports), "tree" the sampled sum over
+the command and its worker processes. The per-stage breakdown comes from the scan's summary when the
+CLI prints `stage_seconds` (JSON), else from `verify.scan.run_scan` run in-process on the same folder
+(--breakdown in-process forces that, none skips it). Without the face_recognition venv (see
+bench/README.md) only faceverify is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, SHARED_DATA, print_table, resolve_model, run_measured  # noqa: E402
+
+LFW = SHARED_DATA / "lfw" / "lfw-deepfunneled"
+FACEVERIFY = REPO / ".venv" / "bin" / "faceverify"
+STAGE_ORDER = ("walk", "decode", "decode_wait", "detect", "align", "embed", "match", "write", "report")
+FR_NOT_INSTALLED = "face_recognition: not installed (see bench/README.md)"
+
+
+def pick_photos(lfw: Path, n_images: int, person: str | None, n_enroll: int) -> tuple[str, list[Path], list[Path]]:
+    """(person, enrollment photos, scan photos)."""
+    if not lfw.is_dir():
+        raise SystemExit(f"{lfw}: LFW folder not found (see ../shared/data/README.md)")
+    people = {d.name: sorted(d.glob("*.jpg")) for d in sorted(lfw.iterdir()) if d.is_dir()}
+    if person is None:
+        person = max(people, key=lambda p: (len(people[p]), -sorted(people).index(p)))  # most photos, then A-Z
+    if person not in people:
+        raise SystemExit(f"{lfw}: no folder for {person!r}")
+    own = people[person]
+    if len(own) < 2 or n_enroll >= len(own):
+        raise SystemExit(f"{person} has {len(own)} photos: need more than --enroll-photos {n_enroll}")
+    enroll, rest = own[:n_enroll], own[n_enroll:]
+    others = [p for name in sorted(people) if name != person for p in people[name]]
+    scan = (rest + others)[:n_images]
+    return person, enroll, scan
+
+
+def copy_into(files: list[Path], folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for f in files:
+        shutil.copyfile(f, folder / f.name)
+
+
+def parse_stage_seconds(text: str) -> dict[str, float] | None:
+    """The scan summary's stage_seconds, if the CLI printed it as JSON (a whole JSON line, or a JSON
+    object after `stage_seconds`)."""
+    for line in text.splitlines():
+        line = line.strip()
+        if "stage_seconds" not in line:
+            continue
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+                if isinstance(obj.get("stage_seconds"), dict):
+                    return {k: float(v) for k, v in obj["stage_seconds"].items()}
+            except (ValueError, TypeError, AttributeError):
+                pass
+        m = re.search(r"stage_seconds\W*(\{[^{}]*\})", line)
+        if m:
+            try:
+                return {k: float(v) for k, v in json.loads(m.group(1)).items()}
+            except (ValueError, TypeError):
+                pass
+    return None
+
+
+def in_process_breakdown(folder: Path, gallery: Path, model: Path, workers: int, out: Path):
+    """The ScanSummary of verify.scan.run_scan on `folder`, matcher built as the CLI
+    builds it (verify.cli._matcher), DetectorConfig defaults."""
+    from index import Gallery
+
+    from verify.cli import _matcher
+    from verify.model_file import Embedder
+    from verify.scan import run_scan
+
+    embedder = Embedder.load(model)
+    g = Gallery.open(gallery, fingerprint=embedder.fingerprint)
+    summary = run_scan([folder], embedder=embedder, matcher=_matcher(g, embedder), out=out, workers=workers,
+                       progress=False)
+    return summary
+
+
+def fr_result(stdout: str, person: str) -> str:
+    """Summary of face_recognition's output: one `path,name` line per (face, matching known photo),
+    `path,unknown_person` per unmatched face, `path,no_persons_found` per photo without a face."""
+    pairs = [ln.rsplit(",", 1) for ln in stdout.splitlines() if "," in ln]
+    no_face = {p for p, name in pairs if name == "no_persons_found"}
+    matched = {p for p, name in pairs if name.startswith(person)}
+    return f"{len(matched)} photos matched {person}, {len(no_face)} without a face"
+
+
+def scan_result(report: Path, person: str) -> str:
+    """The same summary from a CSV scan report."""
+    import csv
+
+    with open(report, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    matched = {r["path"] for r in rows if r["match"] == "True"}
+    no_face = sum(r["status"] == "no-face" for r in rows)
+    return f"{len(matched)} photos matched {person}, {no_face} without a face ({sum(r['status'] == 'face' for r in rows)} faces)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=300, help="photos in the scanned folder")
+    ap.add_argument("--workers", type=int, default=2, help="scan --workers and face_recognition --cpus")
+    ap.add_argument("--fr-env", default="/tmp/frenv", help="venv holding the face_recognition package")
+    ap.add_argument("--model", default=None, help="model file (default: the shipped one, else a random-init stand-in)")
+    ap.add_argument("--person", default=None, help="LFW person to enroll (default: the one with the most photos)")
+    ap.add_argument("--enroll-photos", type=int, default=4)
+    ap.add_argument("--breakdown", choices=("auto", "in-process", "none"), default="auto")
+    ap.add_argument("--lfw", default=str(LFW))
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
+    args = ap.parse_args(argv)
+
+    fr_cli = Path(args.fr_env) / "bin" / "face_recognition"
+    person, enroll_photos, scan_photos = pick_photos(Path(args.lfw), args.images, args.person, args.enroll_photos)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scan-"))
+    try:
+        known, folder, gallery = tmp / "known", tmp / "photos", tmp / "gallery"
+        copy_into(enroll_photos, known)
+        copy_into(scan_photos, folder)
+        model, model_note = resolve_model(args.model, tmp)
+        model_args = ["--model", str(model)]
+        env = {**os.environ, "FACEVERIFY_HOME": str(tmp / "home")}  # never touch the user's gallery
+
+        rows, notes = [], []
+        if not FACEVERIFY.exists():
+            raise SystemExit(f"{FACEVERIFY} not found: install the project (pip install -e .) into .venv")
+        enrolled = run_measured([str(FACEVERIFY), "enroll", person, *map(str, enroll_photos), "--gallery", str(gallery),
+                                 *model_args], env=env).check("faceverify enroll")
+        report = tmp / "report.csv"
+        scan_argv = [str(FACEVERIFY), "scan", str(folder), "--gallery", str(gallery), "--out", str(report),
+                     "--workers", str(args.workers), *model_args]
+        ours = run_measured(scan_argv, env=env)
+        if ours.returncode != 0 and "No such command" in ours.stderr:
+            ours = None
+            notes.append("faceverify scan: the CLI has no `scan` command yet (verify/cli.py); "
+                         "only the in-process breakdown below measures it")
+        else:
+            ours.check("faceverify scan")
+            rows.append(("faceverify scan", ours.seconds, ours.max_rss_mb, ours.tree_peak_mb,
+                         scan_result(report, person)))
+
+        if fr_cli.exists():
+            fr = run_measured([str(fr_cli), str(known), str(folder), "--cpus", str(args.workers)])
+            fr.check("face_recognition")
+            if not fr.stdout.strip():  # e.g. a setuptools without pkg_resources: it exits 0, silently
+                raise SystemExit(f"face_recognition printed nothing (stderr: {fr.stderr.strip()[-300:]!r}); "
+                                 "see bench/README.md")
+            rows.append(("face_recognition CLI", fr.seconds, fr.max_rss_mb, fr.tree_peak_mb,
+                         fr_result(fr.stdout, person)))
+        else:
+            notes.append(FR_NOT_INSTALLED + f" [looked for {fr_cli}]")
+
+        stages, stage_src = None, ""
+        if args.breakdown == "auto":
+            stages = parse_stage_seconds(ours.stdout + "\n" + ours.stderr) if ours else None
+            stage_src = "printed by faceverify scan"
+        if stages is None and args.breakdown != "none":
+            summary = in_process_breakdown(folder, gallery, model, args.workers, tmp / "report-in-process.csv")
+            stages = summary.stage_seconds
+            stage_src = "verify.scan.run_scan in-process on the same folder"
+            rows.insert(1 if ours else 0, ("run_scan in-process (model preloaded)", summary.seconds, None, None,
+                                           scan_result(summary.report, person)))
+
+        n = len(scan_photos)
+        print(f"\n{n} LFW photos (250x250 JPEG) in {folder}; enrolled {person} from {len(enroll_photos)} photos "
+              f"in {enrolled.seconds:.1f} s; --workers/--cpus {args.workers}; {os.cpu_count()} cpus")
+        print(model_note)
+        for note in notes:
+            print(note)
+        print()
+        base = rows[-1][1] if rows and rows[-1][0].startswith("face_recognition") else None
+        mb = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+        print_table(
+            ("command", "wall s", "images/s", "vs face_recognition", "peak MB (largest process)", "peak MB (tree)",
+             "result"),
+            [(name, f"{sec:.1f}", f"{n / sec:.1f}", f"{base / sec:.2f}x" if base else "-", mb(big), mb(tree), result)
+             for name, sec, big, tree, result in rows],
+            right=(False, True, True, True, True, True, False),
+        )
+        if stages:
+            total = sum(stages.get(k, 0.0) for k in STAGE_ORDER if k != "decode")  # decode is worker time
+            print(f"\nfaceverify per stage ({stage_src}); decode = summed worker time, decode_wait = time the "
+                  "main process waited for decoded images\n")
+            keys = [k for k in STAGE_ORDER if k in stages] + [k for k in stages if k not in STAGE_ORDER]
+            print_table(("stage", "seconds", "ms/image", "% of main process"),
+                        [(k, f"{stages[k]:.2f}", f"{1000 * stages[k] / n:.1f}",
+                          "" if k == "decode" or total <= 0 else f"{100 * stages[k] / total:.0f}%") for k in keys])
+    finally:
+        if args.keep:
+            print(f"\nkept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

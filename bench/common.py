@@ -1,0 +1,233 @@
+"""Shared helpers of the benchmarks: timing, tables, real face crops, a stand-in model file, memory.
+
+Not a library module: the benchmark scripts put the repository root on sys.path and import this as
+`common` (it lives next to them).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+# --------------------------------------------------------------------------------------------
+# Timing and tables
+# --------------------------------------------------------------------------------------------
+
+
+def median_rate(step: Callable[[], None], items_per_step: int, steps: int, warmup: int = 1) -> tuple[float, float]:
+    """(items/s of the median step, median seconds) after `warmup` untimed steps. The median keeps
+    other processes' bursts on a shared machine out of the figure."""
+    for _ in range(warmup):
+        step()
+    seconds = []
+    for _ in range(max(1, steps)):
+        t0 = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - t0)
+    med = float(np.median(seconds))
+    return items_per_step / med, med
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[bool] | None = None) -> None:
+    """A Markdown table (pastes into README.md as is); numbers right-aligned by default."""
+    cells = [[str(c) for c in r] for r in rows]
+    if right is None:
+        right = [i > 0 for i in range(len(headers))]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+
+    def fmt(row: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)) + " |"
+
+    print(fmt(headers))
+    print("|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right)) + "|")
+    for r in cells:
+        print(fmt(r))
+
+
+def ratio(x: float, base: float) -> str:
+    return f"{x / base:.2f}x" if base > 0 else "-"
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def face_crops(n: int, size: int, data_root: Path = SHARED_DATA, seed: int = 0) -> tuple[np.ndarray, str]:
+    """(n, size, size, 3) uint8 crops of the first n CelebA sample images (the training crop, via
+    verify.cache.decode_crop, exactly what ImageCache stores), or random pixels where the data is
+    absent; and a line saying which. Speed does not depend on the pixels, but real crops keep any
+    data-dependent path (e.g. denormal numbers) honest."""
+    from verify.cache import decode_crop
+    from verify.geometry import CropGeometry
+
+    folder = Path(data_root) / "celeba" / "img_align_celeba"
+    files = sorted(folder.glob("*.jpg"))[:n] if folder.is_dir() else []
+    if not files:
+        rng = np.random.default_rng(seed)
+        return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), f"random uint8 ({folder} not found)"
+    geometry = CropGeometry(size=size)
+    crops = np.stack([decode_crop(f, geometry) for f in files])  # (k, S, S, 3)
+    if len(crops) < n:  # fewer images than asked: repeat them
+        crops = crops[np.arange(n) % len(crops)]
+    return crops, f"real CelebA crops ({min(n, len(files))} images from {folder})"
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+CPU_CONFIG = REPO / "configs" / "identity-cpu.yaml"
+
+
+def write_random_model(path: Path, config: Path = CPU_CONFIG) -> Path:
+    """A model file with random weights and the architecture, crop size and embedding size of
+    `config`: same speed as the trained model, useless answers. For benchmarks before a model
+    is trained."""
+    import torch
+
+    from verify.backbones import backbone_from_config
+    from verify.config import load_config
+    from verify.geometry import CropGeometry
+    from verify.model_file import save_model
+
+    cfg = load_config(config)
+    arch = cfg.to_dict()["model"]
+    torch.manual_seed(0)
+    net = backbone_from_config(arch, cfg.data.size, head="embedding", out_dim=cfg.model.embedding_dim)
+    net.eval()
+    save_model(path, net, arch=arch, geometry=CropGeometry(size=cfg.data.size, box=tuple(cfg.data.box)),
+               threshold=0.5, calibration={}, provenance={"note": f"random init, benchmark stand-in for {config.name}"})
+    return path
+
+
+def resolve_model(model: str | None, tmp: Path) -> tuple[Path, str]:
+    """(model file, a line describing it): --model, else the shipped model, else a random-init
+    stand-in of configs/identity-cpu.yaml's architecture written into `tmp`."""
+    from verify.model_file import DEFAULT_MODEL
+
+    if model:
+        return Path(model), f"model {model}"
+    if DEFAULT_MODEL.is_file():
+        return DEFAULT_MODEL, f"shipped model {DEFAULT_MODEL.relative_to(REPO)}"
+    path = write_random_model(tmp / "random-identity-cpu.pt")
+    return path, (f"RANDOM-INIT stand-in: {DEFAULT_MODEL.relative_to(REPO)} does not exist yet; same architecture "
+                  f"as {CPU_CONFIG.relative_to(REPO)} (speed is representative, matches are not)")
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------
+
+
+def _tree_rss_kb(root: int) -> int:
+    """Resident memory (kB) of `root` and all its descendants, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as f:
+                ppid, kb = None, 0
+                for line in f:
+                    if line.startswith("PPid:"):
+                        ppid = int(line.split()[1])
+                    elif line.startswith("VmRSS:"):
+                        kb = int(line.split()[1])
+        except (OSError, ValueError):
+            continue  # the process ended meanwhile
+        pid = int(entry)
+        rss[pid] = kb
+        if ppid is not None:
+            children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+class TreeMemorySampler:
+    """Samples the summed RSS of a process tree every `interval` s in a thread; `peak_mb` after stop."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.pid, self.interval, self.peak_kb = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kb = max(self.peak_kb, _tree_rss_kb(self.pid))
+            self._stop.wait(self.interval)
+
+    def start(self) -> "TreeMemorySampler":
+        if os.path.isdir("/proc"):
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak_kb / 1024
+
+
+class Measured:
+    """A finished command: wall seconds, exit code, output, peak memory (MB) of its largest single
+    process (wait4's ru_maxrss) and of its whole process tree summed (sampled, may miss short peaks)."""
+
+    def __init__(self, argv: list[str], seconds: float, returncode: int, stdout: str, stderr: str,
+                 max_rss_mb: float, tree_peak_mb: float) -> None:
+        self.argv, self.seconds, self.returncode = argv, seconds, returncode
+        self.stdout, self.stderr = stdout, stderr
+        self.max_rss_mb, self.tree_peak_mb = max_rss_mb, tree_peak_mb
+
+    def check(self, what: str) -> "Measured":
+        if self.returncode != 0:
+            tail = (self.stderr or self.stdout).strip().splitlines()[-5:]
+            raise SystemExit(f"{what} failed (exit {self.returncode}): {' '.join(self.argv)}\n  " + "\n  ".join(tail))
+        return self
+
+
+def run_measured(argv: list[str], env: dict | None = None, cwd: str | Path | None = None) -> Measured:
+    """Run a command to completion; time it and measure its memory."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:  # no pipe to fill up
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=cwd)
+        sampler = TreeMemorySampler(proc.pid).start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        sampler.stop()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Measured(argv, seconds, proc.returncode, out.read().decode(errors="replace"),
+                        err.read().decode(errors="replace"), usage.ru_maxrss / 1024,
+                        max(sampler.peak_mb, usage.ru_maxrss / 1024))  # the tree holds at least its largest process
+
+
+def self_peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB, Linux ru_maxrss is in kB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
