@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         enrolled = run_measured([str(FACEVERIFY), "enroll", person, *map(str, enroll_photos), "--gallery", str(gallery),
                                  *model_args], env=env).check("faceverify enroll")
         report = tmp / "report.csv"
-        scan_argv = [str(FACEVERIFY), "scan", str(folder), "--gallery", str(gallery), "--out", str(report),
+        scan_argv = [str(FACEVERIFY), "scan", str(folder), "--gallery", str(gallery), "--out", str(report), "--stats",
                      "--workers", str(args.workers), *model_args]
         ours = run_measured(scan_argv, env=env)
         if ours.returncode != 0 and "No such command" in ours.stderr:

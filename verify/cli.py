@@ -311,6 +311,44 @@ def verify_cmd(
     raise typer.Exit(EXIT_OK if all_matched else EXIT_NO)
 
 
+@app.command()
+def scan(
+    folders: Annotated[list[Path], typer.Argument(help="Folders to scan recursively.")],
+    gallery: GalleryOpt = None,
+    model: ModelOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report: .csv, .json, .jsonl or .parquet.")] = Path("report.csv"),
+    workers: Annotated[int, typer.Option("--workers", help="Decoding processes (0: decode in this process).")] = 2,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per detection batch.")] = 32,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted scan of the same folders into --out.")] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Also print the summary (with per-stage seconds) as one JSON line.")] = False,
+    device: DevOpt = "auto",
+    min_face: MinFaceOpt = 20,
+    min_prob: MinProbOpt = 0.9,
+) -> None:
+    """Which of these photos contain me? One report row per face, per face-less image, per unreadable file.
+
+    Exit code 0 when at least one face matched, 1 when none did, 2 on error."""
+    from .faces import DetectorConfig
+    from .scan import ScanError, run_scan
+
+    embedder = _load_embedder(model, device)
+    g = _open_gallery(gallery, embedder, create=False)
+    if len(g) == 0:
+        _fail(f"{g.path}: the gallery is empty; enroll someone first")
+    try:
+        summary = run_scan(folders, embedder=embedder, matcher=_matcher(g, embedder), out=out, workers=workers,
+                           batch_size=batch_size, resume=resume,
+                           detector_config=DetectorConfig(min_face_size=min_face, min_prob=min_prob, device=device))
+    except (ScanError, OSError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"{summary.files} files: {summary.images} images, {summary.faces} faces, {summary.matches} matches, "
+               f"{summary.no_face} without a face, {summary.errors} errors, {summary.skipped} skipped "
+               f"({summary.images_per_s:.1f} images/s) -> {summary.report}")
+    if stats:
+        typer.echo(json.dumps(summary.to_dict(), default=str))
+    raise typer.Exit(EXIT_OK if summary.matches else EXIT_NO)
+
+
 @gallery_app.command("list")
 def gallery_list(gallery: GalleryOpt = None) -> None:
     """Enrolled identities with their photo and vector counts."""
