@@ -73,7 +73,7 @@ def main() -> int:
     s_crops, s_failed = crops(pipeline, strangers)
     s_vec = emb.embed(np.stack([c for c in s_crops if c is not None]))
     gen = torch.Generator().manual_seed(0)
-    rows, single = [], []
+    rows = []
     for ident, g in test.groupby("identity"):
         paths = [Path(p) for p in g.sort_values("image")["path"]]
         c, failed = crops(pipeline, paths)

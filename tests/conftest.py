@@ -62,3 +62,24 @@ def _torch_seed():
     torch.manual_seed(0)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+TINY_ARCH = {"backbone": "resnet", "width": 8, "layers": [1, 1, 1, 1], "feature_dim": 64, "embedding_dim": 32,
+             "dropout": 0.0, "pretrained": None}
+
+
+def make_tiny_model(path: Path, seed: int = 0, threshold: float = 0.5, calibration: dict | None = None) -> Path:
+    """A randomly initialised 48 px model file: for tests of mechanics, not of recognition quality."""
+    import torch
+
+    from verify.backbones import create_backbone
+    from verify.geometry import CropGeometry
+    from verify.model_file import save_model
+
+    torch.manual_seed(seed)
+    net = create_backbone("resnet", input_size=48, width=8, layers=(1, 1, 1, 1), feature_dim=64,
+                          head="embedding", out_dim=32)
+    save_model(path, net, arch=TINY_ARCH, geometry=CropGeometry(size=48), threshold=threshold,
+               calibration=calibration if calibration is not None else {"target_far": 1e-3},
+               provenance={"test": "random init"})
+    return path

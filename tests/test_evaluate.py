@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from verify.backbones import create_backbone
 from verify.evaluate import (
     FAILED_SCORE,
     attach_cohort,
@@ -22,17 +21,15 @@ from verify.evaluate import (
     evaluate_pairs,
     lfw_people_images,
     pair_scores,
-    roc_plot,
     summarise_scores,
 )
 from verify.faces import AlignedFace, DetectorConfig, Face, fixed_crop, load_image
-from verify.geometry import CropGeometry
 from verify.metrics import accuracy_at, best_accuracy_threshold
-from verify.model_file import Embedder, ModelFileError, fingerprint, read_model_file, save_model
+from verify.model_file import Embedder, ModelFileError, fingerprint, read_model_file
 from verify.pairs import lfw_image_path, read_lfw_pairs
 
-ARCH = {"backbone": "resnet", "width": 8, "layers": [1, 1, 1, 1], "feature_dim": 64, "embedding_dim": 32,
-        "dropout": 0.0, "pretrained": None}
+from conftest import make_tiny_model
+
 MODEL_THRESHOLD = 0.5
 DETECTOR = DetectorConfig(device="cpu", min_face_size=40)  # LFW faces are ~100 px: a shorter pyramid
 
@@ -42,13 +39,8 @@ DETECTOR = DetectorConfig(device="cpu", min_face_size=40)  # LFW faces are ~100 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    net = create_backbone("resnet", input_size=48, width=8, layers=(1, 1, 1, 1), feature_dim=64,
-                          head="embedding", out_dim=32)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(path, net, arch=ARCH, geometry=CropGeometry(size=48), threshold=MODEL_THRESHOLD,
-               calibration={"target_far": 1e-3, "data": "test identities"}, provenance={"test": True})
-    return path
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt", threshold=MODEL_THRESHOLD,
+                           calibration={"target_far": 1e-3, "data": "test identities"})
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,8 @@ from verify.scan import (
 )
 from verify.scoring import Match
 
+from conftest import make_tiny_model
+
 REPO = Path(__file__).resolve().parents[1]
 PERSON = "Jennifer_Lopez"  # 8 LFW photos: 3 enrolled, the rest scanned
 OTHERS = ("Hans_Blix", "Paul_Wolfowitz", "Ricardo_Lagos")
@@ -47,20 +49,7 @@ DETECTOR = DetectorConfig(device="cpu", min_face_size=60)  # LFW faces are ~100 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    import torch
-
-    from verify.backbones import create_backbone
-    from verify.model_file import save_model
-
-    torch.manual_seed(0)
-    net = create_backbone("resnet", input_size=48, width=8, layers=(1, 1, 1, 1), feature_dim=64,
-                          head="embedding", out_dim=32)
-    arch = dict(backbone="resnet", width=8, layers=[1, 1, 1, 1], feature_dim=64, embedding_dim=32, dropout=0.0,
-                pretrained=None)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_model(path, net, arch=arch, geometry=CropGeometry(size=48), threshold=THRESHOLD, calibration={},
-               provenance={"test": "random init"})
-    return path
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "model.pt", threshold=THRESHOLD, calibration={})
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,10 @@ def batch_to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (B,S,S,3) array (e.g. rows gathered from the image cache) -> uint8 tensor (B,3,S,S)."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected a (B, S, S, 3) array, got shape {images.shape}")
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    a = np.ascontiguousarray(images)
+    if not a.flags.writeable:  # read-only memmaps / PIL buffers: torch wants a writable array
+        a = a.copy()
+    return torch.from_numpy(a).permute(0, 3, 1, 2)
 
 
 @dataclass

@@ -5,8 +5,6 @@ exit codes are for scripts (0 ok, 1 negative answer, 2 error). The only module i
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -218,8 +216,6 @@ def enroll(
     min_prob: MinProbOpt = 0.95,
 ) -> None:
     """Enroll NAME from photos: one face per photo (several: the largest), original + N augmented views."""
-    import numpy as np
-
     from .enroll import embed_enrollment, expand_inputs, outlier_photos
 
     if not name.strip():

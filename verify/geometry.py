@@ -8,7 +8,7 @@ model file so that the aligner reproduces what the model was trained on.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 

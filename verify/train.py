@@ -17,7 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from .backbones import Backbone, backbone_from_config, count_parameters
 from .cache import ImageCache
 from .celeba import ATTRIBUTES, load_celeba
 from .config import TrainConfig, save_config
-from .geometry import NORMALISATION, CropGeometry
+from .geometry import CropGeometry
 from .runtime import atomic_path, atomic_write_text, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
