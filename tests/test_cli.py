@@ -112,3 +112,14 @@ def test_shipped_model_accepts_the_person_and_rejects_others(tmp_path, lfw_root)
     assert accepted >= 2, mine
     assert false_accepts <= 1, [x for x in theirs if any(f["match"] for f in x["faces"])]
     assert r.exit_code == (0 if false_accepts == len(theirs) else 1)
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="shipped model missing")
+def test_enroll_flags_a_photo_of_someone_else(tmp_path, lfw_root):
+    photos = person(lfw_root, "Jennifer_Lopez")[:5] + person(lfw_root, "Hans_Blix")[:1]
+    r = invoke("enroll", "jlo", *photos, "--gallery", tmp_path / "g", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    flagged = [line for line in r.output.splitlines() if "is it really jlo" in line]
+    assert any("Hans_Blix" in line for line in flagged), r.output
+    assert len(flagged) <= 2, flagged
+

@@ -243,7 +243,7 @@ def enroll(
             flagged = []
             if info:
                 vecs, meta = g.vectors(name)
-                flagged = outlier_photos(vecs, meta["sha256"].to_numpy(), embedder.threshold)
+                flagged = outlier_photos(vecs, meta["sha256"].to_numpy(), embedder.threshold, _cohort(embedder))
                 src = dict(zip(meta["sha256"], meta["source"]))
     except GalleryError as e:
         _fail(str(e))

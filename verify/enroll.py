@@ -113,9 +113,13 @@ def embed_enrollment(
     return out
 
 
-def outlier_photos(vectors: np.ndarray, photo_keys: np.ndarray, threshold: float) -> list[tuple[str, float]]:
-    """Photos whose pooled embedding is far from the mean of the person's other photos: similarity
-    below the model's pair threshold suggests a wrong person or a bad detection."""
+def outlier_photos(vectors: np.ndarray, photo_keys: np.ndarray, threshold: float,
+                   cohort: np.ndarray | None = None, quantile: float = 0.99) -> list[tuple[str, float]]:
+    """Photos that look no more like the person's other photos than a stranger does.
+
+    Each photo's pooled embedding is compared with the mean of the person's other photos. With an
+    impostor cohort the bar is the `quantile` of the cohort's similarities to that same mean (a
+    stranger scores this high only 1% of the time); without one it is the model's pair threshold."""
     keys, pooled = pool_photos(vectors, photo_keys)
     if len(keys) < 3:
         return []
@@ -124,6 +128,7 @@ def outlier_photos(vectors: np.ndarray, photo_keys: np.ndarray, threshold: float
     for i, k in enumerate(keys):
         rest = normalise(total - pooled[i])
         sim = float(pooled[i] @ rest)
-        if sim < threshold:
+        bar = float(np.quantile(normalise(cohort) @ rest, quantile)) if cohort is not None and len(cohort) else threshold
+        if sim < bar:
             flagged.append((str(k), sim))
     return flagged

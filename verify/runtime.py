@@ -77,3 +77,5 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # faiss logs its failed attempt to load an AVX2 build at INFO with a traceback-like line.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
