@@ -184,3 +184,17 @@ def test_distributed_two_processes_gloo(tmp_path, celeba_root):
         assert torch.equal(w0[k], w1[k]), k
     m = json.loads((Path(cfg.out) / "metrics.json").read_text())
     assert len(m["history"]) == 2 and all(np.isfinite(h["train"]["loss"]) for h in m["history"])
+
+
+def test_face_data_maps_table_rows_past_unreadable_cache_rows():
+    import pandas as pd
+
+    from verify.geometry import CropGeometry
+    from verify.train import FaceData
+
+    images = np.stack([np.full((16, 16, 3), i, np.uint8) for i in range(5)])  # cache rows 0..4
+    keep = np.array([0, 2, 3])  # rows 1 and 4 could not be decoded
+    data = FaceData(pd.DataFrame({"partition": [0, 1, 0]}), images, CropGeometry(size=16), keep)
+    x = data.batch(np.array([2, 0, 1]), torch.device("cpu"))
+    assert x.shape == (3, 3, 16, 16) and x[:, 0, 0, 0].tolist() == [3, 0, 2]
+    assert data.rows(0).tolist() == [0, 2]

@@ -95,15 +95,18 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
 
 @dataclass
 class FaceData:
-    """CelebA table rows aligned with a decoded uint8 cache (unreadable images already dropped)."""
+    """CelebA table rows mapped onto a decoded uint8 cache (unreadable images already dropped)."""
 
-    table: "object"  # pandas.DataFrame
-    images: np.ndarray  # (N, S, S, 3) uint8, memory-mapped
+    table: "object"  # pandas.DataFrame, one row per usable image
+    images: np.ndarray  # (N_cache, S, S, 3) uint8, memory-mapped (never loaded whole)
     geometry: CropGeometry
+    cache_rows: np.ndarray | None = None  # table row -> cache row; None: the identity
 
     def batch(self, idx: np.ndarray, device: torch.device) -> torch.Tensor:
-        """uint8 (B, 3, S, S) on `device`; sorted reads are kinder to the memmap."""
-        x = torch.from_numpy(np.ascontiguousarray(self.images[np.asarray(idx)]))  # (B,S,S,3)
+        """uint8 (B, 3, S, S) on `device` for table rows `idx`."""
+        idx = np.asarray(idx)
+        rows = self.cache_rows[idx] if self.cache_rows is not None else idx
+        x = torch.from_numpy(np.ascontiguousarray(self.images[rows]))  # (B,S,S,3), a copy
         return x.permute(0, 3, 1, 2).to(device, non_blocking=True)
 
     def rows(self, partition: int) -> np.ndarray:
@@ -150,8 +153,8 @@ def prepare_data(cfg: TrainConfig, dist: Dist) -> FaceData:
     if not ok.all():
         log.warning("%d of %d images could not be decoded and are skipped", int((~ok).sum()), len(ok))
     keep = np.flatnonzero(ok)
-    return FaceData(table.iloc[keep].reset_index(drop=True), cache.images[keep] if not ok.all() else cache.images,
-                    geometry)
+    return FaceData(table.iloc[keep].reset_index(drop=True), cache.images, geometry,
+                    None if ok.all() else keep)
 
 
 # --------------------------------------------------------------------------------------------------
