@@ -276,6 +276,8 @@ def verify_cmd(
     """Is this photo me? For every face: nearest identity, distance, threshold, decision, estimated FAR.
 
     Exit code 0 when every photo has a matching face, 1 when any has none, 2 on error."""
+    import numpy as np
+
     embedder = _load_embedder(model, device)
     g = _open_gallery(gallery, embedder, create=False)
     if len(g) == 0:
@@ -288,7 +290,7 @@ def verify_cmd(
     for res in pipeline.iter_process([str(p) for p in photos]):
         faces = []
         if res.ok and res.faces:
-            vecs = embedder.embed(__import__("numpy").stack([c for _, c in res.faces]))
+            vecs = embedder.embed(np.stack([c for _, c in res.faces]))  # (F, D)
             for (face, _), m in zip(res.faces, matcher(vecs, only=as_)):
                 faces.append({"box": [round(float(v), 1) for v in face.box], **m.to_dict()})
         matched = any(f["match"] for f in faces)
