@@ -36,6 +36,7 @@ EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Number of ep
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")]
 MaxImagesOpt = Annotated[Optional[int], typer.Option("--max-images", help="Use only the first N annotated images.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: section.key=value.")]
 
 
 def _run_training(task: str, config, data, out, epochs, device, max_images, resume, sets, extra=None) -> None:
@@ -79,7 +80,7 @@ def train_attributes(
     device: DeviceOpt = None,
     max_images: MaxImagesOpt = None,
     resume: ResumeOpt = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: section.key=value.")] = None,
+    set_: SetOpt = None,
 ) -> None:
     """Stage 1: learn CelebA's 40 attributes (multi-label, BCE with logits)."""
     _run_training("attributes", config, data, out, epochs, device, max_images, resume, set_)
@@ -95,7 +96,7 @@ def train_identity(
     device: DeviceOpt = None,
     max_images: MaxImagesOpt = None,
     resume: ResumeOpt = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: section.key=value.")] = None,
+    set_: SetOpt = None,
 ) -> None:
     """Stage 2: learn an L2-normalised face embedding from CelebA identities (P x K triplets)."""
     _run_training("identity", config, data, out, epochs, device, max_images, resume, set_,

@@ -409,10 +409,6 @@ def save_checkpoint(path: Path, **state) -> None:
         torch.save(state, tmp)
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state()}
-
-
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -511,7 +507,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None, p
 
         net = backbone_from_config(cfg.model, cfg.data.size, head="embedding", out_dim=cfg.model.embedding_dim)
         if cfg.identity.init:
-            provenance.update(load_backbone_init(cfg.identity.init, net))
+            if resume:  # the checkpoint's weights replace the init below; only record where it came from
+                provenance.update({"init": str(cfg.identity.init)})
+            else:
+                provenance.update(load_backbone_init(cfg.identity.init, net))
         if cfg.identity.freeze_stages:
             net.freeze_stages(cfg.identity.freeze_stages)
         ids = data.table["identity"].to_numpy()
@@ -559,8 +558,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None, p
         if not ck_path.exists():
             raise FileNotFoundError(f"{ck_path}: nothing to resume")
         ck = torch.load(ck_path, map_location=device, weights_only=True)
-        if ck["config"] != {**cfg.to_dict(), "optim": {**cfg.to_dict()["optim"], "epochs": ck["config"]["optim"]["epochs"]}} \
-                and dist.main:
+        def _without_epochs(d: dict) -> dict:  # more epochs is the usual reason to resume
+            return {**d, "optim": {k: v for k, v in d["optim"].items() if k != "epochs"}}
+
+        if _without_epochs(ck["config"]) != _without_epochs(cfg.to_dict()) and dist.main:
             log.warning("resuming %s with a config that differs from the checkpoint's", run)
         module.load_state_dict(ck["module"])
         optimizer.load_state_dict(ck["optimizer"])
