@@ -192,6 +192,46 @@ def test_detect_real_faces(detector, lfw_images):
         assert abs(cx - 125) < 30 and abs(cy - 125) < 40, (path.name, main.box)
 
 
+def test_crop_resample_equals_area_interpolation(rng):
+    import torch
+    from torch.nn.functional import interpolate
+
+    from verify.mtcnn import crop_resample, summed_area_table
+
+    img = torch.from_numpy(rng.integers(0, 256, (3, 61, 83))).float()  # (3, H, W)
+    y0 = np.array([0, 5, 60, 10, 0]); y1 = np.array([61, 30, 61, 11, 7])  # incl. 1-px and tiny boxes
+    x0 = np.array([0, 7, 80, 40, 50]); x1 = np.array([83, 52, 83, 41, 83])
+    for size in (24, 48):
+        got = crop_resample(summed_area_table(img), y0, y1, x0, x1, size)  # (N, 3, s, s)
+        for k in range(len(y0)):
+            want = interpolate(img[:, y0[k]:y1[k], x0[k]:x1[k]][None], size=(size, size), mode="area")[0]
+            torch.testing.assert_close(got[k], want, rtol=0, atol=1e-3)
+
+
+def test_fast_driver_matches_facenet_mtcnn(detector, lfw_root):
+    """verify.mtcnn reproduces facenet-pytorch's MTCNN.detect: same faces, boxes and landmarks."""
+    from verify.mtcnn import detect_faces
+
+    paths = sorted((lfw_root / "lfw-deepfunneled").glob("*/*.jpg"))[::97][:24]
+    batch = np.stack([load_image(p) for p in paths])  # (24, 250, 250, 3)
+    batch[3] = 128  # a blank image in the batch: no face
+    m = detector._mtcnn
+    ref_boxes, ref_probs, ref_points = m.detect(batch, landmarks=True)
+    got = detect_faces(batch, m.pnet, m.rnet, m.onet, m.min_face_size, m.thresholds, m.factor)
+    n_faces = 0
+    for j, (boxes, points) in enumerate(got):
+        if ref_boxes[j] is None:
+            assert len(boxes) == 0, paths[j].name
+            continue
+        order = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))  # facenet: largest first
+        assert len(boxes) == len(ref_boxes[j]), paths[j].name
+        np.testing.assert_allclose(boxes[order, :4], ref_boxes[j], atol=0.01)
+        np.testing.assert_allclose(boxes[order, 4], ref_probs[j], atol=1e-4)
+        np.testing.assert_allclose(points[order], ref_points[j], atol=0.01)
+        n_faces += len(boxes)
+    assert n_faces >= 23 and len(got[3][0]) == 0
+
+
 def test_mixed_batch_with_blank_and_tiny_images(detector, corpus, lfw_images):
     folder, _ = corpus
     face = load_image(lfw_images[0])

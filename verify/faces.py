@@ -274,11 +274,21 @@ class FaceDetector:
             for start in range(0, len(idxs), bs):
                 chunk = idxs[start : start + bs]
                 batch = np.stack([prepared[i][0] for i in chunk])  # (B, H, W, 3) uint8
-                boxes, probs, points = self._mtcnn.detect(batch, landmarks=True)
-                for j, i in enumerate(chunk):
-                    _, sx, sy = prepared[i]
-                    results[i] = self._faces(boxes[j], probs[j], points[j], sx, sy)
+                for j, (boxes, probs, points) in enumerate(self._detect_batch(batch)):
+                    _, sx, sy = prepared[chunk[j]]
+                    results[chunk[j]] = self._faces(boxes, probs, points, sx, sy)
         return results
+
+    def _detect_batch(self, batch: np.ndarray) -> list[tuple]:
+        """(boxes, probs, points) per image of an equal-sized (B, H, W, 3) batch."""
+        if self.device.type == "cpu":  # same networks and results, vectorised crops (verify/mtcnn.py)
+            from .mtcnn import detect_faces
+
+            m = self._mtcnn
+            out = detect_faces(batch, m.pnet, m.rnet, m.onet, m.min_face_size, m.thresholds, m.factor)
+            return [(b[:, :4], b[:, 4], p) for b, p in out]
+        boxes, probs, points = self._mtcnn.detect(batch, landmarks=True)
+        return list(zip(boxes, probs, points))
 
     def _faces(self, boxes, probs, points, sx: float, sy: float) -> list[Face]:
         if boxes is None or len(boxes) == 0:
