@@ -68,11 +68,12 @@ def test_attribute_training_loss_finite_and_falls(tmp_path, celeba_root):
     assert ck["config"]["model"]["width"] == 8 and ck["epoch"] == 4
 
 
-def test_resume_equals_uninterrupted(tmp_path, celeba_root):
-    full = tiny_cfg(tmp_path / "a", celeba_root)
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_equals_uninterrupted(tmp_path, celeba_root, ema):
+    full = tiny_cfg(tmp_path / "a", celeba_root, **{"optim.ema": ema})
     fit(full, progress=False)
 
-    part = tiny_cfg(tmp_path / "b", celeba_root)
+    part = tiny_cfg(tmp_path / "b", celeba_root, **{"optim.ema": ema})
 
     def stop(epoch, entry):
         if epoch == 2:
@@ -90,6 +91,18 @@ def test_resume_equals_uninterrupted(tmp_path, celeba_root):
     ha = json.loads((Path(full.out) / "metrics.json").read_text())["history"]
     hb = json.loads((Path(part.out) / "metrics.json").read_text())["history"]
     assert [h["train"]["loss"] for h in ha] == [h["train"]["loss"] for h in hb]
+    assert [h["val"]["mean_accuracy"] for h in ha] == [h["val"]["mean_accuracy"] for h in hb]
+    ck = torch.load(Path(full.out) / CKPT_LAST, map_location="cpu", weights_only=True)
+    raw = {k[len("net."):]: v for k, v in ck["module"].items() if k.startswith("net.")}
+    w = "stem.0.weight" if "stem.0.weight" in raw else next(k for k in raw if k.endswith("weight"))
+    # With EMA the evaluated and saved model is the average, not the last step's weights.
+    assert torch.equal(ck["model"][w], raw[w]) == (ema == 0.0)
+    assert ("ema" in ck) == (ema > 0)
+
+
+def test_ema_decay_is_validated(tmp_path, celeba_root):
+    with pytest.raises(ValueError, match="optim.ema"):
+        fit(tiny_cfg(tmp_path, celeba_root, **{"optim.ema": 1.0}), progress=False)
 
 
 def test_nan_guard_keeps_last_good_checkpoint(tmp_path, celeba_root):

@@ -50,6 +50,7 @@ class OptimConfig:
     grad_clip: float = 5.0
     amp: bool = True  # only used on CUDA
     batches_per_epoch: int | None = None  # None: one pass over the training images
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); evaluated and exported
 
 
 @dataclass(frozen=True)

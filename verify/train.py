@@ -252,6 +252,24 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, enabled=False)
 
 
+def make_ema(net: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """Exponential moving average of `net`'s weights and BN buffers, or None when `decay` is 0.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) over the first updates (as timm's ModelEmaV2 does),
+    so the random or stage-1 initial weights do not linger in the average.
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"optim.ema must be in [0, 1), got {decay}")
+    if decay == 0.0:
+        return None
+
+    def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
+        return averaged * d + current * (1.0 - d)
+
+    return torch.optim.swa_utils.AveragedModel(net, avg_fn=avg, use_buffers=True)
+
+
 def train_one_epoch(
     module: nn.Module,
     batches: Iterable[np.ndarray],
@@ -270,8 +288,12 @@ def train_one_epoch(
     hooks: Hooks | None = None,
     progress: bool = True,
     total: int | None = None,
+    ema: tuple[torch.optim.swa_utils.AveragedModel, nn.Module] | None = None,
 ) -> dict:
-    """One pass over `batches` (arrays of row indices). Raises TrainingDiverged on a non-finite loss."""
+    """One pass over `batches` (arrays of row indices). Raises TrainingDiverged on a non-finite loss.
+
+    `ema` is (averaged model, the network it follows), updated after every optimiser step.
+    """
     from tqdm.auto import tqdm
 
     module.train()
@@ -305,6 +327,8 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema[0].update_parameters(ema[1])
         steps += 1
         seen += len(idx)
         sums["loss"] = sums.get("loss", 0.0) + loss.item()
@@ -549,6 +573,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None, p
         optimizer, warmup_cosine(total_steps, int(cfg.optim.warmup_epochs * batches_per_epoch))
     )
     augment = BatchAugment.from_config(cfg.augment).to(device)
+    ema = make_ema(net, cfg.optim.ema)
+    eval_net = ema.module if ema is not None else net  # what is evaluated, selected and exported
 
     history: list[dict] = []
     best: dict | None = None
@@ -566,6 +592,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None, p
         module.load_state_dict(ck["module"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
+        if ema is not None:
+            if "ema" not in ck:
+                raise ValueError(f"{ck_path}: has no weight average to resume but optim.ema is {cfg.optim.ema}")
+            ema.load_state_dict(ck["ema"])
         history, best, start_epoch = ck["history"], ck.get("best"), int(ck["epoch"]) + 1
         log.info("resumed %s at epoch %d", run, start_epoch)
 
@@ -583,7 +613,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None, p
         tr = train_one_epoch(
             train_module, batches, data, labels, optimizer, scheduler, augment, device, epoch=epoch,
             grad_clip=cfg.optim.grad_clip, amp=cfg.optim.amp, attrs=aux, generator=gen, hooks=hooks,
-            progress=progress, total=batches_per_epoch,
+            progress=progress, total=batches_per_epoch, ema=(ema, net) if ema is not None else None,
         )
         if dist.enabled:  # images/s of the whole job
             t = torch.tensor([tr["images"]], dtype=torch.float64)
@@ -592,21 +622,23 @@ def fit(cfg: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None, p
         entry = {"epoch": epoch, "train": tr, "lr": scheduler.get_last_lr()[0]}
         if dist.main:
             if cfg.task == "attributes":
-                entry["val"] = evaluate_attributes(net, data, val_rows, train_rows, device)
-                entry["test"] = evaluate_attributes(net, data, test_rows, train_rows, device)
+                entry["val"] = evaluate_attributes(eval_net, data, val_rows, train_rows, device)
+                entry["test"] = evaluate_attributes(eval_net, data, test_rows, train_rows, device)
             else:
                 kw = dict(flip=cfg.identity.tta_flip, target_far=cfg.identity.target_far, seed=cfg.seed)
-                entry["val"] = evaluate_identity(net, data, val_rows, device, **kw)
-                entry["test"] = evaluate_identity(net, data, test_rows, device, **kw)
+                entry["val"] = evaluate_identity(eval_net, data, val_rows, device, **kw)
+                entry["test"] = evaluate_identity(eval_net, data, test_rows, device, **kw)
             history.append(entry)
             is_best = best is None or entry["val"][select_key] > best["val"][select_key]
             if is_best:
                 best = {"epoch": epoch, "val": entry["val"], "test": entry["test"]}
             state = dict(
                 config=cfg.to_dict(), epoch=epoch, task=cfg.task, module=module.state_dict(),
-                model=net.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                model=eval_net.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 history=history, best=best, provenance=provenance,
             )
+            if ema is not None:  # `model` above holds the averaged weights; the raw ones are in `module`
+                state["ema"] = ema.state_dict()
             save_checkpoint(run / CKPT_LAST, **state)
             if is_best:
                 save_checkpoint(run / CKPT_BEST, **state)
@@ -620,7 +652,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None, p
             hooks.after_epoch(epoch, entry)
         dist.barrier()
 
-    result = FitResult(run, history, net, best)
+    result = FitResult(run, history, eval_net, best)
     if dist.main and cfg.task == "identity":
         export_identity_model(run, cfg, data, device, provenance)
     return result
