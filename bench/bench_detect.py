@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED_DATA, median_rate, print_table, ratio  # noqa: E402
 
-from verify.faces import load_image  # noqa: E402
+from verify.faces import DetectorConfig, load_image  # noqa: E402
 from verify.mtcnn import detect_faces  # noqa: E402
 
 
@@ -39,7 +39,8 @@ def main() -> None:
     if not paths:
         raise SystemExit(f"{lfw}: no LFW photos (see ../shared/data/README.md)")
     imgs = np.stack([load_image(p) for p in paths])  # (N, 250, 250, 3)
-    m = MTCNN(min_face_size=args.min_face, keep_all=True, thresholds=[0.6, 0.7, 0.7], factor=0.709)
+    cfg = DetectorConfig(min_face_size=args.min_face)  # the thresholds and pyramid step the scan uses
+    m = MTCNN(min_face_size=cfg.min_face_size, keep_all=True, thresholds=list(cfg.thresholds), factor=cfg.factor)
     chunks = [imgs[i : i + args.batch] for i in range(0, len(imgs), args.batch)]
 
     def facenet() -> int:

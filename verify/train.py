@@ -252,14 +252,18 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, enabled=False)
 
 
+def check_ema_decay(decay: float) -> None:
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"optim.ema must be in [0, 1), got {decay}")
+
+
 def make_ema(net: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
     """Exponential moving average of `net`'s weights and BN buffers, or None when `decay` is 0.
 
     The decay warms up as min(decay, (1 + n) / (10 + n)) over the first updates (as timm's ModelEmaV2 does),
     so the random or stage-1 initial weights do not linger in the average.
     """
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"optim.ema must be in [0, 1), got {decay}")
+    check_ema_decay(decay)
     if decay == 0.0:
         return None
 
@@ -494,6 +498,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None, p
     """Train `cfg.task` end to end; writes the run folder `cfg.out` and returns the history."""
     if cfg.task not in ("attributes", "identity"):
         raise ValueError(f"unknown task {cfg.task!r}: attributes | identity")
+    check_ema_decay(cfg.optim.ema)  # before the data cache is built: a bad config fails at once
     dist, device = init_distributed(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
