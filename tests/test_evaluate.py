@@ -253,6 +253,22 @@ def test_cohort_from_lfw_people(lfw_set, embedder, cache):
     assert two.shape == (22, 32)
 
 
+def test_calibrate_command_with_default_device(lfw_set, model_path, tmp_path):
+    """`faceverify calibrate` with no --device ("auto") resolves the device and attaches the cohort."""
+    from typer.testing import CliRunner
+
+    from verify.cli import app
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(model_path.read_bytes())
+    r = CliRunner().invoke(app, ["calibrate", "--model", str(path), "--pairs", str(lfw_set["view1"]),
+                                 "--images", str(lfw_set["root"])], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "cohort of 11 faces attached" in r.output
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    assert tuple(blob["extra"]["cohort"].shape) == (11, 32)
+
+
 def test_bad_images_root(lfw_set, embedder, tmp_path):
     with pytest.raises(FileNotFoundError, match="images folder not found"):
         evaluate_pairs(lfw_set["view1"], tmp_path / "nowhere", embedder, progress=False)

@@ -34,7 +34,7 @@ from verify.faces import (
 from verify.metrics import accuracy_at, auc, best_accuracy_threshold, eer, kfold_accuracy, roc_curve, tar_at_far
 from verify.model_file import Embedder, ModelFileError, fingerprint, read_model_file
 from verify.pairs import lfw_image_path, read_lfw_pairs
-from verify.runtime import atomic_path
+from verify.runtime import atomic_path, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -598,7 +598,7 @@ def calibrate_model(
     images_root: Path,
     *,
     max_per_identity: int | None = 1,
-    device: str = "cpu",
+    device: str = "auto",
     detector_config: DetectorConfig | None = None,
     progress: bool = True,
     embedder_loader: Callable[..., Embedder] = Embedder.load,
@@ -606,7 +606,7 @@ def calibrate_model(
     """Build the impostor cohort from the people of an LFW pair file (use pairsDevTrain.txt: its
     people are disjoint from pairsDevTest.txt's, so a DevTest evaluation stays clean) and attach it."""
     model_path, pairs_file = Path(model_path), Path(pairs_file)
-    embedder = embedder_loader(model_path, device=device)
+    embedder = embedder_loader(model_path, device=resolve_device(device))  # "auto" -> cuda or cpu
     images = lfw_people_images(pairs_file, images_root)
     cohort = build_cohort(images, embedder, max_per_identity=max_per_identity, detector_config=detector_config,
                           progress=progress)
