@@ -61,6 +61,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "ablation")
     ap.add_argument("--stage1", type=Path, default=REPO / "runs" / "attributes-cpu")
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "identity-cpu.yaml")
+    ap.add_argument("--ema", type=float, default=0.0, help="optim.ema of every arm (the README table: 0, off)")
     ap.add_argument("--also", type=Path, nargs="*", default=[], help="extra model files to evaluate alongside")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -75,7 +76,7 @@ def main() -> int:
         out = args.out / name.split(",")[0].replace(" ", "") / ("pretrained" if over.get("identity.init") else "random")
         model = out / "model.pt"
         if not model.exists():
-            cfg = load_config(args.config, {"out": str(out), "optim.epochs": args.epochs, **over})
+            cfg = load_config(args.config, {"out": str(out), "optim.epochs": args.epochs, "optim.ema": args.ema, **over})
             if over.get("identity.init") is None:
                 cfg = load_config(None, {**_flat(cfg.to_dict()), "identity.init": None})
             t = time.time()

@@ -211,3 +211,28 @@ def test_face_data_maps_table_rows_past_unreadable_cache_rows():
     x = data.batch(np.array([2, 0, 1]), torch.device("cpu"))
     assert x.shape == (3, 3, 16, 16) and x[:, 0, 0, 0].tolist() == [3, 0, 2]
     assert data.rows(0).tolist() == [0, 2]
+
+
+def test_git_commit_marks_uncommitted_changes(tmp_path):
+    """Provenance names the commit, and says when the code that trained differs from it."""
+    import shutil
+    import subprocess
+
+    from verify.train import git_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    assert git_commit(tmp_path) is None  # not a checkout
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    run = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, env=env)  # noqa: E731
+    run("init", "-q")
+    (tmp_path / "train.py").write_text("x = 1\n")
+    run("add", "train.py")
+    run("commit", "-qm", "one")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "train.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == head + "-dirty"

@@ -437,11 +437,19 @@ def save_checkpoint(path: Path, **state) -> None:
         torch.save(state, tmp)
 
 
-def git_commit() -> str | None:
+def git_commit(where: Path | None = None) -> str | None:
+    """Short commit of the code that trains (this package's checkout, or `where`), with "-dirty" when
+    tracked files differ from it; None outside a git checkout."""
+    here = where or Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
+                             cwd=here)
+        commit = out.stdout.strip()
+        if not commit:
+            return None
+        diff = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                              text=True, timeout=5, cwd=here)
+        return commit + ("-dirty" if diff.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
