@@ -198,12 +198,16 @@ def test_crop_resample_equals_area_interpolation(rng):
 
     from verify.mtcnn import crop_resample, summed_area_table
 
-    img = torch.from_numpy(rng.integers(0, 256, (3, 61, 83))).float()  # (3, H, W)
-    y0 = np.array([0, 5, 60, 10, 0]); y1 = np.array([61, 30, 61, 11, 7])  # incl. 1-px and tiny boxes
-    x0 = np.array([0, 7, 80, 40, 50]); x1 = np.array([83, 52, 83, 41, 83])
+    imgs = torch.from_numpy(rng.integers(0, 256, (2, 61, 83, 3)))  # (B, H, W, 3)
+    y0 = np.array([0, 5, 60, 10, 0, 3]); y1 = np.array([61, 30, 61, 11, 7, 50])  # incl. 1-px and tiny boxes
+    x0 = np.array([0, 7, 80, 40, 50, 2]); x1 = np.array([83, 52, 83, 41, 83, 70])
+    owner = np.array([0, 1, 1, 0, 1, 0])  # boxes of both images in one call
+    sat = summed_area_table(imgs)
     for size in (24, 48):
-        got = crop_resample(summed_area_table(img), y0, y1, x0, x1, size)  # (N, 3, s, s)
+        got = crop_resample(sat, owner, y0, y1, x0, x1, size)  # (N, 3, s, s)
+        assert got.shape == (len(y0), 3, size, size)
         for k in range(len(y0)):
+            img = imgs[owner[k]].permute(2, 0, 1).float()  # (3, H, W)
             want = interpolate(img[:, y0[k]:y1[k], x0[k]:x1[k]][None], size=(size, size), mode="area")[0]
             torch.testing.assert_close(got[k], want, rtol=0, atol=1e-3)
 

@@ -5,11 +5,12 @@ facenet-pytorch's `detect_face` cuts every candidate box out of the image and re
 layout, where CPU max-pooling is slow. On 250x250 photos those two account for most of the
 detection time. Here:
 
-- every candidate of an image is area-resampled at once from a summed-area table (integer sums,
-  so the averages are those of `interpolate(mode="area")` up to float rounding);
+- one channels-last summed-area table per image (integer sums) serves every area resampling: the
+  pyramid levels and all candidates of a batch in one gather, so the averages are those of
+  `interpolate(mode="area")` up to float rounding;
 - the networks run on channels-last tensors (same arithmetic, faster pooling on CPU).
 
-Everything else (pyramid, thresholds, box regression, the NMS steps and their order) calls
+Everything else (pyramid scales, thresholds, box regression, the NMS steps and their order) calls
 facenet-pytorch's own helpers, so the detections match `MTCNN.detect` (tested on LFW photos).
 """
 
@@ -25,7 +26,6 @@ from facenet_pytorch.models.utils.detect_face import (
     batched_nms_numpy,
     bbreg,
     generateBoundingBox,
-    imresample,
     pad,
     rerec,
 )
@@ -43,32 +43,36 @@ def _area_weights(start: torch.Tensor, end: torch.Tensor, size: int) -> tuple[to
     return start.view(-1, 1) + lo, start.view(-1, 1) + hi
 
 
-def summed_area_table(image: torch.Tensor) -> torch.Tensor:
-    """(C, H, W) image with integer values -> (C, H+1, W+1) int64 table of sums of image[:, :y, :x]."""
-    c, h, w = image.shape
-    sat = torch.zeros(c, h + 1, w + 1, dtype=torch.int64)
-    sat[:, 1:, 1:] = image.to(torch.int64).cumsum(1).cumsum(2)
+def summed_area_table(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) uint8 images -> (B, H+1, W+1, C) integer tables of sums of image[:y, :x].
+
+    Channels last, so that one box corner is one contiguous row of C sums (a fast gather); int32
+    """
+    b, h, w, c = images.shape
+    sat = torch.zeros(b, h + 1, w + 1, c, dtype=torch.int64)  # int64: CPU cumsum is slower in int32
+    sat[:, 1:, 1:] = images.to(torch.int64).cumsum(1).cumsum(2)
     return sat
 
 
-def crop_resample(sat: torch.Tensor, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray,
-                  size: int) -> torch.Tensor:
-    """Area-resample boxes [y0:y1, x0:x1] of one image, given its summed-area table, to (N, C, size, size).
+def crop_resample(sat: torch.Tensor, image_inds: np.ndarray, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray,
+                  x1: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
+    """Area-resample boxes [y0:y1, x0:x1] of images `image_inds`, given their summed-area tables
+    (B, H+1, W+1, C), to (N, C, size_h, size_w) (channels-last memory).
 
-    Equivalent to `interpolate(image[:, y0:y1, x0:x1][None], (size, size), mode="area")` per box.
+    Equivalent to `interpolate(image[:, y0:y1, x0:x1][None], (size_h, size_w), mode="area")` per box.
     """
-    c, _, w1 = sat.shape
-    ys, ye = _area_weights(torch.as_tensor(y0, dtype=torch.int64), torch.as_tensor(y1, dtype=torch.int64), size)
-    xs, xe = _area_weights(torch.as_tensor(x0, dtype=torch.int64), torch.as_tensor(x1, dtype=torch.int64), size)
-    flat = sat.view(c, -1)  # (C, (H+1)*(W+1))
-
-    def corner(r: torch.Tensor, col: torch.Tensor) -> torch.Tensor:  # (N, size) rows x (N, size) cols
-        idx = (r[:, :, None] * w1 + col[:, None, :]).reshape(-1)  # (N*size*size,)
-        return flat[:, idx].view(c, len(r), size, size)
-
-    total = corner(ye, xe) - corner(ys, xe) - corner(ye, xs) + corner(ys, xs)  # (C, N, size, size)
-    area = ((ye - ys)[:, :, None] * (xe - xs)[:, None, :]).to(torch.float32)  # (N, size, size)
-    return (total.to(torch.float32) / area[None]).permute(1, 0, 2, 3).contiguous()  # (N, C, size, size)
+    sh, sw = (size, size) if isinstance(size, int) else size
+    _, h1, w1, c = sat.shape
+    ys, ye = _area_weights(torch.as_tensor(y0, dtype=torch.int64), torch.as_tensor(y1, dtype=torch.int64), sh)
+    xs, xe = _area_weights(torch.as_tensor(x0, dtype=torch.int64), torch.as_tensor(x1, dtype=torch.int64), sw)
+    base = torch.as_tensor(image_inds, dtype=torch.int64).view(-1, 1, 1) * (h1 * w1)  # (N, 1, 1)
+    rows = torch.stack([ye, ys, ye, ys])[:, :, :, None] * w1  # (4, N, sh, 1): corners D, B, C, A
+    cols = torch.stack([xe, xe, xs, xs])[:, :, None, :]  # (4, N, 1, sw)
+    idx = (base + rows + cols).reshape(-1)  # (4 * N * sh * sw,)
+    corners = sat.view(-1, c).index_select(0, idx).view(4, len(ys), sh, sw, c)
+    total = corners[0] - corners[1] - corners[2] + corners[3]  # (N, sh, sw, C)
+    area = ((ye - ys)[:, :, None] * (xe - xs)[:, None, :]).to(torch.float32)  # (N, sh, sw)
+    return (total.to(torch.float32) / area[..., None]).permute(0, 3, 1, 2)  # (N, C, sh, sw), channels-last
 
 
 def _run(net: torch.nn.Module, x: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, ...]:
@@ -77,17 +81,13 @@ def _run(net: torch.nn.Module, x: torch.Tensor, batch: int = 512) -> tuple[torch
     return tuple(torch.cat(v, dim=0) for v in zip(*outs))
 
 
-def _crops(sats: list[torch.Tensor], boxes: torch.Tensor, image_inds: torch.Tensor, w: int, h: int, size: int
+def _crops(sat: torch.Tensor, boxes: torch.Tensor, image_inds: torch.Tensor, w: int, h: int, size: int
            ) -> tuple[torch.Tensor, np.ndarray]:
     """Every box cut and resampled as facenet-pytorch does (its 1-based `pad` clipping); (N, 3, s, s)."""
     y, ey, x, ex = pad(boxes, w, h)
     keep = (ey > (y - 1)) & (ex > (x - 1))  # facenet skips empty boxes
     inds = image_inds.cpu().numpy()
-    out = torch.zeros(len(y), 3, size, size)
-    for b in np.unique(inds[keep]):
-        sel = np.nonzero(keep & (inds == b))[0]
-        out[sel] = crop_resample(sats[b], y[sel] - 1, ey[sel], x[sel] - 1, ex[sel], size)
-    return out[keep], keep
+    return crop_resample(sat, inds[keep], y[keep] - 1, ey[keep], x[keep] - 1, ex[keep], size), keep
 
 
 @torch.inference_mode()
@@ -105,9 +105,11 @@ def detect_faces(
     Returns per image (boxes (N, 5): x1, y1, x2, y2, prob; points (N, 5, 2)), like facenet-pytorch's
     `detect_face`.
     """
-    u8 = torch.as_tensor(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
-    x = u8.float()
-    bsz, _, h, w = x.shape
+    hwc = torch.as_tensor(np.ascontiguousarray(imgs))  # (B, H, W, 3) uint8
+    bsz, h, w, _ = hwc.shape
+    # One summed-area table per image serves the whole pyramid and the R-/O-net crops.
+    sat = summed_area_table(hwc)  # (B, H+1, W+1, 3)
+    whole = (np.arange(bsz), np.zeros(bsz, np.int64), np.full(bsz, h), np.zeros(bsz, np.int64), np.full(bsz, w))
     m = 12.0 / min_size
     minl = min(h, w) * m
     scales = []
@@ -120,8 +122,8 @@ def detect_faces(
     # Stage 1: P-net over the pyramid (as facenet-pytorch).
     boxes_l, inds_l, picks, offset = [], [], [], 0
     for s in scales:
-        im = (imresample(x, (int(h * s + 1), int(w * s + 1))) - 127.5) * 0.0078125
-        reg, probs = pnet(im.contiguous(memory_format=torch.channels_last))
+        im = (crop_resample(sat, *whole, (int(h * s + 1), int(w * s + 1))) - 127.5) * 0.0078125  # = imresample
+        reg, probs = pnet(im)  # channels-last input
         bs, ind = generateBoundingBox(reg, probs[:, 1], s, thresholds[0])
         boxes_l.append(bs)
         inds_l.append(ind)
@@ -135,11 +137,10 @@ def detect_faces(
     boxes = torch.stack([boxes[:, 0] + boxes[:, 5] * regw, boxes[:, 1] + boxes[:, 6] * regh,
                          boxes[:, 2] + boxes[:, 7] * regw, boxes[:, 3] + boxes[:, 8] * regh, boxes[:, 4]], dim=1)
     boxes = rerec(boxes)
-    sats = [summed_area_table(im) for im in u8] if len(boxes) > 0 else []  # shared by stages 2 and 3
 
     # Stage 2: R-net on 24x24 crops.
     if len(boxes) > 0:
-        data, keep = _crops(sats, boxes, image_inds, w, h, 24)
+        data, keep = _crops(sat, boxes, image_inds, w, h, 24)
         boxes, image_inds = boxes[torch.from_numpy(keep)], image_inds[torch.from_numpy(keep)]
         reg, prob = _run(rnet, (data - 127.5) * 0.0078125)
         score = prob[:, 1]
@@ -153,7 +154,7 @@ def detect_faces(
     # Stage 3: O-net on 48x48 crops: final boxes, probabilities and landmarks.
     points = torch.zeros(0, 5, 2)
     if len(boxes) > 0:
-        data, keep = _crops(sats, boxes, image_inds, w, h, 48)
+        data, keep = _crops(sat, boxes, image_inds, w, h, 48)
         boxes, image_inds = boxes[torch.from_numpy(keep)], image_inds[torch.from_numpy(keep)]
         reg, pts, prob = _run(onet, (data - 127.5) * 0.0078125)
         score = prob[:, 1]
