@@ -84,6 +84,15 @@ def test_enroll_verify_gallery_mechanics(tmp_path, lfw_root):
     assert invoke("gallery", "remove", "jlo", "--gallery", g).exit_code == 1
 
 
+def test_enroll_names_missing_inputs(tmp_path):
+    model = tiny_model(tmp_path / "a.pt", 0)
+    r = invoke("enroll", "bob", tmp_path / "nope.jpg", "--gallery", tmp_path / "g", "--model", model,
+               "--device", "cpu")
+    assert r.exit_code == 2
+    assert f"{tmp_path / 'nope.jpg'}: no such file or folder" in r.output
+    assert not (tmp_path / "g").exists()  # nothing created
+
+
 def test_enroll_reports_photos_without_faces(tmp_path, lfw_root):
     model = tiny_model(tmp_path / "a.pt", 0)
     grey = tmp_path / "grey.png"

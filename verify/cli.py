@@ -224,7 +224,8 @@ def enroll(
     embedder = _load_embedder(model, device)
     files, problems = expand_inputs(photos)
     if not files:
-        _fail("no image files found in " + ", ".join(str(p) for p in photos))
+        missing = "".join(f"; {p}: {why}" for p, why in problems)
+        _fail("no image files found in " + ", ".join(str(p) for p in photos) + missing)
     pipeline = _pipeline(embedder, device, min_face, min_prob)
     g = _open_gallery(gallery, embedder, create=True)
     from index import GalleryError
