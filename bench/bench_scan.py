@@ -86,6 +86,12 @@ def parse_stage_seconds(text: str) -> dict[str, float] | None:
     return None
 
 
+def parse_face_workers(text: str) -> int:
+    """How many workers also detected and embedded, from the summary JSON line (0 if not printed)."""
+    m = re.search(r'"face_workers":\s*(\d+)', text)
+    return int(m.group(1)) if m else 0
+
+
 def in_process_breakdown(folder: Path, gallery: Path, model: Path, workers: int, out: Path):
     """The ScanSummary of verify.scan.run_scan on `folder`, matcher built as the CLI
     builds it (verify.cli._matcher), DetectorConfig defaults."""
@@ -180,13 +186,14 @@ def main(argv: list[str] | None = None) -> None:
         else:
             notes.append(FR_NOT_INSTALLED + f" [looked for {fr_cli}]")
 
-        stages, stage_src = None, ""
+        stages, stage_src, face_workers = None, "", 0
         if args.breakdown == "auto":
             stages = parse_stage_seconds(ours.stdout + "\n" + ours.stderr) if ours else None
+            face_workers = parse_face_workers(ours.stdout) if ours else 0
             stage_src = "printed by faceverify scan"
         if stages is None and args.breakdown != "none":
             summary = in_process_breakdown(folder, gallery, model, args.workers, tmp / "report-in-process.csv")
-            stages = summary.stage_seconds
+            stages, face_workers = summary.stage_seconds, summary.face_workers
             stage_src = "verify.scan.run_scan in-process on the same folder"
             rows.insert(1 if ours else 0, ("run_scan in-process (model preloaded)", summary.seconds, None, None,
                                            scan_result(summary.report, person)))
@@ -208,13 +215,17 @@ def main(argv: list[str] | None = None) -> None:
             right=(False, True, True, True, True, True, False),
         )
         if stages:
-            total = sum(stages.get(k, 0.0) for k in STAGE_ORDER if k != "decode")  # decode is worker time
-            print(f"\nfaceverify per stage ({stage_src}); decode = summed worker time, decode_wait = time the "
-                  "main process waited for decoded images\n")
+            in_workers = {"decode"} | ({"detect", "align", "embed"} if face_workers else set())
+            where = f"{args.workers} workers, summed" if args.workers > 0 else "main process"
+            print(f"\nfaceverify per stage ({stage_src}); "
+                  + (f"detection, alignment and embedding ran in the {face_workers} worker processes (one "
+                     "thread each); " if face_workers else "detection, alignment and embedding ran in the main "
+                     "process; ")
+                  + "decode_wait = time the main process waited for the workers\n")
             keys = [k for k in STAGE_ORDER if k in stages] + [k for k in stages if k not in STAGE_ORDER]
-            print_table(("stage", "seconds", "ms/image", "% of main process"),
+            print_table(("stage", "seconds", "ms/image", "where"),
                         [(k, f"{stages[k]:.2f}", f"{1000 * stages[k] / n:.1f}",
-                          "" if k == "decode" or total <= 0 else f"{100 * stages[k] / total:.0f}%") for k in keys])
+                          where if k in in_workers else "main process") for k in keys])
     finally:
         if args.keep:
             print(f"\nkept {tmp}")

@@ -26,6 +26,7 @@ from verify.scan import (
     CRASH_ERROR,
     ScanError,
     _decode,
+    _decode_files,
     _decode_stream,
     journal_path,
     run_scan,
@@ -226,6 +227,41 @@ def test_scan_accounts_for_every_file(mixed_folder, embedder, detector, pooled, 
     assert summary.processed == summary.files and summary.resumed == 0
     assert set(summary.stage_seconds) >= {"decode", "detect", "align", "embed", "match"}
     assert summary.stage_seconds["detect"] > 0 and summary.images_per_s > 0
+
+
+def test_face_workers_report_what_the_main_process_reports(mixed_folder, embedder, detector, pooled, tmp_path):
+    """Detecting, aligning and embedding in the workers (the CPU default) gives the report the
+    main-process path gives: same rows, same boxes, same decisions (up to float rounding)."""
+    import pandas as pd
+
+    from verify.scan import FACE_CHUNK
+
+    folder, _ = mixed_folder
+    reports, summaries = {}, {}
+    for face_workers in (True, False):
+        out = tmp_path / f"report-{face_workers}.csv"
+        summaries[face_workers] = run_scan([folder], embedder=embedder, matcher=make_matcher(pooled),
+                                           detector=detector, out=out, workers=2, batch_size=5,
+                                           face_workers=face_workers, progress=False)
+        reports[face_workers] = pd.read_csv(out, keep_default_na=False, na_values=[""])
+    assert summaries[True].face_workers == 2 and summaries[False].face_workers == 0
+    assert summaries[True].images > FACE_CHUNK  # several worker tasks
+    a, b = reports[True], reports[False]
+    assert a[["path", "face", "faces", "status", "identity", "match", "error"]].equals(
+        b[["path", "face", "faces", "status", "identity", "match", "error"]])
+    num = ["x1", "y1", "x2", "y2", "prob", "distance"]
+    np.testing.assert_allclose(a[num].to_numpy(float), b[num].to_numpy(float), atol=1e-3)
+    for key in ("images", "faces", "matches", "no_face", "errors", "skipped"):
+        assert getattr(summaries[True], key) == getattr(summaries[False], key), key
+    assert summaries[True].stage_seconds["detect"] > 0  # worker time is accounted for
+
+    class Wrapped(type(detector)):  # not rebuildable in a worker from its config
+        pass
+
+    with pytest.raises(ValueError, match="not a FaceDetector"):
+        run_scan([folder], embedder=embedder, matcher=make_matcher(pooled), detector=Wrapped(DETECTOR),
+                 out=tmp_path / "never.csv", workers=2, face_workers=True, progress=False)
+    assert not (tmp_path / "never.csv").exists() and not journal_path(tmp_path / "never.csv").exists()
 
 
 def test_big_image_is_shrunk_in_the_worker_and_boxes_map_back(person_photos, embedder, pooled, tmp_path):
@@ -561,10 +597,10 @@ def test_failed_batch_falls_back_per_image_and_one_match_per_identity(embedder, 
     assert summary.matches == 3 and summary.errors == 1
 
 
-def _crash_on_marker(fs_path: str, *args):
-    if "crash" in os.path.basename(fs_path):
+def _crash_on_marker(fs_paths: list[str], *args):
+    if any("crash" in os.path.basename(p) for p in fs_paths):
         os._exit(3)  # a decoder segfault, as far as the pool can tell
-    return _decode(fs_path, *args)
+    return _decode_files(fs_paths, *args)
 
 
 def test_worker_crash_costs_only_the_crashing_file(tmp_path):
@@ -572,7 +608,9 @@ def test_worker_crash_costs_only_the_crashing_file(tmp_path):
     for n in names:
         Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / n)
     timers = {"decode": 0.0, "decode_wait": 0.0}
-    got = list(_decode_stream([str(tmp_path / n) for n in names], 1, 4, (10**7, 1600), timers, _crash_on_marker))
+    # chunks of 2: the crashing file's chunk partner (b.png) is retried alone and comes through
+    got = list(_decode_stream([str(tmp_path / n) for n in names], 1, 4, (10**7, 1600), timers,
+                              task=_crash_on_marker, chunk=2))
     assert [os.path.basename(p) for p, _ in got] == names  # every file once, in order
     for p, d in got:
         if os.path.basename(p) == "crash.png":

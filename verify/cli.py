@@ -317,8 +317,8 @@ def scan(
     gallery: GalleryOpt = None,
     model: ModelOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Report: .csv, .json, .jsonl or .parquet.")] = Path("report.csv"),
-    workers: Annotated[int, typer.Option("--workers", help="Decoding processes (0: decode in this process).")] = 2,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per detection batch.")] = 32,
+    workers: Annotated[int, typer.Option("--workers", help="Worker processes: they decode and, on CPU, also detect and embed (0: all in this process).")] = 2,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Files per report batch (and per detection batch when this process detects).")] = 32,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted scan of the same folders into --out.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Also print the summary (with per-stage seconds) as one JSON line.")] = False,
     device: DevOpt = "auto",
@@ -329,7 +329,10 @@ def scan(
 
     Exit code 0 when at least one face matched, 1 when none did, 2 on error."""
     from .faces import DetectorConfig
-    from .scan import ScanError, run_scan
+    from .scan import ScanError, prestart_face_workers, run_scan
+
+    if workers > 0:
+        prestart_face_workers()  # its torch import overlaps with loading the model here
 
     embedder = _load_embedder(model, device)
     g = _open_gallery(gallery, embedder, create=False)

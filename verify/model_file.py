@@ -121,6 +121,8 @@ class Embedder:
             raise ModelFileError(f"{path}: weights do not match the architecture ({str(e).splitlines()[0]})") from None
         device = torch.device(device)
         net.to(device).eval()
+        if device.type == "cpu":  # same arithmetic; CPU convolutions run ~1.2-1.4x faster channels-last
+            net.to(memory_format=torch.channels_last)
         meta = {k: v for k, v in blob.items() if k != "state_dict"}
         return cls(net, meta, device, path)
 
@@ -137,8 +139,9 @@ class Embedder:
         for s in range(0, len(crops), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(crops[s : s + batch_size])).to(self.device)
             x = (x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std  # (B,3,S,S)
-            y = self.net(x).float()
+            fmt = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+            y = self.net(x.contiguous(memory_format=fmt)).float()
             if self.meta.get("tta_flip", True):
-                y = y + self.net(torch.flip(x, dims=[3])).float()
+                y = y + self.net(torch.flip(x, dims=[3]).contiguous(memory_format=fmt)).float()
             out[s : s + len(x)] = torch.nn.functional.normalize(y, dim=1).cpu().numpy()
         return out

@@ -1,7 +1,15 @@
 """Scan whole folder trees for enrolled people: one report row per face, and a row for every other file.
 
-Pipeline: walk -> decode (worker processes) -> detect (MTCNN, batched) -> align -> embed (batched)
--> match (the caller's matcher; verify/ never imports index/) -> append rows to a journal -> report.
+Pipeline: walk -> decode -> detect (MTCNN, batched) -> align -> embed (batched) -> match (the
+caller's matcher; verify/ never imports index/) -> append rows to a journal -> report.
+
+Where the work runs. On the CPU (detector and embedder both there, the default without a GPU) each
+of the `workers` processes decodes, detects, aligns and embeds chunks of FACE_CHUNK files with one
+torch thread (several single-threaded processes use small convolutions better than one process
+with several threads), and the main process only matches, writes and reports. Face workers are
+forked from a fork server that has imported torch once (never a fork of the scan process itself).
+With a GPU, the workers only decode and the main process detects and embeds in batches of
+`batch_size` images. Both paths give the same rows (tested).
 
 Walking. Each folder is walked recursively in sorted order (names sorted per directory, files of a
 directory before its subdirectories), so two scans of the same tree list the same files in the same
@@ -21,15 +29,15 @@ An empty or truncated image file is an "error", not "skipped": it looks like a p
 At most one face per photo is matched to a given identity: the closest one. Other faces of that photo
 that also passed that identity's threshold get match=False, identity empty, and a `note`.
 
-Decoding runs in `workers` processes (0: in the main process). Images whose longer side exceeds the
+With `workers=0` everything runs in the main process. Images whose longer side exceeds the
 detector's `max_side` are shrunk in the worker (antialiased, exactly as the detector would shrink
 them), so at most a ~1600 px image crosses the process boundary; boxes are mapped back to the
 original image's pixel coordinates. Faces are aligned from the shrunk image: for the usual phone
 photo (~4000 px) a face must be ~100 px wide for its crop not to be upsampled. A worker that dies
-(a decoder crash, the OOM killer) costs only the file it was decoding: the in-flight files are
-retried one at a time in a fresh pool and the culprit gets an error row. Workers are spawned (not
-forked) and exit when the scan process dies; if they cannot start at all (e.g. a script without an
-`if __name__ == "__main__":` guard), decoding falls back to the main process with a warning.
+(a decoder crash, the OOM killer) costs only the file it was working on: the in-flight files are
+retried one at a time in a fresh pool and the culprit gets an error row. Workers are never forked
+from the scan process, and exit when it dies; if they cannot start at all (e.g. a script without an
+`if __name__ == "__main__":` guard), the main process does everything, with a warning.
 
 Kill safety and --resume. Rows go first to a journal, `<out>.partial.jsonl` (JSON lines: a header,
 then rows), appended one batch at a time with flush + fsync; a file's rows are always written
@@ -48,6 +56,7 @@ array of row objects), .jsonl / .ndjson (JSON lines), .parquet. Columns: see COL
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -115,11 +124,12 @@ class ScanSummary:
     errors: int = 0
     skipped: int = 0
     resumed: int = 0  # files taken over from an interrupted scan's journal
+    face_workers: int = 0  # worker processes that also detected, aligned and embedded (0: the main process did)
     processed: int = 0  # files processed by this run
     images_processed: int = 0  # images decoded by this run
     seconds: float = 0.0
     images_per_s: float = 0.0  # images_processed / seconds
-    stage_seconds: dict[str, float] = field(default_factory=dict)  # decode = worker time (summed)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # work done in workers: summed worker time
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -235,17 +245,21 @@ def walk_files(folders: Sequence[str | os.PathLike], exclude: Iterable[str | os.
 
 
 # --------------------------------------------------------------------------------------------
-# Decoding (runs in worker processes)
+# Decoding and face analysis (in worker processes)
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _Decoded:
-    image: np.ndarray | None  # (h, w, 3) uint8, shrunk to max_side when the original is larger
+    image: np.ndarray | None  # (h, w, 3) uint8, shrunk to max_side; dropped once the faces are analysed
     scale: tuple[float, float] = (1.0, 1.0)  # original pixels per shrunk pixel (x, y)
-    status: str | None = None  # None: decoded; "error" / "skipped" otherwise
+    status: str | None = None  # None: fine so far; "error" / "skipped" otherwise
     error: str | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # decode time
+    decoded: bool = False  # the file was decoded as an image (an analysis error may follow)
+    faces: list[Face] | None = None  # set once detected (largest first)
+    embeddings: np.ndarray | None = None  # (F, D), one per face, set once embedded
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # analysis time spent on this file (share)
 
 
 def _decode(fs_path: str, max_pixels: int, max_side: int) -> _Decoded:
@@ -268,24 +282,90 @@ def _decode(fs_path: str, max_pixels: int, max_side: int) -> _Decoded:
         nw, nh = max(1, round(w * s)), max(1, round(h * s))
         image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))  # (nh, nw, 3)
         scale = (w / nw, h / nh)
-    return _Decoded(image, scale, seconds=time.perf_counter() - t0)
+    return _Decoded(image, scale, seconds=time.perf_counter() - t0, decoded=True)
 
 
-def _worker_init() -> None:
+def _decode_files(fs_paths: list[str], max_pixels: int, max_side: int) -> list[_Decoded]:
+    """The task of a decode-only worker: decode a chunk of files."""
+    return [_decode(p, max_pixels, max_side) for p in fs_paths]
+
+
+@dataclass
+class _FaceWork:
+    """What a face worker needs to detect, align and embed on its own (sent once, at start-up)."""
+
+    detector_config: DetectorConfig
+    embedder: "Embedder"  # on the CPU
+    threads: int = 1
+
+
+_WORKER: dict[str, Any] = {}  # per worker process: the detector and embedder of a face worker
+
+
+def _worker_init(work: _FaceWork | None = None) -> None:
     # If the scan is killed (SIGKILL), its workers would wait on their task queue forever: exit
     # as soon as the parent process is gone.
     parent = mp.parent_process()
-    if parent is None:
-        return
+    if parent is not None:
+        def watch() -> None:
+            mp.connection.wait([parent.sentinel])
+            os._exit(1)
 
-    def watch() -> None:
-        mp.connection.wait([parent.sentinel])
-        os._exit(1)
+        threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+    if work is not None:
+        import torch
 
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+        from verify.faces import FaceDetector
+
+        # One thread per worker: several single-threaded processes get more out of the cores than
+        # one process whose small convolutions are split over threads.
+        torch.set_num_threads(work.threads)
+        _WORKER.update(detector=FaceDetector(work.detector_config), embedder=work.embedder)
+
+
+def _analyse_files(fs_paths: list[str], max_pixels: int, max_side: int) -> list[_Decoded]:
+    """The task of a face worker: decode, detect, align and embed a chunk of files (matching stays
+    in the main process, which holds the gallery)."""
+    items = _decode_files(fs_paths, max_pixels, max_side)
+    timers = dict.fromkeys(("detect", "align", "embed"), 0.0)
+    _analyse(lambda: _WORKER["detector"], _WORKER["embedder"], items, timers)
+    share = {k: v / len(items) for k, v in timers.items()}
+    for d in items:
+        d.stage_seconds = dict(share)
+    return items
 
 
 CRASH_ERROR = "the image decoder crashed (its worker process died)"
+FORKSERVER_PRELOAD = ["verify.scan", "torch", "facenet_pytorch", "verify.faces", "verify.model_file"]
+
+
+def _face_worker_context() -> mp.context.BaseContext:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # only takes effect before the server starts
+    return ctx
+
+
+def prestart_face_workers() -> None:
+    """Start the face workers' fork server now (it imports torch in the background), so that its
+    start-up overlaps with the caller loading the model. Optional: run_scan starts it when needed."""
+    try:
+        _face_worker_context()
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+    except Exception as exc:  # e.g. a platform without fork: run_scan falls back by itself
+        log.debug("fork server not started early (%s)", _one_line(exc))
+
+
+def _chunks(paths: Iterable[str], n: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for p in paths:
+        chunk.append(p)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _decode_stream(
@@ -294,88 +374,111 @@ def _decode_stream(
     window: int,
     args: tuple,
     timers: dict[str, float],
-    decode_fn: Callable[..., _Decoded] = _decode,
+    task: Callable[..., list[_Decoded]] = _decode_files,
+    chunk: int = 1,
+    work: _FaceWork | None = None,
 ) -> Iterator[tuple[str, _Decoded]]:
-    """(path, decoded) in input order; at most `window` files decoded ahead of the consumer."""
+    """(path, decoded) in input order; at most about `window` files in flight ahead of the consumer.
+
+    `task(paths, *args)` runs in the workers on chunks of `chunk` files (`work` sets the workers
+    up); with no workers, or workers that cannot start, files are decoded in this process instead
+    (decoding only: the caller analyses what comes back without faces).
+    """
+    def account(d: _Decoded) -> None:
+        timers["decode"] += d.seconds
+        for k, v in d.stage_seconds.items():
+            timers[k] += v
+
     if workers <= 0:
         for p in paths:
-            d = decode_fn(p, *args)
-            timers["decode"] += d.seconds
+            d = _decode(p, *args)
+            account(d)
             timers["decode_wait"] += d.seconds
             yield p, d
         return
 
-    ctx = mp.get_context("spawn")  # no fork of a process holding torch threads / CUDA
+    # Never a plain fork of this process (it may hold torch threads or CUDA). Face workers come from
+    # a fork server that has imported torch once: each worker then starts in ~0.5 s, not ~3 s.
+    ctx = _face_worker_context() if work is not None else mp.get_context("spawn")
 
     def new_pool() -> ProcessPoolExecutor | None:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(work,))
         try:
             pool.submit(os.getpid).result()  # a pool that cannot even start must not cost every file
             return pool
         except Exception as exc:
             pool.shutdown(wait=False, cancel_futures=True)
-            log.warning("decode worker processes do not start (%s); decoding in the main process instead "
+            log.warning("worker processes do not start (%s); decoding in the main process instead "
                         "(a script that starts a scan needs an `if __name__ == \"__main__\":` guard)",
                         _one_line(exc))
             return None
 
     pool = new_pool()
     if pool is None:
-        yield from _decode_stream(paths, 0, window, args, timers, decode_fn)
+        yield from _decode_stream(paths, 0, window, args, timers)
         return
-    pending: deque = deque()
-    source = iter(paths)
+    pending: deque = deque()  # (paths of a chunk, future)
+    source = _chunks(paths, chunk)
+    in_flight = 0
     try:
         while True:
-            while len(pending) < window:
-                p = next(source, None)
-                if p is None:
+            while in_flight < window:
+                c = next(source, None)
+                if c is None:
                     break
-                pending.append((p, pool.submit(decode_fn, p, *args)))
+                pending.append((c, pool.submit(task, c, *args)))
+                in_flight += len(c)
             if not pending:
                 return
-            p, fut = pending.popleft()
+            c, fut = pending.popleft()
+            in_flight -= len(c)
             t0 = time.perf_counter()
             try:
-                d = fut.result()
+                got = fut.result()
+                if len(got) != len(c):
+                    raise RuntimeError(f"worker returned {len(got)} results for {len(c)} files")
             except BrokenProcessPool:
                 # Some in-flight file killed a worker; which one is unknown: retry them one by one.
-                retry = [p] + [q for q, _ in pending]
+                retry = c + [q for cc, _ in pending for q in cc]
                 pending.clear()
+                in_flight = 0
                 pool.shutdown(wait=False, cancel_futures=True)
-                log.warning("a decode worker died; retrying %d in-flight files one at a time", len(retry))
+                log.warning("a worker process died; retrying %d in-flight files one at a time", len(retry))
                 for q in retry:
                     pool = pool or new_pool()
                     t0 = time.perf_counter()
                     if pool is None:
-                        d = decode_fn(q, *args)
+                        d = _decode(q, *args)
                     else:
                         try:
-                            d = pool.submit(decode_fn, q, *args).result()
+                            d = pool.submit(task, [q], *args).result()[0]
                         except BrokenProcessPool:
                             d = _Decoded(None, status="error", error=CRASH_ERROR)
                             pool.shutdown(wait=False, cancel_futures=True)
                             pool = None
                     timers["decode_wait"] += time.perf_counter() - t0
-                    timers["decode"] += d.seconds
+                    account(d)
                     yield q, d
                 pool = pool or new_pool()
                 if pool is None:
-                    yield from _decode_stream(source, 0, window, args, timers, decode_fn)
+                    yield from _decode_stream((p for cc in source for p in cc), 0, window, args, timers)
                     return
                 continue
-            except Exception as exc:  # e.g. a result that failed to pickle
-                d = _Decoded(None, status="error", error=f"cannot decode image ({_one_line(exc)})")
+            except Exception as exc:  # e.g. a result that failed to pickle: decode those files here
+                log.warning("a worker task failed (%s); decoding its %d files in the main process", _one_line(exc),
+                            len(c))
+                got = [_decode(p, *args) for p in c]
             timers["decode_wait"] += time.perf_counter() - t0
-            timers["decode"] += d.seconds
-            yield p, d
+            for p, d in zip(c, got):
+                account(d)
+                yield p, d
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------
-# Detection, alignment, embedding, matching (main process, batched)
+# Detection, alignment, embedding (worker or main process), matching and rows (main process)
 # --------------------------------------------------------------------------------------------
 
 
@@ -416,102 +519,156 @@ def _one_match_per_identity(rows: list[dict[str, Any]]) -> None:
             row["identity"] = None
 
 
-class _Batcher:
-    """Detect, align, embed and match one batch of decoded files; a failure costs only its file."""
+def _fail(d: _Decoded, error: str) -> None:
+    d.status, d.error, d.faces, d.embeddings, d.image = "error", error, None, None, None
 
-    def __init__(self, detector: "FaceDetector", embedder: "Embedder", matcher: Callable, timers: dict[str, float]):
-        self.detector = detector
+
+def _detect(detector: "FaceDetector", images: list[np.ndarray]) -> list[list[Face] | str]:
+    """Faces per image, or an error message for an image whose detection failed."""
+    try:
+        found = list(detector.detect(images))
+        if len(found) != len(images):
+            raise RuntimeError(f"detector returned {len(found)} results for {len(images)} images")
+        return found
+    except Exception as exc:
+        if len(images) > 1:
+            log.warning("detection failed for a batch of %d images (%s); retrying one by one",
+                        len(images), _one_line(exc))
+    out: list[list[Face] | str] = []
+    for img in images:
+        try:
+            out.append(detector.detect([img])[0])
+        except Exception as exc:
+            out.append(f"face detection failed ({_one_line(exc)})")
+    return out
+
+
+def _analyse(get_detector: Callable[[], "FaceDetector"], embedder: "Embedder", items: list[_Decoded],
+             timers: dict[str, float]) -> None:
+    """Detect, align and embed the faces of decoded images not analysed yet, in place: each gets
+    `faces` and `embeddings` (its image is dropped), or status "error"; a failure costs only its file.
+    The detector is asked for only when there is something to detect."""
+    todo = [d for d in items if d.status is None and d.faces is None and d.image is not None]
+    if not todo:
+        return
+    detector = get_detector()
+    t0 = time.perf_counter()
+    detections = _detect(detector, [d.image for d in todo])
+    timers["detect"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    crops: list[np.ndarray] = []
+    spans: list[tuple[_Decoded, int, int]] = []  # (file, first crop, end) per file with faces
+    for d, faces in zip(todo, detections):
+        if isinstance(faces, str):
+            _fail(d, faces)
+            continue
+        try:
+            pil = Image.fromarray(d.image) if faces else None  # one copy per image, shared by its faces
+            file_crops = [align(pil, f.landmarks, embedder.geometry) for f in faces]  # (S, S, 3) each
+        except Exception as exc:
+            _fail(d, f"face alignment failed ({_one_line(exc)})")
+            continue
+        d.faces, d.image = faces, None
+        d.embeddings = np.zeros((0, embedder.dim), np.float32)
+        if file_crops:
+            spans.append((d, len(crops), len(crops) + len(file_crops)))
+            crops.extend(file_crops)
+    timers["align"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if crops:
+        try:
+            emb = embedder.embed(np.stack(crops))  # (F, D)
+            if emb.shape != (len(crops), embedder.dim):
+                raise RuntimeError(f"embedder returned {emb.shape} for {len(crops)} faces")
+            for d, a, b in spans:
+                d.embeddings = emb[a:b]
+        except Exception as exc:
+            log.warning("embedding failed for a batch (%s); retrying file by file", _one_line(exc))
+            for d, a, b in spans:
+                try:
+                    d.embeddings = embedder.embed(np.stack(crops[a:b]))
+                except Exception as exc2:
+                    _fail(d, f"embedding failed ({_one_line(exc2)})")
+    timers["embed"] += time.perf_counter() - t0
+
+
+class _Batcher:
+    """Rows for one batch of files: analyses what the workers did not, then matches every face of
+    the batch in one call; a failure costs only its file."""
+
+    def __init__(self, detector: "FaceDetector | DetectorConfig", embedder: "Embedder", matcher: Callable,
+                 timers: dict[str, float]):
+        self._detector = detector  # a config: the detector is built on first use (face workers need none here)
         self.embedder = embedder
-        self.geometry = embedder.geometry
         self.matcher = matcher
         self.timers = timers
 
-    def _detect(self, images: list[np.ndarray]) -> list[list[Face] | str]:
-        try:
-            found = list(self.detector.detect(images))
-            if len(found) != len(images):
-                raise RuntimeError(f"detector returned {len(found)} results for {len(images)} images")
-            return found
-        except Exception as exc:
-            if len(images) > 1:
-                log.warning("detection failed for a batch of %d images (%s); retrying one by one",
-                            len(images), _one_line(exc))
-        out: list[list[Face] | str] = []
-        for img in images:
-            try:
-                out.append(self.detector.detect([img])[0])
-            except Exception as exc:
-                out.append(f"face detection failed ({_one_line(exc)})")
-        return out
+    def detector(self) -> "FaceDetector":
+        if isinstance(self._detector, DetectorConfig):
+            from verify.faces import FaceDetector
 
-    def _embed_match(self, crops: list[np.ndarray]) -> tuple[np.ndarray, list["Match"]]:
+            self._detector = FaceDetector(self._detector)
+        return self._detector
+
+    def _match(self, vectors: np.ndarray) -> list["Match"]:
         t0 = time.perf_counter()
-        emb = self.embedder.embed(np.stack(crops))  # (F, D)
-        t1 = time.perf_counter()
-        matches = list(self.matcher(emb))
-        t2 = time.perf_counter()
-        self.timers["embed"] += t1 - t0
-        self.timers["match"] += t2 - t1
-        if len(matches) != len(crops):
-            raise RuntimeError(f"matcher returned {len(matches)} results for {len(crops)} faces")
-        return emb, matches
+        matches = list(self.matcher(vectors))
+        self.timers["match"] += time.perf_counter() - t0
+        if len(matches) != len(vectors):
+            raise RuntimeError(f"matcher returned {len(matches)} results for {len(vectors)} faces")
+        return matches
 
     def __call__(self, batch: list[tuple[_Entry, _Decoded]]) -> list[list[dict[str, Any]]]:
         """One list of rows per file, in batch order."""
+        _analyse(self.detector, self.embedder, [d for _, d in batch], self.timers)
         rows: list[list[dict[str, Any]]] = [[] for _ in batch]
-        ok = [i for i, (_, d) in enumerate(batch) if d.image is not None]
+        vectors: list[np.ndarray] = []
+        owner: list[int] = []  # batch index per face
         for i, (entry, d) in enumerate(batch):
-            if d.image is None:
-                rows[i] = [_empty_row(entry.path, d.status or "error", d.error)]
-
-        t0 = time.perf_counter()
-        detections = self._detect([batch[i][1].image for i in ok]) if ok else []
-        self.timers["detect"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        crops: list[np.ndarray] = []
-        owner: list[tuple[int, Face]] = []  # (batch index, face) per crop
-        for i, faces in zip(ok, detections):
-            entry, d = batch[i]
-            if isinstance(faces, str):
-                rows[i] = [_empty_row(entry.path, "error", faces)]
-                continue
-            if not faces:
+            if d.status is not None or d.faces is None or d.embeddings is None:
+                rows[i] = [_empty_row(entry.path, d.status or "error", d.error or "internal error: not analysed")]
+            elif not d.faces:
                 rows[i] = [_empty_row(entry.path, "no-face", faces=0)]
+            else:
+                vectors.append(d.embeddings)
+                owner.extend([i] * len(d.faces))
+        if not vectors:
+            return rows
+        try:
+            matches: list[Match | None] = list(self._match(np.concatenate(vectors)))
+        except Exception as exc:
+            log.warning("matching failed for a batch (%s); retrying file by file", _one_line(exc))
+            matches = []
+            for i in dict.fromkeys(owner):
+                d = batch[i][1]
+                try:
+                    matches.extend(self._match(d.embeddings))
+                except Exception as exc2:
+                    rows[i] = [_empty_row(batch[i][0].path, "error", f"matching failed ({_one_line(exc2)})")]
+                    matches.extend([None] * len(d.faces))
+        face_of = {}  # batch index -> next face number
+        for i, m in zip(owner, matches):
+            k = face_of.get(i, 0)
+            face_of[i] = k + 1
+            if m is None:  # its file failed
                 continue
-            try:
-                pil = Image.fromarray(d.image)  # one copy per image, shared by its faces
-                file_crops = [align(pil, f.landmarks, self.geometry) for f in faces]  # (S, S, 3) each
-            except Exception as exc:
-                rows[i] = [_empty_row(entry.path, "error", f"face alignment failed ({_one_line(exc)})")]
-                continue
-            crops.extend(file_crops)
-            owner.extend((i, f) for f in faces)
-        self.timers["align"] += time.perf_counter() - t0
-
-        if crops:
-            try:
-                _, matches = self._embed_match(crops)
-            except Exception as exc:
-                log.warning("embedding/matching failed for a batch (%s); retrying file by file", _one_line(exc))
-                matches = self._per_file(crops, owner, batch, rows)
-            for (i, face), m in zip(owner, matches):
-                if m is None or (rows[i] and rows[i][0]["status"] == "error"):  # its file failed
-                    continue
-                entry, d = batch[i]
-                row = _empty_row(entry.path, "face")
-                row["face"] = len(rows[i])
-                row["x1"], row["y1"], row["x2"], row["y2"] = _to_original(face, d.scale)
-                row["prob"] = _finite(face.prob, 6)
-                md = m.to_dict()
-                row.update(identity=md["identity"], nearest=md["nearest"], match=bool(md["match"]),
-                           distance=_finite(md["distance"], 6), threshold=_finite(md["threshold"], 6),
-                           far=_finite(md["far"], 8) if md["far"] is not None else None)
-                for key in ("identity", "nearest"):
-                    if row[key] is not None:
-                        row[key] = _text(str(row[key]))
-                rows[i].append(row)
-        for i in ok:
+            entry, d = batch[i]
+            face = d.faces[k]
+            row = _empty_row(entry.path, "face")
+            row["face"] = k
+            row["x1"], row["y1"], row["x2"], row["y2"] = _to_original(face, d.scale)
+            row["prob"] = _finite(face.prob, 6)
+            md = m.to_dict()
+            row.update(identity=md["identity"], nearest=md["nearest"], match=bool(md["match"]),
+                       distance=_finite(md["distance"], 6), threshold=_finite(md["threshold"], 6),
+                       far=_finite(md["far"], 8) if md["far"] is not None else None)
+            for key in ("identity", "nearest"):
+                if row[key] is not None:
+                    row[key] = _text(str(row[key]))
+            rows[i].append(row)
+        for i in dict.fromkeys(owner):
             if not rows[i]:  # never expected; a file must not vanish from the report
                 rows[i] = [_empty_row(batch[i][0].path, "error", "internal error: no result for this file")]
             face_rows = [r for r in rows[i] if r["status"] == "face"]
@@ -519,21 +676,6 @@ class _Batcher:
                 r["faces"] = len(face_rows)
             _one_match_per_identity(face_rows)
         return rows
-
-    def _per_file(self, crops, owner, batch, rows) -> list["Match | None"]:
-        matches: list[Match | None] = [None] * len(crops)
-        by_file: OrderedDict[int, list[int]] = OrderedDict()
-        for k, (i, _) in enumerate(owner):
-            by_file.setdefault(i, []).append(k)
-        for i, ks in by_file.items():
-            try:
-                _, ms = self._embed_match([crops[k] for k in ks])
-            except Exception as exc:
-                rows[i] = [_empty_row(batch[i][0].path, "error", f"embedding or matching failed ({_one_line(exc)})")]
-                continue
-            for k, m in zip(ks, ms):
-                matches[k] = m
-        return matches
 
 
 # --------------------------------------------------------------------------------------------
@@ -722,6 +864,36 @@ def _count(summary: ScanSummary, rows: Iterable[dict[str, Any]]) -> Iterator[dic
 # The scan
 # --------------------------------------------------------------------------------------------
 
+FACE_CHUNK = 8  # files per face-worker task: MTCNN batches them (one photo at a time costs ~40% more)
+
+
+def _face_work(detector: "FaceDetector | DetectorConfig", embedder: "Embedder", workers: int,
+               face_workers: bool | None) -> _FaceWork | None:
+    """What the workers need to analyse faces themselves, or None when the main process does it."""
+    if workers <= 0 or face_workers is False:
+        return None
+    from verify.faces import FaceDetector
+    from verify.runtime import resolve_device
+
+    # A GPU stays with the main process (one CUDA context, big batches); a detector object of
+    # another type (a test double, a subclass) cannot be rebuilt in a worker from its config.
+    why_not = None
+    if isinstance(detector, DetectorConfig):
+        config, device = detector, resolve_device(detector.device)
+    elif type(detector) is FaceDetector:
+        config, device = detector.config, detector.device
+    else:
+        config, device = None, None
+        why_not = f"the detector is a {type(detector).__name__}, not a FaceDetector"
+    if why_not is None and (device.type != "cpu" or embedder.device.type != "cpu"):
+        why_not = "the detector or the embedder runs on a GPU"
+    if why_not is None:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        return _FaceWork(dataclasses.replace(config, device="cpu"), embedder, threads)
+    if face_workers:
+        raise ValueError(f"face_workers=True but {why_not}")
+    return None
+
 
 def run_scan(
     folders: Sequence[str | os.PathLike],
@@ -736,11 +908,14 @@ def run_scan(
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     detector: "FaceDetector | None" = None,
+    face_workers: bool | None = None,
 ) -> ScanSummary:
     """Scan `folders` for faces, match each against the gallery via `matcher`, write the report `out`.
 
     `matcher((F, D) unit embeddings) -> F Match objects`. `detector` overrides `detector_config`
-    (pass one to reuse a loaded MTCNN). See the module docstring for rows, formats and --resume.
+    (pass one to reuse a loaded MTCNN). `face_workers`: detect, align and embed in the worker
+    processes (True), in the main process (False), or None: in the workers when both the detector
+    and the embedder run on the CPU. See the module docstring for rows, formats and --resume.
     Raises ScanError when the report or journal exists (without resume), a folder is missing, or
     the journal belongs to another scan.
     """
@@ -789,15 +964,15 @@ def run_scan(
     todo = [e for e in entries if e.path not in done]
     log.info("scan: %d files under %d folder(s), %d to do", len(entries), len(folder_list), len(todo))
 
+    detector_or_config = detector if detector is not None else (detector_config or DetectorConfig())
+    max_side = detector.config.max_side if detector is not None else detector_or_config.max_side
+    images_to_do = any(e.status is None for e in todo)
+    work = _face_work(detector_or_config, embedder, workers, face_workers) if images_to_do else None
+    summary.face_workers = workers if work is not None else 0
+
     # Rewrite the journal with only the complete files: appends then continue after a clean line.
     _start_journal(journal, header, (r for rows in done.values() for r in rows))
     done.clear()
-
-    if detector is None and any(e.status is None for e in todo):
-        from verify.faces import FaceDetector
-
-        detector = FaceDetector(detector_config)
-    max_side = detector.config.max_side if detector is not None else (detector_config or DetectorConfig()).max_side
 
     from tqdm import tqdm
 
@@ -806,9 +981,13 @@ def run_scan(
     writer = _Journal(journal)
     stream = None
     try:
-        batcher = _Batcher(detector, embedder, matcher, timers) if detector is not None else None
+        batcher = _Batcher(detector_or_config, embedder, matcher, timers) if images_to_do else None
         decode_paths = (e.fs_path for e in todo if e.status is None)
-        stream = _decode_stream(decode_paths, workers, batch_size + 2 * workers, (max_pixels, max_side), timers)
+        if work is not None:
+            stream = _decode_stream(decode_paths, workers, batch_size + 2 * workers * FACE_CHUNK,
+                                    (max_pixels, max_side), timers, task=_analyse_files, chunk=FACE_CHUNK, work=work)
+        else:
+            stream = _decode_stream(decode_paths, workers, batch_size + 2 * workers, (max_pixels, max_side), timers)
         batch: list[tuple[_Entry, _Decoded]] = []
 
         def flush() -> None:
@@ -818,7 +997,7 @@ def run_scan(
             writer.append(r for rows in file_rows for r in rows)  # one write + fsync per batch
             timers["write"] += time.perf_counter() - t
             summary.processed += len(batch)
-            summary.images_processed += sum(d.image is not None for _, d in batch)
+            summary.images_processed += sum(d.decoded for _, d in batch)
             bar.update(len(batch))
             batch.clear()
 
