@@ -35,7 +35,7 @@ from common import REPO, SHARED_DATA, print_table, resolve_model, run_measured  
 
 LFW = SHARED_DATA / "lfw" / "lfw-deepfunneled"
 FACEVERIFY = REPO / ".venv" / "bin" / "faceverify"
-STAGE_ORDER = ("walk", "decode", "decode_wait", "detect", "align", "embed", "match", "write", "report")
+STAGE_ORDER = ("walk", "start", "decode", "decode_wait", "detect", "align", "embed", "match", "write", "report")
 FR_NOT_INSTALLED = "face_recognition: not installed (see bench/README.md)"
 
 
@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
                   + (f"detection, alignment and embedding ran in the {face_workers} worker processes (one "
                      "thread each); " if face_workers else "detection, alignment and embedding ran in the main "
                      "process; ")
-                  + "decode_wait = time the main process waited for the workers\n")
+                  + "start = until the first worker was ready, decode_wait = time the main process waited for "
+                  "the workers after that\n")
             keys = [k for k in STAGE_ORDER if k in stages] + [k for k in stages if k not in STAGE_ORDER]
             print_table(("stage", "seconds", "ms/image", "where"),
                         [(k, f"{stages[k]:.2f}", f"{1000 * stages[k] / n:.1f}",

@@ -104,7 +104,7 @@ STATUSES = ("face", "no-face", "error", "skipped")
 JOURNAL_KIND = "faceverify-scan-journal"
 JOURNAL_VERSION = 1
 FORMATS = {"": "csv", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
-STAGES = ("walk", "decode", "decode_wait", "detect", "align", "embed", "match", "write", "report")
+STAGES = ("walk", "start", "decode", "decode_wait", "detect", "align", "embed", "match", "write", "report")
 
 
 class ScanError(RuntimeError):
@@ -402,9 +402,11 @@ def _decode_stream(
     ctx = _face_worker_context() if work is not None else mp.get_context("spawn")
 
     def new_pool() -> ProcessPoolExecutor | None:
+        t0 = time.perf_counter()
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(work,))
         try:
             pool.submit(os.getpid).result()  # a pool that cannot even start must not cost every file
+            timers["start"] = timers.get("start", 0.0) + time.perf_counter() - t0
             return pool
         except Exception as exc:
             pool.shutdown(wait=False, cancel_futures=True)
