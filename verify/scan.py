@@ -335,11 +335,13 @@ def _analyse_files(fs_paths: list[str], max_pixels: int, max_side: int) -> list[
     return items
 
 
-CRASH_ERROR = "the image decoder crashed (its worker process died)"
+CRASH_ERROR = "its worker process died while reading it (a decoder or detector crash, or out of memory)"
 FORKSERVER_PRELOAD = ["verify.scan", "torch", "facenet_pytorch", "verify.faces", "verify.model_file"]
 
 
 def _face_worker_context() -> mp.context.BaseContext:
+    if "forkserver" not in mp.get_all_start_methods():  # e.g. Windows: spawn (each worker imports torch)
+        return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # only takes effect before the server starts
     return ctx
