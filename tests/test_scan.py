@@ -322,6 +322,15 @@ SCAN_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
@@ -388,7 +397,8 @@ def test_kill_and_resume_loses_and_duplicates_nothing(lfw_folder, lfw_reference,
                 break
             time.sleep(0.01)
         assert proc.poll() is None, f"scan ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-        workers = _children(proc.pid)
+        workers = _descendants(proc.pid)  # face workers are children of the fork server, a child
+        assert len(workers) >= 3, workers  # fork server + 2 workers (+ the resource tracker)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -400,7 +410,7 @@ def test_kill_and_resume_loses_and_duplicates_nothing(lfw_folder, lfw_reference,
     lines = journal.read_bytes().splitlines()
     assert 4 <= len(lines) < len(ref) + 1  # partly done
 
-    # The decode workers notice that their parent is gone and exit instead of lingering.
+    # The workers (and the fork server) notice that the scan is gone and exit instead of lingering.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
         time.sleep(0.1)
