@@ -75,6 +75,9 @@ def test_estimated_far_and_round_trip(rng):
     s = np.sort(identity_scores(cohort, pooled, 3))[::-1]
     assert again.estimated_far(s[9] - 1e-9) == pytest.approx(10 / 1000)
     assert again.estimated_far(10.0) == pytest.approx(1 / 1000)  # never reported below 1/cohort
+    # below the stored tail (the top 10%) the estimate is only a lower bound, and says so
+    assert len(again.tail) == 100 and not again.far_is_lower_bound(s[99])
+    assert again.far_is_lower_bound(s[100]) and again.estimated_far(s[500]) == pytest.approx(100 / 1000)
 
 
 def test_matcher_one_to_n_and_one_to_one(rng):
@@ -90,6 +93,7 @@ def test_matcher_one_to_n_and_one_to_one(rng):
     assert rb.match and rb.identity == "bob"
     assert not rx.match and rx.to_dict()["identity"] is None and rx.to_dict()["nearest"] in pooled
     assert ra.far is not None and ra.far <= 1e-3 + 1e-12
+    assert not ra.far_at_least and rx.far_at_least and rx.to_dict()["far_at_least"] is True  # rx: a clear reject
     # 1:1: bob's face claimed as alice is rejected
     (claim,) = m(qb, only="alice")
     assert claim.identity == "alice" and not claim.match

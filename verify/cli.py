@@ -305,7 +305,8 @@ def verify_cmd(
             typer.echo(f"{res.source}: {error}")
         for i, f in enumerate(faces):
             verdict = f"MATCH {f['identity']}" if f["match"] else f"no match (nearest {f['nearest']})"
-            far = f", est. FAR {f['far']:.1e}" if f["far"] is not None else ""
+            at_least = ">= " if f.get("far_at_least") else ""
+            far = f", est. FAR {at_least}{f['far']:.1e}" if f["far"] is not None else ""
             typer.echo(f"{res.source} face {i}: {verdict}, distance {f['distance']:.4f} "
                        f"(threshold {f['threshold']:.4f}{far})")
     raise typer.Exit(EXIT_OK if all_matched else EXIT_NO)

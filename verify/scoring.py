@@ -54,6 +54,10 @@ class IdentityCalibration:
         n = int(np.sum(np.asarray(self.tail) >= score))
         return max(n, 1) / self.cohort_size
 
+    def far_is_lower_bound(self, score: float) -> bool:
+        """True when `score` is below every stored cohort score: the true FAR is higher than estimated."""
+        return len(self.tail) < self.cohort_size and (not self.tail or score < self.tail[-1])
+
     def to_dict(self) -> dict:
         return {"threshold": self.threshold, "target_far": self.target_far, "far": self.far, "top_k": self.top_k,
                 "cohort_size": self.cohort_size, "tail": [round(float(v), 6) for v in self.tail]}
@@ -90,11 +94,12 @@ class Match:
     threshold: float  # distance threshold of that identity (accept when distance <= threshold)
     match: bool
     far: float | None  # estimated false-accept rate of accepting at this score
+    far_at_least: bool = False  # `far` is a lower bound (a score below the stored cohort tail: a clear reject)
 
     def to_dict(self) -> dict:
         return {"identity": self.identity if self.match else None, "nearest": self.identity,
                 "distance": round(self.distance, 6), "threshold": round(self.threshold, 6), "match": self.match,
-                "far": self.far}
+                "far": self.far, "far_at_least": self.far_at_least}
 
 
 class IdentityMatcher:
@@ -136,7 +141,8 @@ class IdentityMatcher:
                 score = float(identity_scores(q[None], self.pooled[name], self.top_k)[0])
                 thr = self.threshold_of(name)
                 cal = self.calibrations.get(name)
-                m = Match(name, 1.0 - score, 1.0 - thr, score >= thr, cal.estimated_far(score) if cal else None)
+                m = Match(name, 1.0 - score, 1.0 - thr, score >= thr, cal.estimated_far(score) if cal else None,
+                          bool(cal and cal.far_is_lower_bound(score)))
                 # Prefer accepted identities, then the largest margin over their own threshold.
                 key = (m.match, score - thr)
                 if best is None or key > (best.match, (1.0 - best.distance) - (1.0 - best.threshold)):
