@@ -373,6 +373,25 @@ def lfw_reference(lfw_folder, embedder, detector, pooled, tmp_path_factory) -> P
     return out
 
 
+def test_script_without_main_guard_falls_back_to_the_main_process(lfw_folder, lfw_reference, model_path, pooled,
+                                                                  tmp_path):
+    """Workers cannot start from a script without `if __name__ == "__main__":` (the child re-runs it):
+    the scan warns, does everything in the main process, and reports what an ordinary scan reports."""
+    import pandas as pd
+
+    script = tmp_path / "unguarded.py"
+    body = SCAN_SCRIPT.replace("time.sleep(0.3)", "pass").replace("batch_size=1", "batch_size=4")
+    script.write_text(body)
+    out = tmp_path / "unguarded.jsonl"
+    r = subprocess.run([sys.executable, str(script), str(lfw_folder), str(out), str(model_path), str(pooled),
+                        str(THRESHOLD), PERSON], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "do not start" in r.stderr and "main process" in r.stderr
+    got, ref = pd.read_json(out, lines=True), pd.read_json(lfw_reference, lines=True)
+    check_accounting(got, lfw_folder)
+    assert got[["path", "face", "status", "match"]].equals(ref[["path", "face", "status", "match"]])
+
+
 def _decisions(df) -> dict[tuple[str, int], tuple]:
     return {(r.path, int(r.face)): (r.status, r.nearest if isinstance(r.nearest, str) else None,
                                     r.distance, r.match) for r in df.itertuples()}

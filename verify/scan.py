@@ -412,7 +412,7 @@ def _decode_stream(
             return pool
         except Exception as exc:
             pool.shutdown(wait=False, cancel_futures=True)
-            log.warning("worker processes do not start (%s); decoding in the main process instead "
+            log.warning("worker processes do not start (%s); the main process does all the work instead "
                         "(a script that starts a scan needs an `if __name__ == \"__main__\":` guard)",
                         _one_line(exc))
             return None
