@@ -332,7 +332,7 @@ def scan(
     from .faces import DetectorConfig
     from .scan import ScanError, prestart_face_workers, run_scan
 
-    if workers > 0:
+    if workers > 0 and not device.startswith("cuda"):  # face workers run on the CPU only
         prestart_face_workers()  # its torch import overlaps with loading the model here
 
     embedder = _load_embedder(model, device)

@@ -136,10 +136,10 @@ class Embedder:
         mean = torch.tensor(self.meta["normalisation"]["mean"], device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.meta["normalisation"]["std"], device=self.device).view(1, 3, 1, 1)
         out = np.zeros((len(crops), self.dim), dtype=np.float32)
+        fmt = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format  # as the net (load)
         for s in range(0, len(crops), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(crops[s : s + batch_size])).to(self.device)
             x = (x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std  # (B,3,S,S)
-            fmt = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
             y = self.net(x.contiguous(memory_format=fmt)).float()
             if self.meta.get("tta_flip", True):
                 y = y + self.net(torch.flip(x, dims=[3]).contiguous(memory_format=fmt)).float()

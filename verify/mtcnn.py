@@ -46,7 +46,7 @@ def _area_weights(start: torch.Tensor, end: torch.Tensor, size: int) -> tuple[to
 def summed_area_table(images: torch.Tensor) -> torch.Tensor:
     """(B, H, W, C) uint8 images -> (B, H+1, W+1, C) integer tables of sums of image[:y, :x].
 
-    Channels last, so that one box corner is one contiguous row of C sums (a fast gather); int32
+    Channels last, so that one box corner is one contiguous row of C sums (a fast gather).
     """
     b, h, w, c = images.shape
     sat = torch.zeros(b, h + 1, w + 1, c, dtype=torch.int64)  # int64: CPU cumsum is slower in int32
