@@ -5,6 +5,11 @@ from the DevTrain people of the model's impostor cohort) are rejected. Uses exac
 `enroll`/`verify` commands use (verify.scoring), with the shipped model by default.
 
     .venv/bin/python scripts/scenario.py [--model M] [--enroll 12] [--strangers 300] [--views 8]
+
+`--peer-vectors FILE.npz` scores another embedder's vectors (from scripts/peer_embeddings.py, e.g.
+face_recognition's dlib ResNet) with the same rule, to tell the rule's limits from the model's: the
+peer's impostor cohort is one face per LFW DevTrain person (the first image with a face, as
+`faceverify calibrate` builds ours) and enrollment uses the photos only (no augmented views).
 """
 
 from __future__ import annotations
@@ -29,15 +34,84 @@ from verify.scoring import calibrate_identity, identity_scores, pool_photos
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def crops(pipeline: FacePipeline, paths: list[Path]) -> tuple[list[np.ndarray | None], int]:
-    out, failed = [], 0
-    for res in pipeline.iter_process([str(p) for p in paths]):
-        if res.ok and res.faces:
-            out.append(res.faces[0].crop)
-        else:
-            out.append(None)
-            failed += 1
-    return out, failed
+class ModelVectors:
+    """Faces through faceverify's pipeline (MTCNN, alignment, the model); views = augmented crops."""
+
+    def __init__(self, emb: Embedder) -> None:
+        self.emb = emb
+        self.pipeline = FacePipeline(FaceDetector(DetectorConfig(min_face_size=40)), emb.geometry)
+
+    def photos(self, paths: list[Path], keep_crops: bool = False) -> tuple[list | np.ndarray, int]:
+        """Aligned crops (keep_crops) or their vectors (N, D) of the photos with a face; and the failures."""
+        out, failed = [], 0
+        for res in self.pipeline.iter_process([str(p) for p in paths]):
+            if res.ok and res.faces:
+                out.append(res.faces[0].crop)
+            else:
+                failed += 1
+        return (out if keep_crops else self.vectors(out)), failed
+
+    def vectors(self, crops: list) -> np.ndarray:
+        return self.emb.embed(np.stack(crops))
+
+    def views(self, crop: np.ndarray, n: int, gen: torch.Generator) -> np.ndarray:
+        return self.emb.embed(augment_views(crop, 1 + n, generator=gen, **DEFAULT_VIEW_AUGMENT))
+
+    def naive(self, queries: np.ndarray, enrolled: np.ndarray) -> np.ndarray:
+        """Nearest of all enrolled vectors against the model's pair threshold."""
+        return (queries @ enrolled.T).max(1) >= self.emb.threshold
+
+
+class PeerVectors:
+    """Precomputed vectors of another embedder, looked up by path; no augmented views."""
+
+    def __init__(self, path: Path) -> None:
+        data = np.load(path)
+        vecs = data["vectors"].astype(np.float32)  # raw (norms ~1.2-1.7); the rule normalises
+        ok = np.isfinite(vecs).all(1)
+        self.table = {str(Path(p).resolve()): v for p, v, good in zip(data["paths"], vecs, ok) if good}
+        self.known = {str(Path(p).resolve()) for p in data["paths"]}
+
+    def _get(self, p: Path) -> np.ndarray | None:
+        key = str(Path(p).resolve())
+        if key not in self.known:
+            raise SystemExit(f"{p}: not in the peer vectors file (embed it with scripts/peer_embeddings.py)")
+        return self.table.get(key)
+
+    def photos(self, paths: list[Path], keep_crops: bool = False) -> tuple[list | np.ndarray, int]:
+        got = [self._get(p) for p in paths]
+        ok = [v for v in got if v is not None]
+        return (ok if keep_crops else np.stack(ok)), len(got) - len(ok)
+
+    def vectors(self, vecs: list) -> np.ndarray:
+        return np.stack(vecs)
+
+    def views(self, vec: np.ndarray, n: int, gen: torch.Generator) -> np.ndarray:
+        return vec[None]
+
+    def naive(self, queries: np.ndarray, enrolled: np.ndarray) -> np.ndarray:
+        """face_recognition's CLI rule: any enrolled vector within Euclidean 0.6 (its default tolerance)."""
+        d2 = (queries**2).sum(1)[:, None] - 2 * queries @ enrolled.T + (enrolled**2).sum(1)[None]  # (Q, E)
+        return d2.min(1) <= 0.6**2
+
+    def cohort(self, paths: list[Path]) -> np.ndarray:
+        first: dict[str, np.ndarray] = {}
+        for p in sorted(paths):
+            v = self._get(p)
+            if v is not None and p.parent.name not in first:
+                first[p.parent.name] = v
+        return np.stack(list(first.values()))
+
+
+def write_peer_list(args: argparse.Namespace) -> int:
+    table = load_celeba([args.celeba], need_attributes=False).table
+    paths = sorted(str(p) for p in table[table["partition"] == 2]["path"])
+    for pairs in ("pairsDevTest.txt", "pairsDevTrain.txt"):
+        paths += [str(p) for p in lfw_people_images(args.lfw / pairs, args.lfw / "lfw-deepfunneled")]
+    paths = list(dict.fromkeys(paths))
+    args.write_peer_list.write_text("\n".join(paths) + "\n", encoding="utf-8")
+    print(f"{args.write_peer_list}: {len(paths)} photo paths")
+    return 0
 
 
 def main() -> int:
@@ -51,18 +125,17 @@ def main() -> int:
     ap.add_argument("--target-far", type=float, default=1e-3)
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--peer-vectors", type=Path, default=None,
+                    help="score these precomputed vectors (scripts/peer_embeddings.py) instead of the model's")
+    ap.add_argument("--write-peer-list", type=Path, default=None,
+                    help="write the paths of every photo the scenario uses (input of peer_embeddings.py) and exit")
     args = ap.parse_args()
+    if args.write_peer_list is not None:
+        return write_peer_list(args)
+    if args.peer_vectors is not None:
+        args.views = 0
 
     t0 = time.time()
-    emb = Embedder.load(args.model)
-    cohort = (emb.meta.get("extra") or {}).get("cohort")
-    if cohort is None:
-        print("the model has no impostor cohort: run faceverify calibrate first", file=sys.stderr)
-        return 2
-    cohort = cohort.float().numpy()
-    pipeline = FacePipeline(FaceDetector(DetectorConfig(min_face_size=40)), emb.geometry)
-    table = load_celeba([args.celeba], need_attributes=False).table
-    test = table[table["partition"] == 2]
     strangers_all = lfw_people_images(args.lfw / "pairsDevTest.txt", args.lfw / "lfw-deepfunneled")
     seen, strangers = set(), []
     for p in strangers_all:  # one photo per person
@@ -70,26 +143,36 @@ def main() -> int:
             seen.add(p.parent.name)
             strangers.append(p)
     strangers = strangers[: args.strangers]
-    s_crops, s_failed = crops(pipeline, strangers)
-    s_vec = emb.embed(np.stack([c for c in s_crops if c is not None]))
+    table = load_celeba([args.celeba], need_attributes=False).table
+    test = table[table["partition"] == 2]
+    if args.peer_vectors is not None:
+        source = PeerVectors(args.peer_vectors)
+        cohort = source.cohort(lfw_people_images(args.lfw / "pairsDevTrain.txt", args.lfw / "lfw-deepfunneled"))
+    else:
+        emb = Embedder.load(args.model)
+        cohort = (emb.meta.get("extra") or {}).get("cohort")
+        if cohort is None:
+            print("the model has no impostor cohort: run faceverify calibrate first", file=sys.stderr)
+            return 2
+        cohort = cohort.float().numpy()
+        source = ModelVectors(emb)
+    s_vec, s_failed = source.photos(strangers)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for ident, g in test.groupby("identity"):
         paths = [Path(p) for p in g.sort_values("image")["path"]]
-        c, failed = crops(pipeline, paths)
-        ok = [x for x in c if x is not None]
+        ok, failed = source.photos(paths, keep_crops=True)
         enr, probe = ok[: args.enroll], ok[args.enroll :]
-        views = [emb.embed(augment_views(x, 1 + args.views, generator=gen, **DEFAULT_VIEW_AUGMENT)) for x in enr]
+        views = [source.views(x, args.views, gen) for x in enr]
         vecs = np.concatenate(views)
-        keys = np.repeat(np.arange(len(views)), 1 + args.views)
+        keys = np.repeat(np.arange(len(views)), [len(v) for v in views])
         _, pooled = pool_photos(vecs, keys)
         cal = calibrate_identity(pooled, cohort, target_far=args.target_far, top_k=args.top_k)
-        p_vec = emb.embed(np.stack(probe))
+        p_vec = source.vectors(probe)
         ta = int((identity_scores(p_vec, pooled, args.top_k) >= cal.threshold).sum())
         fa = int((identity_scores(s_vec, pooled, args.top_k) >= cal.threshold).sum())
-        # the naive rule for comparison: nearest of all enrolled vectors vs the model's pair threshold
-        nn_p = (p_vec @ vecs.T).max(1) >= emb.threshold
-        nn_s = (s_vec @ vecs.T).max(1) >= emb.threshold
+        # the naive rule for comparison: nearest enrolled vector against a single-pair threshold
+        nn_p, nn_s = source.naive(p_vec, vecs), source.naive(s_vec, vecs)
         rows.append({"identity": int(ident), "enrolled": len(enr), "probes": len(probe), "true_accepts": ta,
                      "false_accepts": fa, "strangers": len(s_vec), "no_face": failed, "threshold": cal.threshold,
                      "naive_true_accepts": int(nn_p.sum()), "naive_false_accepts": int(nn_s.sum())})
@@ -100,6 +183,7 @@ def main() -> int:
     nta = sum(r["naive_true_accepts"] for r in rows)
     nfa = sum(r["naive_false_accepts"] for r in rows)
     meet = sum(r["true_accepts"] >= r["probes"] - 1 and r["false_accepts"] <= 1 for r in rows)
+    naive_meet = sum(r["naive_true_accepts"] >= r["probes"] - 1 and r["naive_false_accepts"] <= 1 for r in rows)
     print(f"{'identity':>9} {'enrolled':>8} {'accepted':>9} {'strangers accepted':>19}   naive rule")
     for r in rows:
         print(f"{r['identity']:>9} {r['enrolled']:>8} {r['true_accepts']:>4}/{r['probes']:<4} "
@@ -108,9 +192,9 @@ def main() -> int:
     summary = {
         "identities": len(rows), "true_accept_rate": ta / n_p, "false_accept_rate": fa / n_s,
         "naive_true_accept_rate": nta / n_p, "naive_false_accept_rate": nfa / n_s,
-        "identities_meeting_target": meet, "stranger_photos_without_face": s_failed,
+        "identities_meeting_target": meet, "naive_identities_meeting_target": naive_meet, "stranger_photos_without_face": s_failed,
         "target": ">= 17/18 true accepts with <= 1/300 false accepts", "seconds": round(time.time() - t0, 1),
-        "enroll": args.enroll, "views": args.views, "target_far": args.target_far, "top_k": args.top_k,
+        "vectors": str(args.peer_vectors or "faceverify model"), "enroll": args.enroll, "views": args.views, "target_far": args.target_far, "top_k": args.top_k,
     }
     print(json.dumps(summary, indent=1))
     if args.json:
