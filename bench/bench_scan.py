@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_scan.py [--images 300] [--workers 2] [--fr-env /tmp/frenv]
                                          [--model PATH] [--breakdown auto|in-process|none]
+                                         [--photo-size 4032x3024]
 
 Photos: LFW deep-funneled (../shared/data/lfw/lfw-deepfunneled, 250x250 JPEGs, one or more faces
 each), copied into a temporary folder (never into the repository). One person (default: the LFW
@@ -17,6 +18,10 @@ the command and its worker processes. The per-stage breakdown comes from the sca
 CLI prints `stage_seconds` (JSON), else from `verify.scan.run_scan` run in-process on the same folder
 (--breakdown in-process forces that, none skips it). Without the face_recognition venv (see
 bench/README.md) only faceverify is measured.
+
+`--photo-size WxH` turns each scanned photo into a phone-sized one (bench_decode.py's: the LFW photo
+upscaled into a WxH frame with grain, JPEG q92; the enrollment photos stay as they are): what a
+folder of camera photos costs, where decoding and detection work on far more pixels.
 """
 
 from __future__ import annotations
@@ -142,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--breakdown", choices=("auto", "in-process", "none"), default="auto")
     ap.add_argument("--lfw", default=str(LFW))
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
+    ap.add_argument("--photo-size", default=None, help="WxH: scan phone-sized versions of the photos")
     args = ap.parse_args(argv)
 
     fr_cli = Path(args.fr_env) / "bin" / "face_recognition"
@@ -150,7 +156,19 @@ def main(argv: list[str] | None = None) -> None:
     try:
         known, folder, gallery = tmp / "known", tmp / "photos", tmp / "gallery"
         copy_into(enroll_photos, known)
-        copy_into(scan_photos, folder)
+        if args.photo_size:
+            import numpy as np
+            from bench_decode import upscale_photo
+
+            size = tuple(int(v) for v in args.photo_size.lower().split("x"))
+            folder.mkdir(parents=True)
+            rng = np.random.default_rng(0)
+            for f in scan_photos:
+                upscale_photo(f, folder / f.name, size, rng)  # type: ignore[arg-type]
+            what = f"LFW photos upscaled to {size[0]}x{size[1]} JPEG (+ grain)"
+        else:
+            copy_into(scan_photos, folder)
+            what = "LFW photos (250x250 JPEG)"
         model, model_note = resolve_model(args.model, tmp)
         model_args = ["--model", str(model)]
         env = {**os.environ, "FACEVERIFY_HOME": str(tmp / "home")}  # never touch the user's gallery
@@ -199,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                                            scan_result(summary.report, person)))
 
         n = len(scan_photos)
-        print(f"\n{n} LFW photos (250x250 JPEG) in {folder}; enrolled {person} from {len(enroll_photos)} photos "
+        print(f"\n{n} {what} in {folder}; enrolled {person} from {len(enroll_photos)} photos "
               f"in {enrolled.seconds:.1f} s; --workers/--cpus {args.workers}; {os.cpu_count()} cpus")
         print(model_note + ("" if args.min_face is None else f"; scan --min-face {args.min_face}"))
         for note in notes:

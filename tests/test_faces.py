@@ -19,7 +19,9 @@ from verify.faces import (
     align,
     fixed_crop,
     is_image_file,
+    load_for_detection,
     load_image,
+    shrink,
     similarity_transform,
 )
 from verify.geometry import CELEBA_FRAME, CELEBA_LANDMARKS, CropGeometry
@@ -212,6 +214,33 @@ def test_crop_resample_equals_area_interpolation(rng):
             torch.testing.assert_close(got[k], want, rtol=0, atol=1e-3)
 
 
+def test_resample_whole_equals_area_interpolation(rng):
+    import torch
+    from torch.nn.functional import interpolate
+
+    from verify.mtcnn import resample_whole, summed_area_table
+
+    imgs = rng.integers(0, 256, (2, 61, 83, 3), dtype=np.uint8)  # (B, H, W, 3)
+    sat = summed_area_table(imgs)
+    ref = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()  # (B, 3, H, W)
+    for size in ((61, 83), (19, 26), (13, 40), (1, 1), (45, 12)):  # same, shrunk, mixed, one cell
+        got = resample_whole(sat, size, scale=0.0078125, shift=-127.5 * 0.0078125)
+        want = (interpolate(ref, size=size, mode="area") - 127.5) * 0.0078125  # facenet's P-net input
+        assert got.shape == (2, 3, *size)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_summed_area_table_does_not_overflow_on_big_bright_images():
+    import torch
+
+    from verify.mtcnn import summed_area_table
+
+    small = summed_area_table(np.full((1, 100, 80, 3), 255, np.uint8))
+    big = summed_area_table(np.full((1, 2950, 2900, 3), 255, np.uint8))  # 8.6 MP: sums beyond int32
+    assert small.dtype == torch.int32 and big.dtype == torch.int64
+    assert int(small[0, -1, -1, 0]) == 255 * 100 * 80 and int(big[0, -1, -1, 2]) == 255 * 2950 * 2900
+
+
 def test_fast_driver_matches_facenet_mtcnn(detector, lfw_root):
     """verify.mtcnn reproduces facenet-pytorch's MTCNN.detect: same faces, boxes and landmarks."""
     from verify.mtcnn import detect_faces
@@ -297,6 +326,69 @@ def test_large_image_is_downscaled_and_mapped_back(detector, lfw_images):
     expected = (f_small.landmarks + 0.5) * k - 0.5
     assert np.abs(f_big.landmarks - expected).max() < 4 * k, (f_big.landmarks, expected)
     assert abs(f_big.width - f_small.width * k) < 0.15 * f_small.width * k
+
+
+def _big_jpeg(path: Path, picture: np.ndarray, k: int, **save) -> np.ndarray:
+    """The picture upscaled k times, saved as JPEG; returns the upscaled pixels."""
+    h, w = picture.shape[:2]
+    big = Image.fromarray(picture).resize((w * k, h * k), Image.BICUBIC)
+    big.save(path, quality=92, **save)
+    return np.asarray(big)
+
+
+@pytest.mark.parametrize("k, max_side, draft", [(8, 400, 4), (5, 600, 2), (3, 400, 1)])
+def test_big_jpeg_is_decoded_at_reduced_scale_to_the_same_picture(tmp_path, lfw_images, k, max_side, draft):
+    photo = load_image(lfw_images[1])  # 250x250
+    path = tmp_path / "big.jpg"
+    _big_jpeg(path, photo, k)
+    image, (sx, sy) = load_for_detection(path, max_side)
+    full, (fx, fy) = shrink(load_image(path), max_side)  # decode everything, then shrink
+    assert image.shape == full.shape == (max_side, max_side, 3)
+    assert (sx, sy) == pytest.approx((fx, fy)) == (250 * k / max_side, 250 * k / max_side)
+    # DCT scaling (draft > 1) and a bilinear shrink give the same picture up to resampling noise.
+    assert _mad(image, full) < (2.0 if draft > 1 else 1e-9)
+    assert (_mad(image, full) > 0) == (draft > 1)  # reduced decoding is a different (faster) path
+    with Image.open(path) as im:  # the scale Pillow's draft picks for this size
+        im.draft(None, (max_side, max_side))
+        assert 250 * k // im.size[0] == draft
+
+
+def test_reduced_decoding_keeps_faces_exif_truncation_and_modes(detector, tmp_path, lfw_images):
+    photo = load_image(lfw_images[0])
+    k, max_side = 8, 400  # 2000x2000 photo: decoded at 1/4 scale, then shrunk
+    straight = tmp_path / "big.jpg"
+    _big_jpeg(straight, photo, k)
+    shrinking = FaceDetector(DetectorConfig(device="cpu", max_side=max_side))
+    expected = shrinking.detect([load_image(straight)])[0][0]  # full decode, detector shrinks
+    image, (sx, _) = load_for_detection(straight, max_side)
+    face = detector.detect([image])[0][0]
+    assert np.abs((face.landmarks + 0.5) * sx - 0.5 - expected.landmarks).max() < 2 * k
+
+    # EXIF orientation 6 (stored rotated): upright after loading, same size and scale.
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(np.asarray(Image.open(straight)), 1))).save(
+        rotated, quality=92, exif=exif)
+    up, scale = load_for_detection(rotated, max_side)
+    assert up.shape == image.shape and scale == pytest.approx((sx, sx))
+    assert _mad(up, image) < 3.0
+
+    # Truncated data is still an error although only a reduced image is produced.
+    data = straight.read_bytes()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match="cut.jpg: corrupt or truncated"):
+        load_for_detection(cut, max_side)
+
+    # CMYK and grey JPEGs decode at reduced scale too; PNG (no DCT scaling) by full decode + shrink.
+    for mode, name in (("CMYK", "cmyk.jpg"), ("L", "grey.jpg"), ("RGB", "big.png")):
+        path = tmp_path / name
+        Image.open(straight).convert(mode).save(path)
+        got, scale = load_for_detection(path, max_side)
+        ref, ref_scale = shrink(load_image(path), max_side)
+        assert got.shape == ref.shape and scale == pytest.approx(ref_scale), name
+        assert _mad(got, ref) < 3.0, name
 
 
 def test_detector_rejects_bad_config_and_inputs(detector):

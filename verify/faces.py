@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -99,6 +100,38 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     over `max_pixels` (checked from the header, before decoding) and modes with no RGB meaning.
     Pillow's own global limit (Image.MAX_IMAGE_PIXELS, x2) still applies above `max_pixels`.
     """
+    return _load(path, max_pixels)[0]
+
+
+def shrink(image: np.ndarray, max_side: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """Downscale (antialiased bilinear) so the longer side is at most `max_side`; returns the image and
+    the original pixels per returned pixel (x, y). Unchanged when already small enough."""
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return image, (1.0, 1.0)
+    s = max_side / max(h, w)
+    nw, nh = max(1, round(w * s)), max(1, round(h * s))
+    small = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))  # (nh, nw, 3)
+    return small, (w / nw, h / nh)
+
+
+def load_for_detection(path: str | os.PathLike, max_side: int, max_pixels: int = DEFAULT_MAX_PIXELS
+                       ) -> tuple[np.ndarray, tuple[float, float]]:
+    """`load_image`, shrunk to a longer side of at most `max_side` (the detector's size); returns the
+    image and the original pixels per returned pixel (x, y), to map boxes back.
+
+    A JPEG at least twice `max_side` is decoded at 1/2, 1/4 or 1/8 scale directly (libjpeg's DCT
+    scaling, Pillow's `draft`), never below `max_side`: a 12-megapixel photo decodes several times
+    faster, and the data is still read to its end (truncation is still caught).
+    """
+    image, draft = _load(path, max_pixels, draft_side=max_side)
+    small, (sx, sy) = shrink(image, max_side)
+    return small, (sx * draft, sy * draft)
+
+
+def _load(path: str | os.PathLike, max_pixels: int, draft_side: int | None = None) -> tuple[np.ndarray, float]:
+    """The image (upright RGB) and the original pixels per decoded pixel (1 unless JPEG draft decoding
+    to no less than `draft_side` on the longer side applied)."""
     path = Path(path)
     if not path.exists():
         raise ImageLoadError(path, "file not found")
@@ -130,6 +163,13 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             )
         if width == 0 or height == 0:
             raise ImageLoadError(path, f"corrupt image: size {width}x{height}")
+        draft = 1.0
+        if draft_side is not None and img.format == "JPEG" and max(width, height) >= 2 * draft_side:
+            k = draft_side / max(width, height)
+            # Pillow picks the largest scale 1/s (s in 1, 2, 4, 8) that keeps both sides >= this size.
+            picked = img.draft(None, (max(1, math.ceil(width * k)), max(1, math.ceil(height * k))))
+            if picked is not None:
+                draft = width / picked[1][2]  # box = (0, 0, width / s, height / s)
         try:
             img.load()  # full decode: truncated/corrupt data fails here, not later
         except Image.DecompressionBombError as exc:
@@ -142,7 +182,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             log.warning("%s: ignoring unreadable EXIF orientation (%s)", path, _one_line(exc))
             upright = img
         try:
-            return _to_rgb(upright)
+            return _to_rgb(upright), draft
         except ValueError as exc:
             raise ImageLoadError(path, _one_line(exc)) from exc
 
@@ -249,14 +289,8 @@ class FaceDetector:
             raise ValueError(f"detect expects (H, W, 3) uint8 RGB arrays, got shape {shape}")
         if image.dtype != np.uint8:
             raise ValueError(f"detect expects uint8 images, got {image.dtype}")
-        h, w = image.shape[:2]
-        longest = max(h, w)
-        if longest <= self.config.max_side:
-            return image, 1.0, 1.0
-        s = self.config.max_side / longest
-        nw, nh = max(1, round(w * s)), max(1, round(h * s))
-        small = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))  # antialiased
-        return small, w / nw, h / nh
+        small, (sx, sy) = shrink(image, self.config.max_side)
+        return small, sx, sy
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
         """Faces for each (H, W, 3) uint8 RGB image, sorted by box area (largest first)."""
