@@ -632,6 +632,23 @@ def _crash_on_marker(fs_paths: list[str], *args):
     return _decode_files(fs_paths, *args)
 
 
+def test_worker_crash_before_the_next_submission_costs_only_that_file(tmp_path):
+    """The pool breaks while chunks are still being handed out (submit itself raises)."""
+    names = ["crash.png", "a.png", "b.png", "c.png"]
+    for n in names:
+        Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / n)
+
+    def slow_paths():
+        yield str(tmp_path / names[0])
+        time.sleep(3)  # the first chunk's worker has crashed by the time the next path is asked for
+        yield from (str(tmp_path / n) for n in names[1:])
+
+    timers = {"decode": 0.0, "decode_wait": 0.0}
+    got = list(_decode_stream(slow_paths(), 1, 4, (10**7, 1600), timers, task=_crash_on_marker, chunk=1))
+    assert [os.path.basename(p) for p, _ in got] == names
+    assert got[0][1].error == CRASH_ERROR and all(d.image is not None for _, d in got[1:])
+
+
 def test_worker_crash_costs_only_the_crashing_file(tmp_path):
     names = ["a.png", "b.png", "crash.png", "c.png", "d.png", "e.png"]
     for n in names:

@@ -67,7 +67,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -425,7 +425,12 @@ def _decode_stream(
                 c = next(source, None)
                 if c is None:
                     break
-                pending.append((c, pool.submit(task, c, *args)))
+                try:
+                    fut = pool.submit(task, c, *args)
+                except BrokenProcessPool as exc:  # a worker died since the last submit: an earlier
+                    fut = Future()  # chunk's future fails too, and the retry below covers this one
+                    fut.set_exception(exc)
+                pending.append((c, fut))
                 in_flight += len(c)
             if not pending:
                 return
