@@ -264,6 +264,12 @@ def test_face_workers_report_what_the_main_process_reports(mixed_folder, embedde
     assert not (tmp_path / "never.csv").exists() and not journal_path(tmp_path / "never.csv").exists()
 
 
+def _iou(a, b) -> float:
+    (a1, b1, a2, b2), (c1, d1, c2, d2) = a, b
+    inter = max(0.0, min(a2, c2) - max(a1, c1)) * max(0.0, min(b2, d2) - max(b1, d1))
+    return inter / ((a2 - a1) * (b2 - b1) + (c2 - c1) * (d2 - d1) - inter)
+
+
 def test_big_image_is_shrunk_in_the_worker_and_boxes_map_back(person_photos, embedder, pooled, tmp_path):
     """A photo larger than the detector's max_side crosses the process boundary shrunk; its boxes are
     reported in the original image's pixels, where a full-size detection puts them."""
@@ -289,10 +295,22 @@ def test_big_image_is_shrunk_in_the_worker_and_boxes_map_back(person_photos, emb
         boxes[max_side] = df.loc[0, ["x1", "y1", "x2", "y2"]].to_numpy(float)
     width = boxes[1600][2] - boxes[1600][0]
     assert width > 100  # the face of a 250 px LFW photo, upscaled to 400 px
-    (a1, b1, a2, b2), (c1, d1, c2, d2) = boxes[200], boxes[1600]
-    inter = max(0.0, min(a2, c2) - max(a1, c1)) * max(0.0, min(b2, d2) - max(b1, d1))
-    iou = inter / ((a2 - a1) * (b2 - b1) + (c2 - c1) * (d2 - d1) - inter)
-    assert iou > 0.7, boxes  # MTCNN at half resolution is a little less precise; boxes left unscaled: IoU < 0.1
+    assert _iou(boxes[200], boxes[1600]) > 0.7, boxes  # MTCNN at half resolution is a little less precise
+    # (boxes left unscaled: IoU < 0.1)
+
+    # A big JPEG is decoded at 1/4 scale by libjpeg (1000 -> 250 px), then shrunk to 200: the two
+    # scales compose, and the box lands where the 400 px photo's box lands, scaled by 2.5.
+    jpeg = tmp_path / "jpeg"
+    jpeg.mkdir()
+    with Image.open(person_photos[3]) as im:
+        im.convert("RGB").resize((1000, 1000), Image.LANCZOS).save(jpeg / "big.jpg", quality=95)
+    d = _decode(str(jpeg / "big.jpg"), max_pixels=10**8, max_side=200)
+    assert d.image is not None and d.image.shape == (200, 200, 3) and d.scale == pytest.approx((5.0, 5.0))
+    out = tmp_path / "r-jpeg.csv"
+    det = FaceDetector(DetectorConfig(device="cpu", min_face_size=60, max_side=200))
+    run_scan([jpeg], embedder=embedder, matcher=make_matcher(pooled), detector=det, out=out, workers=0, progress=False)
+    got = pd.read_csv(out).loc[0, ["x1", "y1", "x2", "y2"]].to_numpy(float)
+    assert _iou(got, (boxes[1600] + 0.5) * 2.5 - 0.5) > 0.7, got
 
     from verify.scan import _to_original  # the exact mapping: pixel centres, (v + 0.5) * s - 0.5
 
