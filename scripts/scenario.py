@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from verify.augment import augment_views
 from verify.celeba import load_celeba
-from verify.enroll import DEFAULT_VIEW_AUGMENT
+from verify.enroll import DEFAULT_VIEW_AUGMENT, augmented_view_crops
 from verify.evaluate import lfw_people_images
-from verify.faces import DetectorConfig, FaceDetector, FacePipeline
+from verify.faces import DetectorConfig, FaceDetector, FacePipeline, load_image
 from verify.model_file import Embedder
 from verify.scoring import calibrate_identity, identity_scores, pool_photos
 
@@ -35,27 +34,30 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 class ModelVectors:
-    """Faces through faceverify's pipeline (MTCNN, alignment, the model); views = augmented crops."""
+    """Faces through faceverify's pipeline (MTCNN, alignment, the model); views as `enroll` makes them
+    (verify.enroll.augmented_view_crops: the region around the face augmented, re-detected, re-aligned)."""
 
     def __init__(self, emb: Embedder) -> None:
         self.emb = emb
         self.pipeline = FacePipeline(FaceDetector(DetectorConfig(min_face_size=40)), emb.geometry)
 
     def photos(self, paths: list[Path], keep_crops: bool = False) -> tuple[list | np.ndarray, int]:
-        """Aligned crops (keep_crops) or their vectors (N, D) of the photos with a face; and the failures."""
+        """(crop, path, box) of the photos with a face (keep_crops), else their vectors (N, D); and the failures."""
         out, failed = [], 0
-        for res in self.pipeline.iter_process([str(p) for p in paths]):
+        for p, res in zip(paths, self.pipeline.iter_process([str(p) for p in paths])):
             if res.ok and res.faces:
-                out.append(res.faces[0].crop)
+                out.append((res.faces[0].crop, p, res.faces[0].face.box))
             else:
                 failed += 1
         return (out if keep_crops else self.vectors(out)), failed
 
-    def vectors(self, crops: list) -> np.ndarray:
-        return self.emb.embed(np.stack(crops))
+    def vectors(self, items: list) -> np.ndarray:
+        return self.emb.embed(np.stack([crop for crop, _, _ in items]))
 
-    def views(self, crop: np.ndarray, n: int, gen: torch.Generator) -> np.ndarray:
-        return self.emb.embed(augment_views(crop, 1 + n, generator=gen, **DEFAULT_VIEW_AUGMENT))
+    def views(self, item: tuple, n: int, gen: torch.Generator) -> np.ndarray:
+        crop, path, box = item
+        crops = [crop] + augmented_view_crops(load_image(path), box, self.pipeline, n, gen, **DEFAULT_VIEW_AUGMENT)
+        return self.emb.embed(np.stack(crops))
 
     def naive(self, queries: np.ndarray, enrolled: np.ndarray) -> np.ndarray:
         """Nearest of all enrolled vectors against the model's pair threshold."""

@@ -39,3 +39,41 @@ def test_expand_inputs_walks_folders_by_content(tmp_path):
     assert [f.name for f in files] == ["x.png", "photo.dat"]
     assert problems == [(str(tmp_path / "missing.jpg"), "no such file or folder")]
     assert len(sha256_file(files[0])) == 64
+
+
+def test_face_region_is_a_clipped_square_around_the_face():
+    from verify.enroll import face_region
+
+    image = np.zeros((300, 400, 3), np.uint8)
+    image[100:150, 200:250] = 255  # the "face": box (200, 100, 250, 150)
+    region = face_region(image, (200, 100, 250, 150), margin=0.5)
+    assert region.shape == (100, 100, 3) and region[25:75, 25:75].min() == 255 and region[:20].max() == 0
+    assert face_region(image, (0, 0, 50, 50)).shape == (75, 75, 3)  # clipped at the corner
+    big = face_region(np.zeros((3000, 3000, 3), np.uint8), (1000, 1000, 2000, 2000), max_side=400)
+    assert big.shape == (400, 400, 3)  # 2000 px region shrunk
+
+
+def test_augmented_views_are_realigned_like_queries(lfw_root):
+    """Views cut from an augmented region and aligned again stay on the model's crop geometry;
+    augmenting the aligned crop itself (rotation, zoom, shift) moves the face off it."""
+    import torch
+
+    from verify.augment import augment_views
+    from verify.enroll import DEFAULT_VIEW_AUGMENT, augmented_view_crops
+    from verify.faces import DetectorConfig, FaceDetector, FacePipeline, load_image
+    from verify.geometry import CropGeometry
+
+    pipeline = FacePipeline(FaceDetector(DetectorConfig(device="cpu")), CropGeometry())
+    path = sorted((lfw_root / "lfw-deepfunneled" / "Jennifer_Lopez").glob("*.jpg"))[0]
+    res = pipeline.process([path])[0]
+    face, crop = res.faces[0]
+    no_flip = {**DEFAULT_VIEW_AUGMENT, "hflip": False}  # a mirrored face is a fair view, but not comparable pixelwise
+    views = augmented_view_crops(load_image(path), face.box, pipeline, 6, torch.Generator().manual_seed(0), **no_flip)
+    assert 4 <= len(views) <= 6 and all(v.shape == crop.shape for v in views)
+    moved = augment_views(crop, 6, generator=torch.Generator().manual_seed(0), include_original=False, **no_flip)
+
+    def mad(a: np.ndarray) -> float:
+        return float(np.abs(a.astype(np.float64) - crop.astype(np.float64)).mean())
+
+    realigned = np.mean([mad(v) for v in views])
+    assert realigned < 0.6 * np.mean([mad(v) for v in moved]), (realigned, [mad(v) for v in moved])

@@ -210,7 +210,7 @@ def enroll(
     photos: Annotated[list[Path], typer.Argument(help="Photos or folders of photos of that person.")],
     gallery: GalleryOpt = None,
     model: ModelOpt = None,
-    augment: Annotated[int, typer.Option("--augment", help="Augmented views per photo (rotation 20, zoom 0.2, shift 0.1, flip).")] = 8,
+    augment: Annotated[int, typer.Option("--augment", help="Augmented views per photo (rotation 20, zoom 0.2, shift 0.1, flip of the region around the face, then detected and aligned again; a view with no face found is dropped).")] = 8,
     target_far: Annotated[float, typer.Option("--target-far", help="False-accept rate the identity's threshold is set at.")] = 1e-3,
     device: DevOpt = "auto",
     min_face: MinFaceOpt = 40,
