@@ -21,7 +21,7 @@ ident = sorted(t["identity"].unique())[0]
 print("\n".join(t[t["identity"] == ident].sort_values("image")["path"]))
 PY
 )
-echo "== enroll: 12 photos of a CelebA test identity (each + 8 augmented views)"
+echo "== enroll: 12 photos of a CelebA test identity (each + up to 8 augmented views)"
 $FV enroll me "${PHOTOS[@]:0:12}"
 echo
 echo "== verify: the same person's other 18 photos (1:1, --as me)"
