@@ -3,7 +3,7 @@
 A view is made the way a query is seen: the region around the face is augmented (rotation, zoom,
 shift, flip), then detected and aligned again. Augmenting the aligned crop itself instead moves the
 face off the alignment the model was trained on, and measurably hurt (scripts/scenario.py: 51.4%
-true accepts with 8 such views, 55.7% with none, 56.5% with 8 re-aligned views).
+true accepts with 8 such views, 55.7% with none, 56.2% with 8 re-aligned views).
 
 Numpy out; the CLI adds the vectors to the gallery (verify/ never imports index/)."""
 
