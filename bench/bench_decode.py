@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_DATA, median_rate, print_table, ratio  # noqa: E402
+from common import SHARED_DATA, median_rate, parse_size, print_table, ratio  # noqa: E402
 
 from verify.faces import load_for_detection, load_image, shrink  # noqa: E402
 
@@ -65,9 +65,9 @@ def main() -> None:
     ap.add_argument("--max-side", type=int, default=1600, help="the detector's max_side")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    size = tuple(int(v) for v in args.size.lower().split("x"))
+    size = parse_size(args.size)
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
-        paths = make_photos(Path(tmp), args.images, size)  # type: ignore[arg-type]
+        paths = make_photos(Path(tmp), args.images, size)
         mb = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
 
         def full() -> None:

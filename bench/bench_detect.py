@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_DATA, median_rate, print_table, ratio  # noqa: E402
+from common import SHARED_DATA, median_rate, parse_size, print_table, ratio  # noqa: E402
 
 from verify.faces import DetectorConfig, load_for_detection, load_image  # noqa: E402
 from verify.mtcnn import detect_faces  # noqa: E402
@@ -43,9 +43,9 @@ def main() -> None:
     if args.photo_size:
         from bench_decode import make_photos
 
-        size = tuple(int(v) for v in args.photo_size.lower().split("x"))
+        size = parse_size(args.photo_size)
         with tempfile.TemporaryDirectory(prefix="bench-detect-") as tmp:
-            paths = make_photos(Path(tmp), args.images, size)  # type: ignore[arg-type]
+            paths = make_photos(Path(tmp), args.images, size)
             imgs = np.stack([load_for_detection(p, cfg.max_side)[0] for p in paths])  # (N, h, w, 3)
         what = f"{len(imgs)} photos {size[0]}x{size[1]} (LFW upscaled + grain) at {imgs.shape[2]}x{imgs.shape[1]}"
     else:

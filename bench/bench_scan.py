@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SHARED_DATA, print_table, resolve_model, run_measured  # noqa: E402
+from common import REPO, SHARED_DATA, parse_size, print_table, resolve_model, run_measured  # noqa: E402
 
 LFW = SHARED_DATA / "lfw" / "lfw-deepfunneled"
 FACEVERIFY = REPO / ".venv" / "bin" / "faceverify"
@@ -160,11 +160,11 @@ def main(argv: list[str] | None = None) -> None:
             import numpy as np
             from bench_decode import upscale_photo
 
-            size = tuple(int(v) for v in args.photo_size.lower().split("x"))
+            size = parse_size(args.photo_size)
             folder.mkdir(parents=True)
             rng = np.random.default_rng(0)
             for f in scan_photos:
-                upscale_photo(f, folder / f.name, size, rng)  # type: ignore[arg-type]
+                upscale_photo(f, folder / f.name, size, rng)
             what = f"LFW photos upscaled to {size[0]}x{size[1]} JPEG (+ grain)"
         else:
             copy_into(scan_photos, folder)

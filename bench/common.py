@@ -61,6 +61,12 @@ def ratio(x: float, base: float) -> str:
     return f"{x / base:.2f}x" if base > 0 else "-"
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """A photo size given on the command line as WxH ("4032x3024") -> (4032, 3024)."""
+    w, h = (int(v) for v in text.lower().split("x"))
+    return w, h
+
+
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------

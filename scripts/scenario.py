@@ -26,7 +26,7 @@ import torch
 from verify.celeba import load_celeba
 from verify.enroll import DEFAULT_VIEW_AUGMENT, augmented_view_crops
 from verify.evaluate import lfw_people_images
-from verify.faces import DetectorConfig, FaceDetector, FacePipeline, load_image
+from verify.faces import DetectorConfig, FaceDetector, FacePipeline
 from verify.model_file import Embedder
 from verify.scoring import calibrate_identity, identity_scores, pool_photos
 
@@ -42,11 +42,11 @@ class ModelVectors:
         self.pipeline = FacePipeline(FaceDetector(DetectorConfig(min_face_size=40)), emb.geometry)
 
     def photos(self, paths: list[Path], keep_crops: bool = False) -> tuple[list | np.ndarray, int]:
-        """(crop, path, box) of the photos with a face (keep_crops), else their vectors (N, D); and the failures."""
+        """(crop, image, box) of the photos with a face (keep_crops), else their vectors (N, D); and the failures."""
         out, failed = [], 0
-        for p, res in zip(paths, self.pipeline.iter_process([str(p) for p in paths])):
+        for res in self.pipeline.iter_process([str(p) for p in paths], keep_images=keep_crops):
             if res.ok and res.faces:
-                out.append((res.faces[0].crop, p, res.faces[0].face.box))
+                out.append((res.faces[0].crop, res.image, res.faces[0].face.box))
             else:
                 failed += 1
         return (out if keep_crops else self.vectors(out)), failed
@@ -55,8 +55,8 @@ class ModelVectors:
         return self.emb.embed(np.stack([crop for crop, _, _ in items]))
 
     def views(self, item: tuple, n: int, gen: torch.Generator) -> np.ndarray:
-        crop, path, box = item
-        crops = [crop] + augmented_view_crops(load_image(path), box, self.pipeline, n, gen, **DEFAULT_VIEW_AUGMENT)
+        crop, image, box = item
+        crops = [crop] + augmented_view_crops(image, box, self.pipeline, n, gen, **DEFAULT_VIEW_AUGMENT)
         return self.emb.embed(np.stack(crops))
 
     def naive(self, queries: np.ndarray, enrolled: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .augment import augment_views
-from .faces import FacePipeline, ImageLoadError, is_image_file, load_image
+from .faces import FacePipeline, is_image_file, shrink
 from .model_file import Embedder
 from .scoring import normalise, pool_photos
 
@@ -62,20 +62,14 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list
 def face_region(image: np.ndarray, box: Sequence[float], margin: float = 0.5, max_side: int = 400) -> np.ndarray:
     """The square around a face box grown by `margin` x its side on every side, clipped to the image,
     and shrunk (antialiased) to at most `max_side` pixels: what the augmented views are cut from."""
-    from PIL import Image
-
     x1, y1, x2, y2 = (float(v) for v in box)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     half = max(x2 - x1, y2 - y1) * (0.5 + margin)
     h, w = image.shape[:2]
     left, top = max(0, int(np.floor(cx - half))), max(0, int(np.floor(cy - half)))
     right, bottom = min(w, int(np.ceil(cx + half))), min(h, int(np.ceil(cy + half)))
-    region = image[top:bottom, left:right]  # (h', w', 3)
-    if max(region.shape[:2]) > max_side:
-        k = max_side / max(region.shape[:2])
-        size = (max(1, round(region.shape[1] * k)), max(1, round(region.shape[0] * k)))
-        region = np.asarray(Image.fromarray(region).resize(size, Image.BILINEAR))
-    return np.ascontiguousarray(region)
+    region, _ = shrink(np.ascontiguousarray(image[top:bottom, left:right]), max_side)  # (h', w', 3)
+    return region
 
 
 def augmented_view_crops(image: np.ndarray, box: Sequence[float], pipeline: FacePipeline, n_views: int,
@@ -134,7 +128,8 @@ def embed_enrollment(
             continue
         seen.add(digest)
         todo.append((p, digest))
-    for (p, digest), res in zip(todo, pipeline.iter_process([p for p, _ in todo])):
+    results = pipeline.iter_process([p for p, _ in todo], keep_images=n_views > 0)  # views need the pixels
+    for (p, digest), res in zip(todo, results):
         if not res.ok:
             out.skipped.append((str(p), res.error.split(": ", 1)[-1] if res.error else "unreadable"))
             continue
@@ -146,11 +141,8 @@ def embed_enrollment(
         face, crop = res.faces[0]
         crops = [crop]
         if n_views > 0:
-            try:
-                image = load_image(p, max_pixels=pipeline.max_pixels)  # read again: the pipeline keeps no pixels
-                crops += augmented_view_crops(image, face.box, pipeline, n_views, gen, **augment)
-            except ImageLoadError as exc:  # changed on disk since: the photo itself still counts
-                log.warning("%s: no augmented views (%s)", p, exc.problem)
+            crops += augmented_view_crops(res.image, face.box, pipeline, n_views, gen, **augment)
+            res.image = None  # done with the pixels
             if len(crops) < 1 + n_views:
                 log.info("%s: %d of %d augmented views kept a detectable face", p, len(crops) - 1, n_views)
         vecs = embedder.embed(np.stack(crops))  # (V, D)

@@ -467,6 +467,7 @@ class ImageFaces:
     faces: list[AlignedFace] = dataclasses.field(default_factory=list)
     error: str | None = None
     image_size: tuple[int, int] | None = None  # (width, height) when loaded
+    image: np.ndarray | None = None  # the loaded (H, W, 3) image, only with keep_images
 
     @property
     def ok(self) -> bool:
@@ -491,23 +492,25 @@ class FacePipeline:
         self.max_pixels = max_pixels
         self.max_faces = max_faces
 
-    def iter_process(self, items: Iterable[ImageInput], chunk_size: int = 16) -> Iterator[ImageFaces]:
-        """Yield one ImageFaces per input, in order; at most `chunk_size` images held at once."""
+    def iter_process(self, items: Iterable[ImageInput], chunk_size: int = 16,
+                     keep_images: bool = False) -> Iterator[ImageFaces]:
+        """Yield one ImageFaces per input, in order; at most `chunk_size` images held at once.
+        `keep_images`: each result also carries its loaded image (for work on the pixels that follows)."""
         chunk: list[ImageInput] = []
         start = 0
         for item in items:
             chunk.append(item)
             if len(chunk) == chunk_size:
-                yield from self._process_chunk(chunk, start)
+                yield from self._process_chunk(chunk, start, keep_images)
                 start += len(chunk)
                 chunk = []
         if chunk:
-            yield from self._process_chunk(chunk, start)
+            yield from self._process_chunk(chunk, start, keep_images)
 
     def process(self, items: Iterable[ImageInput]) -> list[ImageFaces]:
         return list(self.iter_process(items))
 
-    def _process_chunk(self, items: list[ImageInput], first_index: int) -> list[ImageFaces]:
+    def _process_chunk(self, items: list[ImageInput], first_index: int, keep_images: bool = False) -> list[ImageFaces]:
         results: list[ImageFaces] = []
         images: list[np.ndarray] = []
         loaded: list[int] = []
@@ -527,7 +530,8 @@ class FacePipeline:
                     log.info("%s", exc)
                     results.append(ImageFaces(source=source, error=str(exc)))
                     continue
-            results.append(ImageFaces(source=source, image_size=(image.shape[1], image.shape[0])))
+            results.append(ImageFaces(source=source, image_size=(image.shape[1], image.shape[0]),
+                                      image=image if keep_images else None))
             images.append(image)
             loaded.append(len(results) - 1)
         detections = self.detector.detect(images) if images else []
