@@ -4,6 +4,8 @@
 - `seed-cnn`: the student project's 6-conv Keras network, kept as the baseline it was meant to be.
 - `resnet`: a compact residual network sized for CPU (the default, a few M parameters).
 - `inception-resnet-v1`: facenet-pytorch's network (random init; pretrained weights need internet).
+- `dlib-resnet`: dlib's 29-layer face-recognition ResNet, rebuilt layer for layer; its weights come
+  from dlib's own file (`verify.dlib_import`), never from training here.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .heads import make_head
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("seed-cnn", "resnet", "inception-resnet-v1")
+BACKBONES = ("seed-cnn", "resnet", "inception-resnet-v1", "dlib-resnet")
 
 
 class Backbone(nn.Module):
@@ -177,6 +179,67 @@ class InceptionResnetBackbone(Backbone):
         self.head = nn.Identity()
 
 
+class DlibBlock(nn.Module):
+    """dlib's `ares` / `ares_down`: relu(x' + affine(conv(relu(affine(conv(x)))))), where dlib's affine
+    layers are folded into the convolutions' weights and biases (exact up to float rounding).
+
+    dlib pads nothing in a strided convolution or pooling, so in a down block the two branches can
+    differ in size (e.g. 3x3 against 4x4); dlib's add_prev then adds them zero-padded at the bottom
+    and right, which `_add_padded` reproduces. x' is x, or avg_pool(2x2, stride 2)(x) when down."""
+
+    def __init__(self, cin: int, cout: int, down: bool) -> None:
+        super().__init__()
+        stride, pad = (2, 0) if down else (1, 1)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, pad)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+        self.short = nn.AvgPool2d(2, 2) if down else nn.Identity()
+
+    @staticmethod
+    def _add_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.shape == b.shape:
+            return a + b
+        c, h, w = (max(a.shape[i], b.shape[i]) for i in (1, 2, 3))
+        out = a.new_zeros(a.shape[0], c, h, w)
+        out[:, : a.shape[1], : a.shape[2], : a.shape[3]] += a
+        out[:, : b.shape[1], : b.shape[2], : b.shape[3]] += b
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(torch.relu(self.conv1(x)))
+        return torch.relu(self._add_padded(y, self.short(x)))
+
+
+# (channels, down) of each block, input to output: dlib's alevel4 .. alevel0
+DLIB_BLOCKS = ((32, False),) * 3 + ((64, True),) + ((64, False),) * 3 + ((128, True),) + ((128, False),) * 2 \
+    + ((256, True),) + ((256, False),) * 2 + ((256, True),)
+
+
+class DlibResNet(Backbone):
+    """dlib_face_recognition_resnet_model_v1's network (dnn_face_recognition_ex.cpp): 150x150 RGB in,
+    conv 7x7/2 (32) -> max pool 3x3/2 -> 15 residual blocks -> global average pool (256 features) ->
+    fc without bias to 128 (the head; not normalised here, as dlib returns it). Input scaling is
+    (pixel - channel mean) / 256, stored as the model file's normalisation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        stem = nn.Sequential(nn.Conv2d(3, 32, 7, 2, 0), nn.ReLU(), nn.MaxPool2d(3, 2))
+        blocks, cin = [], 32
+        for cout, down in DLIB_BLOCKS:
+            blocks.append(DlibBlock(cin, cout, down))
+            cin = cout
+        # stages by resolution, so freeze_stages and friends mean something
+        self.stages = nn.ModuleList([stem, nn.Sequential(*blocks[:3]), nn.Sequential(*blocks[3:7]),
+                                     nn.Sequential(*blocks[7:10]), nn.Sequential(*blocks[10:])])
+        self.neck = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.num_features = 256
+        self.head = nn.Linear(256, 128, bias=False)
+        self.head_kind = "embedding"
+
+    def reset_head(self, kind: str, out_dim: int = 0, dropout: float = 0.0) -> None:
+        if kind not in ("embedding", "none") or out_dim not in (0, 128):
+            raise ValueError("dlib-resnet keeps dlib's own 128-d head")
+
+
 def create_backbone(
     name: str = "resnet",
     input_size: int = 112,
@@ -194,6 +257,8 @@ def create_backbone(
         net = CompactResNet(input_size, width, layers, feature_dim, dropout)
     elif name == "inception-resnet-v1":
         net = InceptionResnetBackbone(pretrained)
+    elif name == "dlib-resnet":
+        return DlibResNet()
     else:
         raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}")
     net.reset_head(head, out_dim, dropout if name != "inception-resnet-v1" else 0.0)

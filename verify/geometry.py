@@ -35,8 +35,17 @@ class CropGeometry:
 
     size: int = 112
     box: tuple[float, float, float, float] = (25.0, 59.0, 153.0, 187.0)
+    # Where the aligner puts the 5 landmarks, as fractions (x, y) of the crop side, when a model was
+    # not trained on this box of CelebA (dlib's chip: measured, see verify.dlib_import); None: the
+    # CelebA landmarks mapped through `box`.
+    landmarks: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.landmarks is not None:
+            pts = tuple((float(x), float(y)) for x, y in self.landmarks)
+            if len(pts) != 5:
+                raise ValueError(f"crop landmarks must be 5 (x, y) points, got {len(pts)}")
+            object.__setattr__(self, "landmarks", pts)
         x0, y0, x1, y1 = self.box
         if self.size < 16:
             raise ValueError(f"crop size must be >= 16 px, got {self.size}")
@@ -51,7 +60,9 @@ class CropGeometry:
         return (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
 
     def reference_landmarks(self) -> np.ndarray:
-        """The 5 CelebA landmarks in output-crop pixel coordinates, shape (5, 2) float32."""
+        """The 5 reference landmarks in output-crop pixel coordinates, shape (5, 2) float32."""
+        if self.landmarks is not None:
+            return (np.asarray(self.landmarks, dtype=np.float64) * self.size).astype(np.float32)
         x0, y0, x1, y1 = self.box
         pts = np.asarray(CELEBA_LANDMARKS, dtype=np.float64)
         pts[:, 0] = (pts[:, 0] - x0) * self.size / (x1 - x0)
@@ -59,11 +70,16 @@ class CropGeometry:
         return pts.astype(np.float32)
 
     def to_dict(self) -> dict:
-        return {"size": int(self.size), "box": [float(v) for v in self.box]}
+        d: dict = {"size": int(self.size), "box": [float(v) for v in self.box]}
+        if self.landmarks is not None:
+            d["landmarks"] = [[x, y] for x, y in self.landmarks]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CropGeometry":
-        return cls(size=int(d["size"]), box=tuple(float(v) for v in d["box"]))
+        pts = d.get("landmarks")
+        return cls(size=int(d["size"]), box=tuple(float(v) for v in d["box"]),
+                   landmarks=None if pts is None else tuple((float(x), float(y)) for x, y in pts))
 
 
 # ImageNet-style per-channel normalisation is unnecessary for faces trained from scratch;
