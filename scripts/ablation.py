@@ -1,10 +1,17 @@
-"""Does attribute pre-training help? The same identity-training budget from (a) the stage-1
-attribute-pretrained backbone, (b) random init, (c) the original seed-cnn backbone (random init),
-evaluated the same way: CelebA partition-2 identities (all pairs; 10-fold accuracy on a balanced
-sample) and LFW View 1 DevTest (detect + align, detections shared by all models; AUC, EER and the
-best-threshold accuracy, which is optimistic and only used to compare the arms).
+"""Ablations at one identity-training budget, evaluated the same way: CelebA partition-2 identities
+(all pairs; 10-fold accuracy on a balanced sample) and LFW View 1 DevTest (detect + align,
+detections shared by all models; AUC, EER and the best-threshold accuracy, which is optimistic and
+only used to compare the arms).
 
-    .venv/bin/python scripts/ablation.py [--epochs 3] [--out runs/ablation] [--stage1 runs/attributes-cpu]
+`--arms teacher` (default): what the teacher brings, on configs/identity-cpu.yaml's data and crop:
+no teacher (the earlier recipe: triplet + CosFace at weight 1), teacher only (distillation, no
+triplet or CosFace), triplet + CosFace + teacher (the shipped recipe's weights), and the latter from
+random init instead of the attribute-pretrained backbone.
+`--arms init`: does attribute pre-training help without a teacher (resnet pretrained / random,
+seed-cnn random).
+
+    .venv/bin/python scripts/ablation.py [--arms teacher|init] [--epochs 3] [--batches 80]
+        [--out runs/ablation] [--stage1 runs/attributes-cpu] [--teacher runs/dlib.pt]
 """
 
 from __future__ import annotations
@@ -57,7 +64,10 @@ def lfw_metrics(emb: Embedder, pairs, p1, p2, crops) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arms", choices=("teacher", "init"), default="teacher")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=None, help="optim.batches_per_epoch of every arm (default: a pass)")
+    ap.add_argument("--teacher", type=Path, default=REPO / "runs" / "dlib.pt")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "ablation")
     ap.add_argument("--stage1", type=Path, default=REPO / "runs" / "attributes-cpu")
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "identity-cpu.yaml")
@@ -66,19 +76,33 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    arms = {
-        "resnet, attribute-pretrained init": {"identity.init": str(args.stage1)},
-        "resnet, random init": {"identity.init": None},
-        "seed-cnn, random init": {"identity.init": None, "model.backbone": "seed-cnn"},
-    }
+    no_teacher = {"identity.teacher": None}
+    if args.arms == "init":
+        arms = {
+            "resnet, attribute-pretrained init": {"identity.init": str(args.stage1), **no_teacher},
+            "resnet, random init": {"identity.init": None, **no_teacher},
+            "seed-cnn, random init": {"identity.init": None, "model.backbone": "seed-cnn", **no_teacher},
+        }
+    else:
+        teacher = {"identity.teacher": str(args.teacher)}
+        arms = {
+            "no teacher (triplet + CosFace), pretrained": {"identity.init": str(args.stage1), **no_teacher,
+                                                           "identity.triplet_weight": 1.0, "identity.cls_weight": 1.0},
+            "teacher only, pretrained": {"identity.init": str(args.stage1), **teacher,
+                                         "identity.triplet_weight": 0.0, "identity.cls_weight": 0.0},
+            "triplet + CosFace + teacher, pretrained": {"identity.init": str(args.stage1), **teacher},
+            "triplet + CosFace + teacher, random init": {"identity.init": None, **teacher},
+        }
     rows = {}
     for name, over in arms.items():
-        out = args.out / name.split(",")[0].replace(" ", "") / ("pretrained" if over.get("identity.init") else "random")
+        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+        out = args.out / slug
         model = out / "model.pt"
         if not model.exists():
-            cfg = load_config(args.config, {"out": str(out), "optim.epochs": args.epochs, "optim.ema": args.ema, **over})
-            if over.get("identity.init") is None:
-                cfg = load_config(None, {**_flat(cfg.to_dict()), "identity.init": None})
+            base = {"out": str(out), "optim.epochs": args.epochs, "optim.ema": args.ema,
+                    "optim.batches_per_epoch": args.batches}
+            cfg = load_config(args.config, base)
+            cfg = load_config(None, {**_flat(cfg.to_dict()), **base, **over})  # None values override too
             t = time.time()
             fit(cfg, resume=(out / "ckpt_last.pt").exists())
             rows[name] = {"train_seconds": round(time.time() - t)}

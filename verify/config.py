@@ -83,6 +83,12 @@ class IdentityConfig:
     val_pairs: int = 3000  # genuine and as many impostor pairs from partition-1 identities
     target_far: float = 1e-3
     tta_flip: bool = True  # embedding = normalise(f(x) + f(flip(x)))
+    triplet_weight: float = 1.0  # 0: no triplet term (e.g. teacher only)
+    teacher: str | None = None  # a faceverify model file (e.g. `faceverify model import-dlib`) to distil from
+    teacher_views: int = 4  # augmented views per training image embedded once by the teacher (view 0: as is)
+    teacher_center: bool = True  # subtract the mean teacher vector before it teaches (dlib's sit in a cone)
+    distill_weight: float = 1.0  # 1 - cos(student, teacher) per image
+    distill_rel_weight: float = 0.0  # squared difference of the batch's similarity matrices
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,44 @@ def prepare_data(cfg: TrainConfig, dist: Dist) -> FaceData:
 # models for the two tasks
 
 
+def prepare_teacher(cfg: TrainConfig, data: FaceData, rows: np.ndarray, device: torch.device, dist: Dist,
+                    progress: bool = True):
+    """The teacher's vectors for `cfg.identity.teacher_views` views of `rows`, computed once and cached
+    (keyed by teacher, data, crop box, views, augmentation and seed). The teacher sees the same box of
+    each image as the student, at its own input size."""
+    from .distill import TeacherTargets, compute_teacher_targets, targets_key
+    from .model_file import Embedder
+
+    ic = cfg.identity
+    teacher = Embedder.load(ic.teacher, device=device)
+    tgeo = CropGeometry(teacher.geometry.size, cfg.data.box)
+    if tuple(teacher.geometry.box) != tuple(cfg.data.box):
+        log.warning("teacher %s was made for the crop box %s, the data uses %s: it sees a different crop",
+                    ic.teacher, teacher.geometry.box, cfg.data.box)
+    if teacher.dim != cfg.model.embedding_dim:
+        raise ValueError(f"identity.teacher {ic.teacher} gives {teacher.dim}-d vectors, the student "
+                         f"{cfg.model.embedding_dim}-d (set model.embedding_dim to match)")
+    name = "+".join(Path(r).resolve().name for r in cfg.data.roots)
+    augment = BatchAugment.from_config(cfg.augment)
+    key = targets_key(teacher.fingerprint, name, cfg.data.box, tgeo.size, len(rows), ic.teacher_views, augment, cfg.seed)
+    path = Path(cfg.data.cache_dir) / f"teacher-{name}-{key}.npz"
+    if dist.main and not path.exists():
+        cache = ImageCache.build_or_load(data.table["path"].tolist(), tgeo, cfg.data.cache_dir, name=name,
+                                         workers=cfg.data.cache_workers)
+        if not np.asarray(cache.ok, dtype=bool).all():
+            raise ValueError("an image the student cache decoded failed in the teacher's cache")
+        log.info("teacher %s: embedding %d views of %d images", ic.teacher, ic.teacher_views, len(rows))
+        targets = compute_teacher_targets(teacher.net, cache.images, rows, augment.to(device), ic.teacher_views,
+                                          cfg.seed, device, teacher.fingerprint, progress=progress)
+        targets.save(path)
+    dist.barrier()
+    targets = TeacherTargets.load(path, center=ic.teacher_center)
+    if targets.teacher != teacher.fingerprint:  # pragma: no cover - the key holds the fingerprint
+        raise ValueError(f"{path}: made with teacher {targets.teacher}, not {teacher.fingerprint}")
+    log.info("teacher targets %s: %d images x %d views", path.name, len(targets.rows), targets.views)
+    return targets
+
+
 def load_backbone_init(path: str | Path, model: Backbone) -> dict:
     """Load a stage-1 backbone (run folder or checkpoint) into `model`, dropping its head."""
     p = Path(path)
@@ -202,12 +240,28 @@ class IdentityModule(nn.Module):
         self.triplet = TripletMarginLoss(ic.margin, reduction="mean")
         self.ic = ic
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, attrs: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, attrs: torch.Tensor | None = None,
+                teacher: torch.Tensor | None = None):
+        """`teacher`: (B, D) unit teacher vectors of the same augmented images, or None."""
+        from .distill import cosine_distill_loss, relational_distill_loss
+
         feats = self.net.forward_features(x)  # (B, F)
         emb = self.net.forward_head(feats)  # (B, D), unit norm
-        a, p, n = self.miner(emb.detach().float(), labels)
-        loss = self.triplet(emb.float(), a, p, n)
-        logs = {"triplet": loss.detach(), "active": torch.tensor(self.triplet.last_active_fraction)}
+        loss = emb.new_zeros((), dtype=torch.float32)
+        logs: dict = {}
+        if self.ic.triplet_weight > 0:
+            a, p, n = self.miner(emb.detach().float(), labels)
+            tl = self.triplet(emb.float(), a, p, n)
+            loss = loss + self.ic.triplet_weight * tl
+            logs.update(triplet=tl.detach(), active=torch.tensor(self.triplet.last_active_fraction))
+        if teacher is not None:
+            dl = cosine_distill_loss(emb.float(), teacher)
+            loss = loss + self.ic.distill_weight * dl
+            logs["distill"] = dl.detach()
+            if self.ic.distill_rel_weight > 0:
+                rl = relational_distill_loss(emb.float(), teacher)
+                loss = loss + self.ic.distill_rel_weight * rl
+                logs["relational"] = rl.detach()
         if self.cls is not None:
             cl = self.cls(emb.float(), labels)
             loss = loss + self.ic.cls_weight * cl
@@ -293,10 +347,13 @@ def train_one_epoch(
     progress: bool = True,
     total: int | None = None,
     ema: tuple[torch.optim.swa_utils.AveragedModel, nn.Module] | None = None,
+    teacher=None,
 ) -> dict:
     """One pass over `batches` (arrays of row indices). Raises TrainingDiverged on a non-finite loss.
 
     `ema` is (averaged model, the network it follows), updated after every optimiser step.
+    `teacher` (verify.distill.TeacherTargets): each image gets one of its stored views, augmented with
+    that view's parameters, and the teacher's vector for it goes to the module.
     """
     from tqdm.auto import tqdm
 
@@ -308,13 +365,18 @@ def train_one_epoch(
     for idx in bar:
         idx = np.asarray(idx)
         x = data.batch(idx, device)
-        x = augment(x, generator=generator)  # (B,3,S,S) normalised float
+        t = None
+        if teacher is not None:
+            params, t = teacher.batch(idx, generator, device)  # (B, D) teacher vectors of those views
+            x = augment(x, params=params)
+        else:
+            x = augment(x, generator=generator)  # (B,3,S,S) normalised float
         y = torch.as_tensor(labels[idx], device=device)
         a = torch.as_tensor(attrs[idx], device=device) if attrs is not None else None
         if hooks and hooks.before_step:
             hooks.before_step(steps, x)
         with _autocast(device, amp):
-            loss, logs = module(x, y, a)
+            loss, logs = module(x, y, a) if t is None else module(x, y, a, t)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"non-finite loss ({loss.item()}) at epoch {epoch}, step {steps}; training stopped, "
@@ -506,6 +568,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None, p
     """Train `cfg.task` end to end; writes the run folder `cfg.out` and returns the history."""
     if cfg.task not in ("attributes", "identity"):
         raise ValueError(f"unknown task {cfg.task!r}: attributes | identity")
+    teacher = None
     check_ema_decay(cfg.optim.ema)  # before the data cache is built: a bad config fails at once
     dist, device = init_distributed(cfg.device)
     if cfg.num_threads:
@@ -565,6 +628,13 @@ def fit(cfg: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None, p
             rank=dist.rank, world_size=dist.world,
         )
         batches_per_epoch = len(sampler)
+        if cfg.identity.teacher:
+            # only rows the sampler can draw (identities with enough images) need teacher vectors
+            counts = np.bincount(labels[train_rows], minlength=len(uniq))
+            drawn = train_rows[counts[labels[train_rows]] >= max(1, cfg.data.min_images_per_identity)]
+            teacher = prepare_teacher(cfg, data, drawn, device, dist, progress)
+            provenance["teacher"] = {"model": str(cfg.identity.teacher), "fingerprint": teacher.teacher,
+                                     "views": teacher.views, "centred": teacher.center}
     module.to(device)
     if dist.main:
         log.info("%s backbone: %.2fM parameters", cfg.model.backbone, count_parameters(net) / 1e6)
@@ -627,6 +697,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None, p
             train_module, batches, data, labels, optimizer, scheduler, augment, device, epoch=epoch,
             grad_clip=cfg.optim.grad_clip, amp=cfg.optim.amp, attrs=aux, generator=gen, hooks=hooks,
             progress=progress, total=batches_per_epoch, ema=(ema, net) if ema is not None else None,
+            teacher=teacher,
         )
         if dist.enabled:  # images/s of the whole job
             t = torch.tensor([tr["images"]], dtype=torch.float64)
@@ -681,9 +752,10 @@ def _log_epoch(task: str, e: dict) -> None:
         )
     else:
         log.info(
-            "epoch %d: loss %.4f (active triplets %.2f), %.0f img/s | val AUC %.4f acc %.4f | test AUC %.4f acc %.4f",
-            e["epoch"], tr["loss"], tr.get("active", float("nan")), tr["images_per_s"], e["val"]["auc"],
-            e["val"]["accuracy"], e["test"]["auc"], e["test"]["accuracy"],
+            "epoch %d: loss %.4f (active triplets %.2f, distill %.4f), %.0f img/s | val AUC %.4f acc %.4f | "
+            "test AUC %.4f acc %.4f",
+            e["epoch"], tr["loss"], tr.get("active", float("nan")), tr.get("distill", float("nan")),
+            tr["images_per_s"], e["val"]["auc"], e["val"]["accuracy"], e["test"]["auc"], e["test"]["accuracy"],
         )
 
 
