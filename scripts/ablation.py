@@ -11,7 +11,7 @@ random init instead of the attribute-pretrained backbone.
 seed-cnn random).
 
     .venv/bin/python scripts/ablation.py [--arms teacher|init] [--epochs 3] [--batches 80]
-        [--out runs/ablation] [--stage1 runs/attributes-cpu] [--teacher runs/dlib.pt]
+        [--out runs/ablation] [--stage1 runs/attributes-cpu] [--teacher runs/dlib.pt] [--threads N]
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batches", type=int, default=None, help="optim.batches_per_epoch of every arm (default: a pass)")
     ap.add_argument("--teacher", type=Path, default=REPO / "runs" / "dlib.pt")
+    ap.add_argument("--threads", type=int, default=None, help="num_threads of every arm (default: the config's)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "ablation")
     ap.add_argument("--stage1", type=Path, default=REPO / "runs" / "attributes-cpu")
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "identity-cpu.yaml")
@@ -100,7 +101,7 @@ def main() -> int:
         model = out / "model.pt"
         if not model.exists():
             base = {"out": str(out), "optim.epochs": args.epochs, "optim.ema": args.ema,
-                    "optim.batches_per_epoch": args.batches}
+                    "optim.batches_per_epoch": args.batches, "num_threads": args.threads}
             cfg = load_config(args.config, base)
             cfg = load_config(None, {**_flat(cfg.to_dict()), **base, **over})  # None values override too
             t = time.time()

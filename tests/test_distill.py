@@ -147,3 +147,16 @@ def test_teacher_of_another_dimension_is_refused(tmp_path, celeba_root):
                    **{"data.box": list(BOX), "identity.teacher": str(teacher), "optim.epochs": 1})
     with pytest.raises(ValueError, match="16-d vectors, the student 32-d"):
         fit(cfg, progress=False)
+
+
+def test_non_finite_teacher_stops_with_the_rows():
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            y = x.flatten(1)[:, :4].clone()
+            y[1] = float("nan")
+            return y
+
+    images = np.zeros((5, 8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"non-finite vectors for table rows \[3\]"):
+        compute_teacher_targets(Broken(), images, np.array([2, 3, 4]), BatchAugment(hflip=False, rotation=0, zoom=0,
+                                shift=0), views=1, seed=0, device=torch.device("cpu"), progress=False)

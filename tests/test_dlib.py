@@ -142,3 +142,40 @@ def test_missing_package_is_one_clear_line(tmp_path, monkeypatch):
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "face_recognition_models" in lines[0] and "pip install" in lines[0]
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_chip_geometry_round_trips_and_places_the_measured_points():
+    from verify.dlib_import import DLIB_CHIP_LANDMARKS, chip_geometry
+    from verify.geometry import CropGeometry
+
+    geo = chip_geometry()
+    assert geo.size == 150
+    assert np.allclose(geo.reference_landmarks(), np.asarray(DLIB_CHIP_LANDMARKS), atol=1e-4)
+    assert CropGeometry.from_dict(geo.to_dict()) == geo
+    # at another size the points scale with the crop
+    half = CropGeometry.from_dict({**geo.to_dict(), "size": 75})
+    assert np.allclose(half.reference_landmarks(), np.asarray(DLIB_CHIP_LANDMARKS) / 2, atol=1e-4)
+    # the box (what training crops from aligned CelebA) puts CelebA's landmarks within a few pixels of them
+    boxed = chip_geometry(measured_landmarks=False)
+    assert boxed.landmarks is None and boxed.box == geo.box
+    assert np.abs(boxed.reference_landmarks() - geo.reference_landmarks()).max() < 4.0
+    # older model files carry no landmarks
+    assert CropGeometry.from_dict({"size": 96, "box": [25, 59, 153, 187]}).landmarks is None
+    with pytest.raises(ValueError, match="5"):
+        CropGeometry(landmarks=((0.1, 0.2),))
+
+
+@needs_models
+def test_cli_import_without_calibration_and_bad_data_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from verify.cli import app
+    from verify.model_file import Embedder
+
+    out = tmp_path / "dlib.pt"
+    res = CliRunner().invoke(app, ["model", "import-dlib", "--out", str(out), "--no-calibrate"])
+    assert res.exit_code == 0, res.output
+    assert "dlib ResNet, fingerprint" in res.output
+    assert Embedder.load(out).fingerprint in res.output
+    res = CliRunner().invoke(app, ["model", "import-dlib", "--out", str(tmp_path / "b.pt"), "--data", str(tmp_path)])
+    assert res.exit_code == 2 and "celeba: not found" in res.output and not (tmp_path / "b.pt").exists()

@@ -144,11 +144,12 @@ def compute_teacher_targets(
         p = params_from_array(params[s : s + len(chunk)].reshape(-1, 7))
         y = teacher(augment(x, params=p)).float()  # (b*K, D)
         y = F.normalize(y, dim=1).cpu().numpy().reshape(len(chunk), views, -1)
+        if not np.isfinite(y).all():
+            bad = chunk[~np.isfinite(y).all(axis=(1, 2))]
+            raise ValueError(f"teacher {teacher_id or ''} gave non-finite vectors for table rows {bad[:5].tolist()}")
         if out is None:
             out = np.zeros((n, views, y.shape[-1]), np.float16)
         out[s : s + len(chunk)] = y
-        if not np.isfinite(y).all():
-            raise FloatingPointError("the teacher produced non-finite vectors")
     assert out is not None
     mean = out[:, 0].astype(np.float32).mean(0)
     return TeacherTargets(out, params, rows, mean, teacher_id)

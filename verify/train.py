@@ -17,7 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from .celeba import ATTRIBUTES, load_celeba
 from .config import TrainConfig, save_config
 from .geometry import CropGeometry
 from .runtime import atomic_path, atomic_write_text, resolve_device, seed_everything
+
+if TYPE_CHECKING:
+    from .distill import TeacherTargets
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +165,7 @@ def prepare_data(cfg: TrainConfig, dist: Dist) -> FaceData:
 
 
 def prepare_teacher(cfg: TrainConfig, data: FaceData, rows: np.ndarray, device: torch.device, dist: Dist,
-                    progress: bool = True):
+                    progress: bool = True) -> "TeacherTargets":
     """The teacher's vectors for `cfg.identity.teacher_views` views of `rows`, computed once and cached
     (keyed by teacher, data, crop box, views, augmentation and seed). The teacher sees the same box of
     each image as the student, at its own input size."""
@@ -347,7 +350,7 @@ def train_one_epoch(
     progress: bool = True,
     total: int | None = None,
     ema: tuple[torch.optim.swa_utils.AveragedModel, nn.Module] | None = None,
-    teacher=None,
+    teacher: "TeacherTargets | None" = None,
 ) -> dict:
     """One pass over `batches` (arrays of row indices). Raises TrainingDiverged on a non-finite loss.
 
