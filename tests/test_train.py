@@ -131,8 +131,8 @@ def test_existing_run_is_not_overwritten(tmp_path, celeba_root):
 
 def test_identity_training_raises_validation_auc(tmp_path, celeba_root):
     cfg = tiny_cfg(tmp_path, celeba_root, task="identity",
-                   **{"data.max_images": 1500, "optim.epochs": 5, "optim.batches_per_epoch": 8,
-                      "identity.tta_flip": False, "identity.cls_weight": 0.0, "optim.lr": 5e-3})
+                   **{"data.max_images": 1500, "optim.epochs": 5, "optim.batches_per_epoch": 12,
+                      "identity.tta_flip": False, "identity.cls_weight": 0.0, "optim.lr": 3e-3})
     data = prepare_data(cfg, Dist())
     torch.manual_seed(cfg.seed)
     net = backbone_from_config(cfg.model, cfg.data.size, head="embedding", out_dim=cfg.model.embedding_dim)
@@ -141,7 +141,9 @@ def test_identity_training_raises_validation_auc(tmp_path, celeba_root):
     after = res.history[-1]["val"]
     assert np.isfinite([h["train"]["loss"] for h in res.history]).all()
     assert 0.0 <= res.history[-1]["train"]["active"] <= 1.0
-    assert after["auc"] > before["auc"] + 0.02, (before["auc"], after["auc"])
+    # measured: 0.583 -> 0.70; 5 x 8 batches at lr 5e-3 gave only +0.014 in a fresh environment on
+    # 2026-12-01 (the same with the code before this change), though it passed in earlier CI runs
+    assert after["auc"] > before["auc"] + 0.05, (before["auc"], after["auc"])
     # The run exports a calibrated model file.
     from verify.model_file import Embedder
 
