@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from verify.augment import BatchAugment, batch_to_tensor
 from verify.backbones import backbone_from_config
 from verify.config import ModelConfig
-from verify.distill import (TeacherTargets, compute_teacher_targets, cosine_distill_loss, identity_params,
-                            params_from_array, params_to_array, relational_distill_loss)
+from verify.distill import (TeacherTargets, compute_teacher_targets, identity_params, params_from_array,
+                            params_to_array)
+from verify.losses import cosine_distill_loss, relational_distill_loss
 from verify.geometry import CropGeometry
 from verify.model_file import save_model
 from verify.train import fit
@@ -103,6 +104,8 @@ def test_distill_losses():
     # relational ignores a rotation of the whole space, cosine does not
     q, _ = torch.linalg.qr(torch.randn(8, 8))
     assert relational_distill_loss(s @ q, s) < 1e-10 and cosine_distill_loss(s @ q, s) > 0.1
+    with pytest.raises(ValueError, match="reduction"):
+        cosine_distill_loss(s, t, reduction="avg")
 
 
 def _teacher_file(path: Path, size: int = 40, dim: int = 32) -> Path:

@@ -1,5 +1,5 @@
 """A teacher for the identity stage: its vectors for K augmented views of every training image,
-computed once, and the distillation losses that pull the student's embedding towards them.
+computed once (the losses that pull the student towards them are in verify.losses).
 
 Teacher and student see the same augmented pixels: each view's augmentation parameters (flip,
 rotation, zoom, shift, brightness, contrast) are drawn once and stored with the teacher's vector;
@@ -160,21 +160,3 @@ def targets_key(teacher_fingerprint: str, data_name: str, box, size: int, n_rows
     blob = json.dumps([teacher_fingerprint, data_name, [float(v) for v in box], size, n_rows, views,
                        augment.extra_repr(), seed, FORMAT_VERSION])
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-# --------------------------------------------------------------------------------------------------
-# losses (one value per image / per pair, explicit reduction)
-
-
-def cosine_distill_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """1 - cos(student, teacher) per row; both (B, D), unit rows."""
-    per = 1.0 - (student * teacher).sum(1)  # (B,)
-    return per.mean() if reduction == "mean" else per.sum() if reduction == "sum" else per
-
-
-def relational_distill_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Squared difference of the batch's cosine-similarity matrices, off the diagonal (B*(B-1) pairs)."""
-    b = student.shape[0]
-    diff = (student @ student.T - teacher @ teacher.T) ** 2  # (B, B)
-    per = diff[~torch.eye(b, dtype=torch.bool, device=diff.device)]  # (B*(B-1),)
-    return per.mean() if reduction == "mean" else per.sum() if reduction == "sum" else per

@@ -1,4 +1,5 @@
-"""Metric-learning losses: triplet margin loss on mined triplets, CosFace and ArcFace identity heads.
+"""Metric-learning losses: triplet margin loss on mined triplets, CosFace and ArcFace identity heads,
+and the distillation terms that pull a student's unit embeddings towards a teacher's.
 
 All of them compute in float32 even under AMP: margins of 0.2 on unit vectors and scales of 30-64
 on cosines are too coarse for float16.
@@ -180,3 +181,27 @@ class ArcFaceLoss(CosFaceLoss):
         if self.easy_margin:
             return torch.where(cos_y > 0, phi, cos_y)
         return torch.where(cos_y > self._th, phi, cos_y - self._mm)
+
+
+def _reduce(per: torch.Tensor, reduction: str, name: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per.mean()
+    if reduction == "sum":
+        return per.sum()
+    if reduction == "none":
+        return per
+    raise ValueError(f"{name} reduction must be one of mean, sum, none; got {reduction!r}")
+
+
+def cosine_distill_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """1 - cos(student, teacher) per row; both (B, D), unit rows."""
+    per = 1.0 - (student * teacher).sum(1)  # (B,)
+    return _reduce(per, reduction, "cosine_distill_loss")
+
+
+def relational_distill_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Squared difference of the batch's cosine-similarity matrices, off the diagonal (B*(B-1) pairs)."""
+    b = student.shape[0]
+    diff = (student @ student.T - teacher @ teacher.T) ** 2  # (B, B)
+    per = diff[~torch.eye(b, dtype=torch.bool, device=diff.device)]  # (B*(B-1),)
+    return _reduce(per, reduction, "relational_distill_loss")

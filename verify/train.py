@@ -31,6 +31,7 @@ from .cache import ImageCache
 from .celeba import ATTRIBUTES, load_celeba
 from .config import TrainConfig, save_config
 from .geometry import CropGeometry
+from .losses import cosine_distill_loss, relational_distill_loss
 from .runtime import atomic_path, atomic_write_text, resolve_device, seed_everything
 
 if TYPE_CHECKING:
@@ -246,8 +247,6 @@ class IdentityModule(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor, attrs: torch.Tensor | None = None,
                 teacher: torch.Tensor | None = None):
         """`teacher`: (B, D) unit teacher vectors of the same augmented images, or None."""
-        from .distill import cosine_distill_loss, relational_distill_loss
-
         feats = self.net.forward_features(x)  # (B, F)
         emb = self.net.forward_head(feats)  # (B, D), unit norm
         loss = emb.new_zeros((), dtype=torch.float32)
