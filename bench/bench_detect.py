@@ -1,4 +1,4 @@
-"""Face detection speed: verify.mtcnn's driver vs facenet-pytorch's MTCNN.detect, same weights, same photos.
+"""Face detection speed: verify.faces.mtcnn's driver vs facenet-pytorch's MTCNN.detect, same weights, same photos.
 
     .venv/bin/python bench/bench_detect.py [--images 64] [--batch 16] [--threads 2] [--min-face 40] [--repeats 3]
     .venv/bin/python bench/bench_detect.py --photo-size 4032x3024 --images 8 --batch 8 --min-face 20
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED_DATA, median_rate, parse_size, print_table, ratio  # noqa: E402
 
 from verify.faces import DetectorConfig, load_for_detection, load_image  # noqa: E402
-from verify.mtcnn import detect_faces  # noqa: E402
+from verify.faces.mtcnn import detect_faces  # noqa: E402
 
 
 def main() -> None:
@@ -69,7 +69,7 @@ def main() -> None:
           f"min face {args.min_face} px, median of {args.repeats}")
     rows = []
     base = None
-    for name, fn in (("facenet-pytorch MTCNN.detect", facenet), ("verify.mtcnn.detect_faces", ours)):
+    for name, fn in (("facenet-pytorch MTCNN.detect", facenet), ("verify.faces.mtcnn.detect_faces", ours)):
         faces = fn()
         rate, sec = median_rate(fn, len(imgs), args.repeats)
         base = base or rate

@@ -32,7 +32,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from verify.augment import BatchAugment, batch_to_tensor, to_float  # noqa: E402
-from verify.cache import ImageCache, decode_crop  # noqa: E402
+from verify.training.cache import ImageCache, decode_crop  # noqa: E402
 from verify.celeba import ATTRIBUTES, load_celeba  # noqa: E402
 from verify.geometry import CropGeometry  # noqa: E402
 from verify.runtime import resolve_device  # noqa: E402

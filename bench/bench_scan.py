@@ -99,16 +99,14 @@ def parse_face_workers(text: str) -> int:
 
 def in_process_breakdown(folder: Path, gallery: Path, model: Path, workers: int, out: Path):
     """The ScanSummary of verify.scan.run_scan on `folder`, matcher built as the CLI
-    builds it (verify.cli._matcher), DetectorConfig defaults."""
-    from index import Gallery
-
-    from verify.cli import _matcher
+    builds it (verify.people.build_matcher), DetectorConfig defaults."""
     from verify.model_file import Embedder
+    from verify.people import build_matcher, open_gallery
     from verify.scan import run_scan
 
     embedder = Embedder.load(model)
-    g = Gallery.open(gallery, fingerprint=embedder.fingerprint)
-    summary = run_scan([folder], embedder=embedder, matcher=_matcher(g, embedder), out=out, workers=workers,
+    g = open_gallery(gallery, embedder)
+    summary = run_scan([folder], embedder=embedder, matcher=build_matcher(g, embedder), out=out, workers=workers,
                        progress=False)
     return summary
 

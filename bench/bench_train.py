@@ -9,7 +9,7 @@ Backbones (name@pixels; the pixel size may be changed, e.g. irv1@112):
   resnet       resnet with the defaults of verify.backbones.create_backbone (width 32, 112 px)
   irv1         facenet-pytorch's InceptionResnetV1 (random init)
 Each model gets the 40-attribute head (stage 1; stage 2's embedding head costs the same), BCE loss on
-random targets, AdamW. Input: the same batch of real CelebA crops (verify.cache.decode_crop, i.e.
+random targets, AdamW. Input: the same batch of real CelebA crops (verify.training.cache.decode_crop, i.e.
 the rows ImageCache stores) at each model's size, random uint8 where ../shared/data is absent,
 normalised to [-1, 1] inside the timed step. Figures are images/s of the median step after one
 warm-up step; all models run in one process, one after another, so the ratios compare like with like.

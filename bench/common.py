@@ -74,10 +74,10 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def face_crops(n: int, size: int, data_root: Path = SHARED_DATA, seed: int = 0) -> tuple[np.ndarray, str]:
     """(n, size, size, 3) uint8 crops of the first n CelebA sample images (the training crop, via
-    verify.cache.decode_crop, exactly what ImageCache stores), or random pixels where the data is
+    verify.training.cache.decode_crop, exactly what ImageCache stores), or random pixels where the data is
     absent; and a line saying which. Speed does not depend on the pixels, but real crops keep any
     data-dependent path (e.g. denormal numbers) honest."""
-    from verify.cache import decode_crop
+    from verify.training.cache import decode_crop
     from verify.geometry import CropGeometry
 
     folder = Path(data_root) / "celeba" / "img_align_celeba"

@@ -30,7 +30,7 @@ from verify.faces import DetectorConfig, FaceDetector, FacePipeline
 from verify.metrics import best_accuracy_threshold, summarise_verification
 from verify.model_file import Embedder
 from verify.pairs import lfw_image_path, read_lfw_pairs
-from verify.train import fit
+from verify.training import fit
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

@@ -61,7 +61,7 @@ class ModelVectors:
 
     def naive(self, queries: np.ndarray, enrolled: np.ndarray) -> np.ndarray:
         """Nearest of all enrolled vectors against the model's pair threshold."""
-        return (queries @ enrolled.T).max(1) >= self.emb.threshold
+        return (queries @ enrolled.T).max(1) >= self.emb.similarity_threshold
 
 
 class PeerVectors:
@@ -171,12 +171,12 @@ def main() -> int:
         _, pooled = pool_photos(vecs, keys)
         cal = calibrate_identity(pooled, cohort, target_far=args.target_far, top_k=args.top_k)
         p_vec = source.vectors(probe)
-        ta = int((identity_scores(p_vec, pooled, args.top_k) >= cal.threshold).sum())
-        fa = int((identity_scores(s_vec, pooled, args.top_k) >= cal.threshold).sum())
+        ta = int((identity_scores(p_vec, pooled, args.top_k) >= cal.similarity_threshold).sum())
+        fa = int((identity_scores(s_vec, pooled, args.top_k) >= cal.similarity_threshold).sum())
         # the naive rule for comparison: nearest enrolled vector against a single-pair threshold
         nn_p, nn_s = source.naive(p_vec, vecs), source.naive(s_vec, vecs)
         rows.append({"identity": int(ident), "enrolled": len(enr), "probes": len(probe), "true_accepts": ta,
-                     "false_accepts": fa, "strangers": len(s_vec), "no_face": failed, "threshold": cal.threshold,
+                     "false_accepts": fa, "strangers": len(s_vec), "no_face": failed, "threshold": cal.similarity_threshold,
                      "naive_true_accepts": int(nn_p.sum()), "naive_false_accepts": int(nn_s.sum())})
     n_p = sum(r["probes"] for r in rows)
     n_s = sum(r["strangers"] for r in rows)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import verify.cache as cache_mod
-from verify.cache import ImageCache, decode_crop
+import verify.training.cache as cache_mod
+from verify.training.cache import ImageCache, decode_crop
 from verify.geometry import CELEBA_FRAME, CropGeometry
 
 GEOM = CropGeometry(size=48)
@@ -70,7 +70,7 @@ def test_unreadable_images_are_skipped(tmp_path, real_paths, caplog):
     text.write_text("not an image")
     gone = str(bad_dir / "vanished.jpg")
     paths = [real_paths[0], str(truncated), real_paths[1], str(text), gone]
-    with caplog.at_level(logging.WARNING, logger="verify.cache"):
+    with caplog.at_level(logging.WARNING, logger="verify.training.cache"):
         c = ImageCache.build_or_load(paths, GEOM, tmp_path / "cache", "bad", workers=0, progress=False)
     assert c.ok.tolist() == [True, False, True, False, False]
     assert not c.images[1].any() and not c.images[3].any()

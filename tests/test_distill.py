@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from verify.augment import BatchAugment, batch_to_tensor
 from verify.backbones import backbone_from_config
 from verify.config import ModelConfig
-from verify.distill import (TeacherTargets, compute_teacher_targets, identity_params, params_from_array,
-                            params_to_array)
+from verify.training.distill import (TeacherTargets, compute_teacher_targets, identity_params,
+                                     params_from_array, params_to_array)
 from verify.losses import cosine_distill_loss, relational_distill_loss
 from verify.geometry import CropGeometry
 from verify.model_file import save_model
-from verify.train import fit
+from verify.training import fit
 
 from test_train import tiny_cfg
 
@@ -43,7 +43,7 @@ def test_one_draw_is_the_same_warp_at_two_sizes(celeba_root):
     """The student (96 px) and the teacher (150 px) see the same augmented picture."""
     from PIL import Image
 
-    from verify.cache import decode_crop
+    from verify.training.cache import decode_crop
 
     files = sorted((celeba_root / "img_align_celeba").glob("*.jpg"))[:8]
     big = np.stack([decode_crop(f, CropGeometry(150, BOX)) for f in files])

@@ -14,18 +14,16 @@ from PIL import Image
 
 from verify.evaluate import (
     FAILED_SCORE,
-    attach_cohort,
     build_cohort,
     choose_face,
     embed_images,
     evaluate_pairs,
     lfw_people_images,
     pair_scores,
-    summarise_scores,
 )
 from verify.faces import AlignedFace, DetectorConfig, Face, fixed_crop, load_image
-from verify.metrics import accuracy_at, best_accuracy_threshold
-from verify.model_file import Embedder, ModelFileError, fingerprint, read_model_file
+from verify.metrics import accuracy_at, best_accuracy_threshold, summarise_verification
+from verify.model_file import Embedder, ModelFileError, attach_cohort, fingerprint, read_model_file
 from verify.pairs import lfw_image_path, read_lfw_pairs
 
 from conftest import make_tiny_model
@@ -146,21 +144,21 @@ def test_pair_scores_cosine_and_failures():
 def test_summarise_scores_separable_and_fixed_threshold():
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.1, -0.2])
     labels = np.array([1, 1, 1, 1, 0, 0, 0, 0], dtype=bool)
-    sep = summarise_scores(scores, labels, threshold=0.55, fars=(0.25,))
+    sep = summarise_verification(scores, labels, threshold=0.55, fars=(0.25,))
     assert sep["accuracy"] == 1.0 and sep["accuracy_oracle"] == 1.0
     assert 0.5 < sep["accuracy_oracle_threshold"] < 0.6
     assert sep["auc"] == 1.0 and sep["eer"] == 0.0
     assert sep["tar_at_far"] == {"0.25": 1.0}
     assert sep["accuracy_std"] is None and (sep["pairs"], sep["genuine"], sep["impostor"]) == (8, 4, 4)
 
-    strict = summarise_scores(scores, labels, threshold=0.75, fars=(1e-2,))
+    strict = summarise_verification(scores, labels, threshold=0.75, fars=(1e-2,))
     assert strict["accuracy"] == pytest.approx(6 / 8)  # 2 genuines accepted, every impostor rejected
     assert strict["accuracy_oracle"] == 1.0
     assert strict["tar_at_far"] == {"1e-02": None}  # 4 impostors cannot measure FAR 1e-2
 
     # each fold alone separates at 0.55 (between its 0.6/0.7 genuine and 0.4/0.5 impostor): 100% held-out
     folds = np.array([0, 1, 0, 1, 1, 0, 1, 0])
-    kf = summarise_scores(scores, labels, folds=folds)
+    kf = summarise_verification(scores, labels, folds=folds)
     assert kf["accuracy"] == 1.0 and kf["accuracy_std"] == 0.0
     np.testing.assert_allclose(kf["fold_thresholds"], [0.55, 0.55])
 

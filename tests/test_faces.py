@@ -198,7 +198,7 @@ def test_crop_resample_equals_area_interpolation(rng):
     import torch
     from torch.nn.functional import interpolate
 
-    from verify.mtcnn import crop_resample, summed_area_table
+    from verify.faces.mtcnn import crop_resample, summed_area_table
 
     imgs = torch.from_numpy(rng.integers(0, 256, (2, 61, 83, 3)))  # (B, H, W, 3)
     y0 = np.array([0, 5, 60, 10, 0, 3]); y1 = np.array([61, 30, 61, 11, 7, 50])  # incl. 1-px and tiny boxes
@@ -218,7 +218,7 @@ def test_resample_whole_equals_area_interpolation(rng):
     import torch
     from torch.nn.functional import interpolate
 
-    from verify.mtcnn import resample_whole, summed_area_table
+    from verify.faces.mtcnn import resample_whole, summed_area_table
 
     imgs = rng.integers(0, 256, (2, 61, 83, 3), dtype=np.uint8)  # (B, H, W, 3)
     sat = summed_area_table(imgs)
@@ -233,7 +233,7 @@ def test_resample_whole_equals_area_interpolation(rng):
 def test_summed_area_table_does_not_overflow_on_big_bright_images():
     import torch
 
-    from verify.mtcnn import summed_area_table
+    from verify.faces.mtcnn import summed_area_table
 
     small = summed_area_table(np.full((1, 100, 80, 3), 255, np.uint8))
     big = summed_area_table(np.full((1, 2950, 2900, 3), 255, np.uint8))  # 8.6 MP: sums beyond int32
@@ -243,7 +243,7 @@ def test_summed_area_table_does_not_overflow_on_big_bright_images():
 
 def test_fast_driver_matches_facenet_mtcnn(detector, lfw_root):
     """verify.mtcnn reproduces facenet-pytorch's MTCNN.detect: same faces, boxes and landmarks."""
-    from verify.mtcnn import detect_faces
+    from verify.faces.mtcnn import detect_faces
 
     paths = sorted((lfw_root / "lfw-deepfunneled").glob("*/*.jpg"))[::97][:24]
     batch = np.stack([load_image(p) for p in paths])  # (24, 250, 250, 3)
@@ -453,7 +453,7 @@ def test_align_with_the_reference_landmarks_reproduces_the_fixed_crop(celeba_roo
 
 
 def test_fixed_crop_is_the_training_cache_crop(celeba_root):
-    from verify.cache import decode_crop  # the training side of the contract
+    from verify.training.cache import decode_crop  # the training side of the contract
 
     geometry = CropGeometry()
     for path in sorted((celeba_root / "img_align_celeba").glob("*.jpg"))[:3]:

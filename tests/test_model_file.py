@@ -20,7 +20,7 @@ def test_round_trip_weights_only(tmp_path, rng):
     assert KEYS <= set(blob)
     assert blob["fingerprint"] == fingerprint(blob["state_dict"])
     emb = Embedder.load(path)
-    assert emb.threshold == pytest.approx(0.42) and emb.dim == 32 and emb.geometry.size == 48
+    assert emb.similarity_threshold == pytest.approx(0.42) and emb.dim == 32 and emb.geometry.size == 48
     crops = rng.integers(0, 256, (5, 48, 48, 3), dtype=np.uint8)
     a, b = emb.embed(crops), Embedder.load(path).embed(crops)
     np.testing.assert_array_equal(a, b)

@@ -25,9 +25,9 @@ from verify.scan import (
     COLUMNS,
     CRASH_ERROR,
     ScanError,
-    _decode,
-    _decode_files,
-    _decode_stream,
+    WorkerPool,
+    decode_file,
+    decode_files,
     journal_path,
     run_scan,
 )
@@ -89,7 +89,7 @@ def pooled(person_photos, embedder, detector, tmp_path_factory) -> Path:
 def make_matcher(pooled_path: Path):
     from verify.scoring import IdentityMatcher
 
-    return IdentityMatcher({PERSON: np.load(pooled_path)}, {}, default_threshold=THRESHOLD)
+    return IdentityMatcher({PERSON: np.load(pooled_path)}, {}, default_similarity_threshold=THRESHOLD)
 
 
 def side_by_side(a: Path, b: Path, out: Path) -> None:
@@ -281,7 +281,7 @@ def test_big_image_is_shrunk_in_the_worker_and_boxes_map_back(person_photos, emb
     folder.mkdir()
     with Image.open(person_photos[3]) as im:
         im.convert("RGB").resize((400, 400), Image.LANCZOS).save(folder / "big.png")
-    d = _decode(str(folder / "big.png"), max_pixels=10**8, max_side=200)
+    d = decode_file(str(folder / "big.png"), max_pixels=10**8, max_side=200)
     assert d.image is not None and d.image.shape == (200, 200, 3) and d.scale == (2.0, 2.0)
 
     boxes = {}
@@ -304,7 +304,7 @@ def test_big_image_is_shrunk_in_the_worker_and_boxes_map_back(person_photos, emb
     jpeg.mkdir()
     with Image.open(person_photos[3]) as im:
         im.convert("RGB").resize((1000, 1000), Image.LANCZOS).save(jpeg / "big.jpg", quality=95)
-    d = _decode(str(jpeg / "big.jpg"), max_pixels=10**8, max_side=200)
+    d = decode_file(str(jpeg / "big.jpg"), max_pixels=10**8, max_side=200)
     assert d.image is not None and d.image.shape == (200, 200, 3) and d.scale == pytest.approx((5.0, 5.0))
     out = tmp_path / "r-jpeg.csv"
     det = FaceDetector(DetectorConfig(device="cpu", min_face_size=60, max_side=200))
@@ -312,10 +312,12 @@ def test_big_image_is_shrunk_in_the_worker_and_boxes_map_back(person_photos, emb
     got = pd.read_csv(out).loc[0, ["x1", "y1", "x2", "y2"]].to_numpy(float)
     assert _iou(got, (boxes[1600] + 0.5) * 2.5 - 0.5) > 0.7, got
 
-    from verify.scan import _to_original  # the exact mapping: pixel centres, (v + 0.5) * s - 0.5
+    from verify.faces import face_to_original  # the exact mapping: pixel centres, (v + 0.5) * s - 0.5
 
-    face = Face(box=(99.5, 49.5, 199.5, 149.5), prob=1.0, landmarks=np.zeros((5, 2), np.float32))
-    assert _to_original(face, (2.5, 2.5)) == (249.5, 124.5, 499.5, 374.5)
+    face = Face(box=(99.5, 49.5, 199.5, 149.5), prob=1.0, landmarks=np.full((5, 2), 99.5, np.float32))
+    mapped = face_to_original(face, (2.5, 2.5))
+    assert mapped.box == (249.5, 124.5, 499.5, 374.5)
+    np.testing.assert_allclose(mapped.landmarks, 249.5)
 
 
 # ------------------------------------------------------------------------------------------
@@ -329,7 +331,7 @@ SCAN_SCRIPT = textwrap.dedent("""
     from verify.scan import run_scan
     from verify.scoring import IdentityMatcher
     folder, out, model, pooled, threshold, person = sys.argv[1:7]
-    matcher = IdentityMatcher({person: np.load(pooled)}, {}, default_threshold=float(threshold))
+    matcher = IdentityMatcher({person: np.load(pooled)}, {}, default_similarity_threshold=float(threshold))
 
     def slow_matcher(queries):  # >= 0.3 s per photo: the test has time to kill the scan midway
         time.sleep(0.3)
@@ -647,7 +649,7 @@ def test_failed_batch_falls_back_per_image_and_one_match_per_identity(embedder, 
 def _crash_on_marker(fs_paths: list[str], *args):
     if any("crash" in os.path.basename(p) for p in fs_paths):
         os._exit(3)  # a decoder segfault, as far as the pool can tell
-    return _decode_files(fs_paths, *args)
+    return decode_files(fs_paths, *args)
 
 
 def test_worker_crash_before_the_next_submission_costs_only_that_file(tmp_path):
@@ -662,7 +664,7 @@ def test_worker_crash_before_the_next_submission_costs_only_that_file(tmp_path):
         yield from (str(tmp_path / n) for n in names[1:])
 
     timers = {"decode": 0.0, "decode_wait": 0.0}
-    got = list(_decode_stream(slow_paths(), 1, 4, (10**7, 1600), timers, task=_crash_on_marker, chunk=1))
+    got = list(WorkerPool(1, 4, (10**7, 1600), timers, task=_crash_on_marker, chunk=1).stream(slow_paths()))
     assert [os.path.basename(p) for p, _ in got] == names
     assert got[0][1].error == CRASH_ERROR and all(d.image is not None for _, d in got[1:])
 
@@ -673,8 +675,8 @@ def test_worker_crash_costs_only_the_crashing_file(tmp_path):
         Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / n)
     timers = {"decode": 0.0, "decode_wait": 0.0}
     # chunks of 2: the crashing file's chunk partner (b.png) is retried alone and comes through
-    got = list(_decode_stream([str(tmp_path / n) for n in names], 1, 4, (10**7, 1600), timers,
-                              task=_crash_on_marker, chunk=2))
+    got = list(WorkerPool(1, 4, (10**7, 1600), timers, task=_crash_on_marker, chunk=2)
+               .stream([str(tmp_path / n) for n in names]))
     assert [os.path.basename(p) for p, _ in got] == names  # every file once, in order
     for p, d in got:
         if os.path.basename(p) == "crash.png":

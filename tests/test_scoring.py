@@ -41,7 +41,7 @@ def test_calibration_meets_target_far_on_the_cohort(rng):
     for far in (1e-1, 1e-2, 1e-3):
         cal = calibrate_identity(pooled, cohort, target_far=far, top_k=3)
         s = identity_scores(cohort, pooled, 3)
-        observed = (s >= cal.threshold).mean()
+        observed = (s >= cal.similarity_threshold).mean()
         assert observed <= far + 1e-12
         assert observed == pytest.approx(cal.far)
         # the threshold is tight: the next cohort score above it would exceed the budget
@@ -49,7 +49,7 @@ def test_calibration_meets_target_far_on_the_cohort(rng):
     # a fresh cohort from the same distribution sees about the same FAR (held-out check)
     cal = calibrate_identity(pooled, cohort, target_far=1e-2)
     fresh = normalise(rng.standard_normal((20000, d)))
-    assert (identity_scores(fresh, pooled, 3) >= cal.threshold).mean() == pytest.approx(1e-2, abs=4e-3)
+    assert (identity_scores(fresh, pooled, 3) >= cal.similarity_threshold).mean() == pytest.approx(1e-2, abs=4e-3)
 
 
 def test_more_enrolled_photos_do_not_inflate_false_accepts(rng):
@@ -62,7 +62,7 @@ def test_more_enrolled_photos_do_not_inflate_false_accepts(rng):
     for n in (3, 45):
         pooled = _cluster(rng, me, n, 1.5)
         cal = calibrate_identity(pooled, cohort, target_far=1e-2)
-        fars.append((identity_scores(strangers, pooled, 3) >= cal.threshold).mean())
+        fars.append((identity_scores(strangers, pooled, 3) >= cal.similarity_threshold).mean())
     assert max(fars) < 2.5e-2
 
 
@@ -71,7 +71,7 @@ def test_estimated_far_and_round_trip(rng):
     cohort = normalise(rng.standard_normal((1000, 16)))
     cal = calibrate_identity(pooled, cohort, target_far=1e-2)
     again = IdentityCalibration.from_dict(cal.to_dict())
-    assert again.threshold == pytest.approx(cal.threshold, abs=1e-6)
+    assert again.similarity_threshold == pytest.approx(cal.similarity_threshold, abs=1e-6)
     s = np.sort(identity_scores(cohort, pooled, 3))[::-1]
     assert again.estimated_far(s[9] - 1e-9) == pytest.approx(10 / 1000)
     assert again.estimated_far(10.0) == pytest.approx(1 / 1000)  # never reported below 1/cohort
@@ -86,10 +86,10 @@ def test_matcher_one_to_n_and_one_to_one(rng):
     pooled = {"alice": _cluster(rng, a, 6, 0.5), "bob": _cluster(rng, b, 6, 0.5)}
     cohort = normalise(rng.standard_normal((2000, d)))
     cals = {n: calibrate_identity(p, cohort, 1e-3) for n, p in pooled.items()}
-    m = IdentityMatcher(pooled, cals, default_threshold=0.5)
+    m = IdentityMatcher(pooled, cals, default_similarity_threshold=0.5)
     qa, qb, qx = _cluster(rng, a, 1, 0.5), _cluster(rng, b, 1, 0.5), normalise(rng.standard_normal((1, d)))
     ra, rb, rx = m(np.concatenate([qa, qb, qx]))
-    assert ra.match and ra.identity == "alice" and ra.distance <= ra.threshold
+    assert ra.match and ra.identity == "alice" and ra.distance <= ra.distance_threshold
     assert rb.match and rb.identity == "bob"
     assert not rx.match and rx.to_dict()["identity"] is None and rx.to_dict()["nearest"] in pooled
     assert ra.far is not None and ra.far <= 1e-3 + 1e-12

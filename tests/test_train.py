@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from verify.config import load_config
-from verify.train import CKPT_LAST, Hooks, TrainingDiverged, evaluate_identity, fit, prepare_data, Dist
+from verify.training import CKPT_LAST, Dist, Hooks, TrainingDiverged, evaluate_identity, fit, prepare_data
 from verify.backbones import backbone_from_config
 
 
@@ -205,7 +205,7 @@ def test_face_data_maps_table_rows_past_unreadable_cache_rows():
     import pandas as pd
 
     from verify.geometry import CropGeometry
-    from verify.train import FaceData
+    from verify.training import FaceData
 
     images = np.stack([np.full((16, 16, 3), i, np.uint8) for i in range(5)])  # cache rows 0..4
     keep = np.array([0, 2, 3])  # rows 1 and 4 could not be decoded
@@ -220,7 +220,7 @@ def test_git_commit_marks_uncommitted_changes(tmp_path):
     import shutil
     import subprocess
 
-    from verify.train import git_commit
+    from verify.training import git_commit
 
     if shutil.which("git") is None:
         pytest.skip("git not installed")

@@ -1,0 +1,49 @@
+"""faceverify: is this photo me, and which of these photos contain me?
+
+The public API, importable from the package itself (each name is loaded on first use, so importing a
+light submodule, e.g. in a decode worker, never pulls in torch or FAISS):
+
+    from verify import Embedder, FacePipeline, FaceDetector, open_gallery, build_matcher, verify_photos
+
+Rooms: `faces` (photo -> aligned faces -> embeddings), `scan` (folder trees -> one report),
+`training` (stage 1 and 2), `people` (enroll, recalibrate, match; the one module that uses `index`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Embedder": "verify.model_file",
+    "DetectorConfig": "verify.faces",
+    "FaceDetector": "verify.faces",
+    "FacePipeline": "verify.faces",
+    "ImageFaces": "verify.faces",
+    "load_image": "verify.faces",
+    "IdentityMatcher": "verify.scoring",
+    "Match": "verify.scoring",
+    "run_scan": "verify.scan",
+    "ScanSummary": "verify.scan",
+    "evaluate_pairs": "verify.evaluate",
+    "open_gallery": "verify.people",
+    "face_pipeline": "verify.people",
+    "enroll_person": "verify.people",
+    "build_matcher": "verify.people",
+    "verify_photos": "verify.people",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'verify' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

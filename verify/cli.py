@@ -26,9 +26,12 @@ def _fail(msg: str) -> None:
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
-    from .runtime import setup_logging
+    import logging
 
-    setup_logging(verbose)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # faiss logs its failed attempt to load an AVX2 build at INFO with a traceback-like line.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (configs/*.yaml).")]
@@ -43,7 +46,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any
 
 def _run_training(task: str, config, data, out, epochs, device, max_images, resume, sets, extra=None) -> None:
     from .config import ConfigError, load_config, parse_overrides
-    from .train import TrainingDiverged, fit
+    from .training import TrainingDiverged, fit
 
     try:
         overrides = {"task": task, "out": str(out) if out else None, "optim.epochs": epochs, "device": device,
@@ -113,17 +116,6 @@ gallery_app = typer.Typer(no_args_is_help=True, help="Inspect or edit the galler
 app.add_typer(gallery_app, name="gallery")
 
 
-def default_gallery() -> Path:
-    """Per-user data folder: $FACEVERIFY_HOME/gallery, else $XDG_DATA_HOME/faceverify/gallery."""
-    import os
-
-    home = os.environ.get("FACEVERIFY_HOME")
-    if home:
-        return Path(home) / "gallery"
-    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "faceverify" / "gallery"
-
-
 GalleryOpt = Annotated[Optional[Path], typer.Option("--gallery", "-g", help="Gallery folder [default: per-user data folder].")]
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file [default: the shipped model].")]
 DevOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
@@ -141,69 +133,21 @@ def _load_embedder(model: Optional[Path], device: str):
         _fail(str(e))
 
 
-def _pipeline(embedder, device: str, min_face: int, min_prob: float):
-    from .faces import DetectorConfig, FaceDetector, FacePipeline
-
-    det = FaceDetector(DetectorConfig(min_face_size=min_face, min_prob=min_prob, device=device))
-    return FacePipeline(det, embedder.geometry)
-
-
 def _open_gallery(path: Optional[Path], embedder, create: bool):
-    from index import Gallery, GalleryError
+    from index import GalleryError
 
-    path = path or default_gallery()
+    from .people import open_gallery
+
     try:
-        if create:
-            return Gallery.open_or_create(path, embedder.dim, embedder.fingerprint, threshold=embedder.threshold)
-        if not (path / "manifest.json").exists():
-            _fail(f"{path}: no gallery here yet; enroll someone first (faceverify enroll NAME PHOTOS...)")
-        return Gallery.open(path, fingerprint=embedder.fingerprint if embedder else None)
+        return open_gallery(path, embedder, create=create)
     except GalleryError as e:
         _fail(str(e))
 
 
-def _cohort(embedder):
-    import numpy as np
+def _pipeline(embedder, device: str, min_face: int, min_prob: float):
+    from .people import face_pipeline
 
-    c = (embedder.meta.get("extra") or {}).get("cohort")
-    return None if c is None else np.asarray(c.float().numpy() if hasattr(c, "numpy") else c, dtype=np.float32)
-
-
-def _recalibrate(gallery, name: str, embedder, target_far: float, top_k: int) -> dict:
-    """Per-identity threshold at `target_far` on the model's impostor cohort (see verify.scoring)."""
-    from .scoring import calibrate_identity, pool_photos
-
-    vecs, meta = gallery.vectors(name)
-    _, pooled = pool_photos(vecs, meta["sha256"].to_numpy())
-    cohort = _cohort(embedder)
-    if cohort is None:
-        info = {"threshold": embedder.threshold, "calibrated": False, "photos": int(len(pooled))}
-    else:
-        cal = calibrate_identity(pooled, cohort, target_far=target_far, top_k=top_k)
-        info = {**cal.to_dict(), "calibrated": True, "photos": int(len(pooled))}
-    gallery.set_identity_info(name, info)
-    return info
-
-
-def _matcher(gallery, embedder, top_k: int = 3):
-    """Identity scoring over the gallery: FAISS finds candidate identities, then each candidate is
-    scored with its pooled photos and its own calibrated threshold."""
-    from .scoring import IdentityCalibration, IdentityMatcher, pool_photos
-
-    vecs, meta = gallery.vectors()
-    pooled, cals = {}, {}
-    for name, rows in meta.groupby("identity").indices.items():
-        _, pooled[name] = pool_photos(vecs[rows], meta["sha256"].to_numpy()[rows])
-        info = gallery.identity_info(name)
-        if info.get("calibrated"):
-            cals[name] = IdentityCalibration.from_dict(info)
-    n_ids = len(pooled)
-
-    def candidates(q):
-        res = gallery.search(q, k=min(len(gallery), 64))
-        return [[n for n in row if n is not None] for row in res.identities.tolist()]
-
-    return IdentityMatcher(pooled, cals, embedder.threshold, top_k=top_k, candidates=candidates if n_ids > 8 else None)
+    return face_pipeline(embedder, device, min_face, min_prob)
 
 
 @app.command()
@@ -219,50 +163,37 @@ def enroll(
     min_prob: MinProbOpt = 0.95,
 ) -> None:
     """Enroll NAME from photos: one face per photo (several: the largest), original + N augmented views."""
-    from .enroll import embed_enrollment, expand_inputs, outlier_photos
+    from index import GalleryError
+
+    from .people import collect_photos, enroll_person
 
     if not name.strip():
         _fail("NAME must not be empty")
     embedder = _load_embedder(model, device)
-    files, problems = expand_inputs(photos)
-    if not files:
-        missing = "".join(f"; {p}: {why}" for p, why in problems)
-        _fail("no image files found in " + ", ".join(str(p) for p in photos) + missing)
-    pipeline = _pipeline(embedder, device, min_face, min_prob)
-    g = _open_gallery(gallery, embedder, create=True)
-    from index import GalleryError
-
     try:
-        with g.locked():
-            known = set()
-            if name in set(g.identities()["identity"]):
-                known = set(g.vectors(name)[1]["sha256"])
-            batch = embed_enrollment(files, pipeline, embedder, n_views=augment, skip_hashes=known)
-            added = 0
-            for ph in batch.photos:
-                v = len(ph.vectors)
-                g.add(ph.vectors, name, sources=[ph.source] * v, sha256s=[ph.sha256] * v, views=list(range(v)))
-                added += v
-            info = _recalibrate(g, name, embedder, target_far, top_k=3) if name in set(g.identities()["identity"]) else None
-            flagged = []
-            if info:
-                vecs, meta = g.vectors(name)
-                flagged = outlier_photos(vecs, meta["sha256"].to_numpy(), embedder.threshold, _cohort(embedder))
-                src = dict(zip(meta["sha256"], meta["source"]))
-    except GalleryError as e:
+        collect_photos(photos)  # before the gallery exists: no photos, nothing created
+    except ValueError as e:
         _fail(str(e))
-    for w in batch.warnings:
+    g = _open_gallery(gallery, embedder, create=True)
+    try:
+        r = enroll_person(g, name, photos, _pipeline(embedder, device, min_face, min_prob), n_views=augment,
+                          target_far=target_far)
+    except (GalleryError, ValueError) as e:
+        _fail(str(e))
+    for w in r.warnings:
         typer.echo(f"warning: {w}", err=True)
-    for src_, why in problems + batch.skipped:
-        typer.echo(f"skipped: {src_}: {why}", err=True)
-    typer.echo(f"{name}: {len(batch.photos)} photos used, {len(problems) + len(batch.skipped)} skipped, "
-               f"{added} vectors added (gallery {g.path})")
+    for src, why in r.skipped:
+        typer.echo(f"skipped: {src}: {why}", err=True)
+    typer.echo(f"{name}: {r.photos_used} photos used, {len(r.skipped)} skipped, "
+               f"{r.vectors_added} vectors added (gallery {g.path})")
+    info = r.calibration
     if info:
-        far = f"estimated FAR {info['far']:.1e} on {info['cohort_size']} cohort faces" if info.get("calibrated") else "model threshold (no cohort in the model file)"
+        far = (f"estimated FAR {info['far']:.1e} on {info['cohort_size']} cohort faces" if info.get("calibrated")
+               else "model threshold (no cohort in the model file)")
         typer.echo(f"{name}: {info['photos']} photos enrolled; accept at distance <= {1 - info['threshold']:.4f} ({far})")
-    for sha, sim in flagged:
-        typer.echo(f"warning: {src[sha]}: far from {name}'s other photos (similarity {sim:.3f}); is it really {name}?", err=True)
-    if not batch.photos and not known:
+    for src, sim in r.outliers:
+        typer.echo(f"warning: {src}: far from {name}'s other photos (similarity {sim:.3f}); is it really {name}?", err=True)
+    if not r.photos_used and not r.known_before:
         raise typer.Exit(EXIT_NO)
 
 
@@ -280,7 +211,7 @@ def verify_cmd(
     """Is this photo me? For every face: nearest identity, distance, threshold, decision, estimated FAR.
 
     Exit code 0 when every photo has a matching face, 1 when any has none, 2 on error."""
-    import numpy as np
+    from .people import build_matcher, verify_photos
 
     embedder = _load_embedder(model, device)
     g = _open_gallery(gallery, embedder, create=False)
@@ -288,28 +219,19 @@ def verify_cmd(
         _fail(f"{g.path}: the gallery is empty; enroll someone first")
     if as_ is not None and as_ not in set(g.identities()["identity"]):
         _fail(f"{as_!r} is not enrolled in {g.path}")
-    matcher = _matcher(g, embedder)
-    pipeline = _pipeline(embedder, device, min_face, min_prob)
     all_matched = True
-    for res in pipeline.iter_process([str(p) for p in photos]):
-        faces = []
-        if res.ok and res.faces:
-            vecs = embedder.embed(np.stack([c for _, c in res.faces]))  # (F, D)
-            for (face, _), m in zip(res.faces, matcher(vecs, only=as_)):
-                faces.append({"box": [round(float(v), 1) for v in face.box], **m.to_dict()})
-        matched = any(f["match"] for f in faces)
-        all_matched &= matched
-        error = res.error if not res.ok else (None if faces else "no face found")
+    for v in verify_photos(photos, _pipeline(embedder, device, min_face, min_prob), build_matcher(g, embedder), only=as_):
+        all_matched &= v.matched
         if json_:
-            typer.echo(json.dumps({"image": res.source, "faces": faces, "error": error}, ensure_ascii=False))
+            typer.echo(json.dumps({"image": v.source, "faces": v.faces, "error": v.error}, ensure_ascii=False))
             continue
-        if error:
-            typer.echo(f"{res.source}: {error}")
-        for i, f in enumerate(faces):
+        if v.error:
+            typer.echo(f"{v.source}: {v.error}")
+        for i, f in enumerate(v.faces):
             verdict = f"MATCH {f['identity']}" if f["match"] else f"no match (nearest {f['nearest']})"
             at_least = ">= " if f.get("far_at_least") else ""
             far = f", est. FAR {at_least}{f['far']:.1e}" if f["far"] is not None else ""
-            typer.echo(f"{res.source} face {i}: {verdict}, distance {f['distance']:.4f} "
+            typer.echo(f"{v.source} face {i}: {verdict}, distance {f['distance']:.4f} "
                        f"(threshold {f['threshold']:.4f}{far})")
     raise typer.Exit(EXIT_OK if all_matched else EXIT_NO)
 
@@ -332,6 +254,7 @@ def scan(
 
     Exit code 0 when at least one face matched, 1 when none did, 2 on error."""
     from .faces import DetectorConfig
+    from .people import build_matcher
     from .scan import ScanError, prestart_face_workers, run_scan
 
     if workers > 0 and not device.startswith("cuda"):  # face workers run on the CPU only
@@ -342,7 +265,7 @@ def scan(
     if len(g) == 0:
         _fail(f"{g.path}: the gallery is empty; enroll someone first")
     try:
-        summary = run_scan(folders, embedder=embedder, matcher=_matcher(g, embedder), out=out, workers=workers,
+        summary = run_scan(folders, embedder=embedder, matcher=build_matcher(g, embedder), out=out, workers=workers,
                            batch_size=batch_size, resume=resume,
                            detector_config=DetectorConfig(min_face_size=min_face, min_prob=min_prob, device=device))
     except (ScanError, OSError, ValueError) as e:

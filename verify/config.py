@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from .atomic import atomic_write_text
+
 
 class ConfigError(ValueError):
     pass
@@ -215,6 +217,5 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    from .runtime import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -174,7 +174,7 @@ def import_dlib_model(
     from .config import DataConfig, TrainConfig
     from .model_file import save_model
     from .runtime import resolve_device
-    from .train import Dist, evaluate_identity, git_commit, prepare_data
+    from .training import Dist, evaluate_identity, git_commit, prepare_data
 
     src = Path(dat_path) if dat_path else dlib_model_path()
     net, parsed = load_dlib_resnet(src)

@@ -5,7 +5,7 @@ shift, flip), then detected and aligned again. Augmenting the aligned crop itsel
 face off the alignment the model was trained on, and measurably hurt (scripts/scenario.py: 51.4%
 true accepts with 8 such views, 55.7% with none, 56.2% with 8 re-aligned views).
 
-Numpy out; the CLI adds the vectors to the gallery (verify/ never imports index/)."""
+Numpy out; verify.people adds the vectors to the gallery."""
 
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from .augment import augment_views
-from .faces import FacePipeline, is_image_file, shrink
-from .model_file import Embedder
+from .faces import FacePipeline, ImageFaces, is_image_file, shrink
 from .scoring import normalise, pool_photos
 
 log = logging.getLogger(__name__)
@@ -72,16 +71,22 @@ def face_region(image: np.ndarray, box: Sequence[float], margin: float = 0.5, ma
     return region
 
 
-def augmented_view_crops(image: np.ndarray, box: Sequence[float], pipeline: FacePipeline, n_views: int,
-                         generator: torch.Generator | None = None, **augment: object) -> list[np.ndarray]:
-    """Up to `n_views` aligned crops of the face in `box`: each from an augmented copy of the region
-    around it, detected and aligned again (the largest face of the view). A view in which no face is
-    found is dropped, so fewer may come back."""
+def augmented_view_faces(image: np.ndarray, box: Sequence[float], pipeline: FacePipeline, n_views: int,
+                         generator: torch.Generator | None = None, **augment: object) -> list[ImageFaces]:
+    """Up to `n_views` results of the face in `box`: each from an augmented copy of the region around
+    it, detected and aligned again (and embedded, when the pipeline has an embedder); the largest face
+    of a view is `faces[0]`. A view in which no face is found is dropped, so fewer may come back."""
     if n_views < 1:
         return []
     region = face_region(image, box)
     views = augment_views(region, n_views, generator=generator, include_original=False, **augment)  # (n, h, w, 3)
-    return [res.faces[0].crop for res in pipeline.process(list(views)) if res.ok and res.faces]
+    return [res for res in pipeline.process(list(views)) if res.ok and res.faces]
+
+
+def augmented_view_crops(image: np.ndarray, box: Sequence[float], pipeline: FacePipeline, n_views: int,
+                         generator: torch.Generator | None = None, **augment: object) -> list[np.ndarray]:
+    """The aligned crops of `augmented_view_faces`: (S, S, 3) each."""
+    return [res.faces[0].crop for res in augmented_view_faces(image, box, pipeline, n_views, generator, **augment)]
 
 
 @dataclass
@@ -103,7 +108,6 @@ class EnrollmentBatch:
 def embed_enrollment(
     paths: Sequence[Path],
     pipeline: FacePipeline,
-    embedder: Embedder,
     *,
     n_views: int = 8,
     augment: dict | None = None,
@@ -111,7 +115,9 @@ def embed_enrollment(
     skip_hashes: set[str] | None = None,
 ) -> EnrollmentBatch:
     """Embed each photo's largest face plus up to `n_views` augmented views of it (made on the fly,
-    re-detected and re-aligned: `augmented_view_crops`)."""
+    re-detected and re-aligned: `augmented_view_faces`). `pipeline` must have an embedder."""
+    if pipeline.embedder is None:
+        raise ValueError("embed_enrollment needs a FacePipeline with an embedder")
     out = EnrollmentBatch()
     augment = {**DEFAULT_VIEW_AUGMENT, **(augment or {})}
     gen = torch.Generator().manual_seed(seed)
@@ -138,14 +144,14 @@ def embed_enrollment(
             continue
         if len(res.faces) > 1:
             out.warnings.append(f"{p}: {len(res.faces)} faces found; using the largest")
-        face, crop = res.faces[0]
-        crops = [crop]
+        face = res.faces[0].face
+        vecs = [res.embeddings[0]]
         if n_views > 0:
-            crops += augmented_view_crops(res.image, face.box, pipeline, n_views, gen, **augment)
+            vecs += [v.embeddings[0] for v in augmented_view_faces(res.image, face.box, pipeline, n_views, gen, **augment)]
             res.image = None  # done with the pixels
-            if len(crops) < 1 + n_views:
-                log.info("%s: %d of %d augmented views kept a detectable face", p, len(crops) - 1, n_views)
-        vecs = embedder.embed(np.stack(crops))  # (V, D)
+            if len(vecs) < 1 + n_views:
+                log.info("%s: %d of %d augmented views kept a detectable face", p, len(vecs) - 1, n_views)
+        vecs = np.stack(vecs)  # (V, D)
         out.photos.append(EnrolledPhoto(str(p), digest, vecs, len(res.faces), tuple(float(v) for v in face.box)))
     return out
 

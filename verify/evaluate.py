@@ -21,8 +21,6 @@ Choices, stated once:
 from __future__ import annotations
 
 import logging
-import os
-import stat
 from pathlib import Path
 from typing import Any, Callable, Mapping, MutableMapping, Sequence
 
@@ -31,10 +29,11 @@ import numpy as np
 from verify.faces import (
     AlignedFace, DetectorConfig, FaceDetector, FacePipeline, ImageLoadError, align, fixed_crop, load_image,
 )
-from verify.metrics import accuracy_at, auc, best_accuracy_threshold, eer, kfold_accuracy, roc_curve, tar_at_far
-from verify.model_file import Embedder, ModelFileError, fingerprint, read_model_file
+from verify.atomic import atomic_path
+from verify.metrics import ORACLE_NOTE, auc, best_accuracy_threshold, roc_curve, summarise_verification
+from verify.model_file import Embedder, attach_cohort
 from verify.pairs import lfw_image_path, read_lfw_pairs
-from verify.runtime import atomic_path, resolve_device
+from verify.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,6 @@ LFW_LANDMARKS = np.array(
     [[105.0, 114.0], [146.6, 112.5], [126.5, 137.2], [108.4, 159.4], [144.7, 158.4]], dtype=np.float64
 )
 
-ORACLE_NOTE = "optimistic: best threshold chosen on these same pairs"
 OVERLAP_NOTE = (
     "CelebA celebrities and LFW people overlap in part: LFW figures of a model trained on CelebA are optimistic"
 )
@@ -179,7 +177,7 @@ def _embed_status(
     return emb, errors, statuses
 
 
-class _Batcher:
+class _CropBatcher:
     """Collects (S, S, 3) crops and embeds them `batch_size` at a time (bounded memory)."""
 
     def __init__(self, embedder: Embedder, batch_size: int, out: dict) -> None:
@@ -214,7 +212,7 @@ def _progress_bar(total: int, progress: bool, desc: str):
 
 def _embed_aligned(paths, embedder, *, batch_size, progress, **_) -> dict:
     out: dict[Path, tuple[np.ndarray, str | None, str]] = {}
-    batcher = _Batcher(embedder, batch_size, out)
+    batcher = _CropBatcher(embedder, batch_size, out)
     geometry = embedder.geometry
     with _progress_bar(len(paths), progress, "embedding (aligned)") as bar:
         for p in paths:
@@ -230,9 +228,9 @@ def _embed_aligned(paths, embedder, *, batch_size, progress, **_) -> dict:
 
 def _embed_detected(paths, embedder, *, detector_config, batch_size, progress, face_choice, no_face) -> dict:
     config = detector_config or DetectorConfig(device=embedder.device.type)
-    pipeline = FacePipeline(FaceDetector(config), embedder.geometry)
+    pipeline = FacePipeline(FaceDetector(config), embedder=embedder)
     out: dict[Path, tuple[np.ndarray, str | None, str]] = {}
-    batcher = _Batcher(embedder, batch_size, out)
+    batcher = _CropBatcher(embedder, batch_size, out)
     found_landmarks: dict[tuple[int, int], list[np.ndarray]] = {}  # image size -> chosen faces' landmarks
     faceless: list[tuple[Path, tuple[int, int]]] = []
     with _progress_bar(len(paths), progress, "detecting + embedding") as bar:
@@ -245,7 +243,7 @@ def _embed_detected(paths, embedder, *, detector_config, batch_size, progress, f
             else:
                 i = choose_face(res.faces, res.image_size) if face_choice == "central" else 0
                 found_landmarks.setdefault(res.image_size, []).append(res.faces[i].face.landmarks)
-                batcher.add(p, res.faces[i].crop, None, "ok")
+                out[p] = (res.embeddings[i], None, "ok")
     for p, size in faceless:
         if no_face == "fail":
             out[p] = (_nan_row(embedder), f"{p}: no face found", "no_face")
@@ -285,55 +283,6 @@ def pair_scores(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------------
 # Pair-file evaluation
-
-
-def far_key(far: float) -> str:
-    """1e-2 -> "1e-02" (the tar_at_far keys); a FAR that is not a power of ten as %g (0.25 -> "0.25")."""
-    key = f"{far:.0e}"
-    return key if float(key) == far else f"{far:g}"
-
-
-def summarise_scores(
-    scores: np.ndarray,
-    labels: np.ndarray,
-    *,
-    folds: np.ndarray | None = None,
-    threshold: float | None = None,
-    fars: Sequence[float] = (1e-2, 1e-3),
-) -> dict:
-    """Metrics of one scored pair set.
-
-    `accuracy`: k-fold (threshold chosen on the other folds; `threshold` reports their mean) when
-    `folds` is given, else at the given `threshold` (`accuracy_std` None: one threshold, no spread).
-    `accuracy_oracle`: at the best threshold for these very pairs (optimistic). `tar_at_far[far_key(f)]`
-    is None where the impostor pairs are too few to measure that FAR (f * impostors < 1).
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels).astype(bool)
-    if folds is None and threshold is None:
-        raise ValueError("summarise_scores needs folds or a threshold")
-    out: dict[str, Any] = {}
-    if folds is not None:
-        acc, acc_std, fold_thr = kfold_accuracy(s, y, folds=np.asarray(folds))
-        out.update(accuracy=acc, accuracy_std=acc_std, threshold=float(np.mean(fold_thr)),
-                   fold_thresholds=[float(t) for t in fold_thr])
-    else:
-        out.update(accuracy=accuracy_at(s, y, float(threshold)), accuracy_std=None, threshold=float(threshold))
-    oracle_t, oracle_acc = best_accuracy_threshold(s, y)
-    out.update(accuracy_oracle=oracle_acc, accuracy_oracle_threshold=oracle_t, accuracy_oracle_note=ORACLE_NOTE)
-    both = bool(y.any() and (~y).any())
-    if both:
-        far, tar, _ = roc_curve(s, y)
-        out["auc"] = auc(far, tar)
-        out["eer"] = eer(s, y)[0]
-    else:
-        out["auc"] = out["eer"] = None
-    n_imp = int((~y).sum())
-    tars: dict[str, float | None] = {}
-    for f in fars:
-        tars[far_key(f)] = tar_at_far(s, y, f)[0] if both and f * n_imp >= 1 else None
-    out.update(tar_at_far=tars, pairs=int(len(s)), genuine=int(y.sum()), impostor=n_imp)
-    return out
 
 
 def _pair_paths(pairs, images_root: Path) -> tuple[list[Path], list[Path]]:
@@ -411,18 +360,18 @@ def evaluate_pairs(
     if has_folds:
         k = len(np.unique(fold_ids))
         protocol = f"{k}-fold: each fold's threshold chosen on the other {k - 1} folds of {pairs_file.name}"
-        summary = summarise_scores(scores, labels, folds=fold_ids, fars=fars)
+        summary = summarise_verification(scores, labels, folds=fold_ids, fars=fars)
     elif ref is not None:
         ref_scores = pair_scores(emb[2 * n : 2 * n + len(ref)], emb[2 * n + len(ref) :])
         thr, _ = best_accuracy_threshold(ref_scores, ref["same"].to_numpy(dtype=bool))
         protocol = f"threshold chosen on {Path(threshold_from).name} ({len(ref)} pairs, best accuracy)"
-        summary = summarise_scores(scores, labels, threshold=thr, fars=fars)
+        summary = summarise_verification(scores, labels, threshold=thr, fars=fars)
     else:
         cal = embedder.meta.get("calibration") or {}
         where = cal.get("data", "data not recorded in the model file")
         at = f" at FAR {float(cal['target_far']):g}" if "target_far" in cal else ""
         protocol = f"threshold from the model file (calibrated on {where}{at})"
-        summary = summarise_scores(scores, labels, threshold=embedder.threshold, fars=fars)
+        summary = summarise_verification(scores, labels, threshold=embedder.similarity_threshold, fars=fars)
 
     caveats = [f"accuracy_oracle is {ORACLE_NOTE}"]
     if not aligned:
@@ -566,32 +515,6 @@ def build_cohort(
     return np.stack(cohort).astype(np.float32)  # (C, D)
 
 
-def attach_cohort(model_path: Path, cohort: np.ndarray, source: str) -> None:
-    """Rewrite the model file (atomically, same permissions) with `extra["cohort"]` (C, D) float16
-    unit rows and `extra["cohort_source"]`. The fingerprint hashes the weights only: it does not change."""
-    import torch
-
-    model_path = Path(model_path)
-    blob = read_model_file(model_path)
-    c = np.asarray(cohort, dtype=np.float32)
-    dim = int(blob["embedding_dim"])
-    if c.ndim != 2 or c.shape[0] == 0 or c.shape[1] != dim:
-        raise ValueError(f"{model_path}: cohort must be (C, {dim}) with C >= 1, got shape {c.shape}")
-    if not np.isfinite(c).all():
-        raise ValueError(f"{model_path}: cohort has non-finite values")
-    c = c / np.linalg.norm(c, axis=1, keepdims=True).clip(1e-12)
-    if fingerprint(blob["state_dict"]) != blob.get("fingerprint"):
-        raise ModelFileError(f"{model_path}: weights do not match the stored fingerprint; not rewriting it")
-    extra = dict(blob.get("extra") or {})
-    extra["cohort"] = torch.from_numpy(c).to(torch.float16)
-    extra["cohort_source"] = str(source)
-    blob["extra"] = extra
-    mode = stat.S_IMODE(os.stat(model_path).st_mode)
-    with atomic_path(model_path, mode=mode) as tmp:
-        torch.save(blob, tmp)
-    log.info("%s: attached a cohort of %d faces (%s)", model_path, len(c), source)
-
-
 def calibrate_model(
     model_path: Path,
     pairs_file: Path,
@@ -619,7 +542,6 @@ def calibrate_model(
 
 
 __all__ = [
-    "FAILED_SCORE", "attach_cohort", "build_cohort", "calibrate_model", "choose_face", "embed_images",
-    "evaluate_pairs", "fallback_landmarks", "far_key", "lfw_people_images", "pair_scores", "roc_plot",
-    "summarise_scores",
+    "FAILED_SCORE", "build_cohort", "calibrate_model", "choose_face", "embed_images",
+    "evaluate_pairs", "fallback_landmarks", "lfw_people_images", "pair_scores", "roc_plot",
 ]

@@ -219,47 +219,64 @@ def kfold_accuracy(
     return float(np.mean(accs)), float(np.std(accs)), np.asarray(thresholds)
 
 
+ORACLE_NOTE = "optimistic: best threshold chosen on these same pairs"
+
+
+def far_key(far: float) -> str:
+    """The one spelling of a FAR as a `tar_at_far` key: 1e-2 -> "1e-02"; a FAR that is not a power of
+    ten as %g (0.25 -> "0.25")."""
+    key = f"{far:.0e}"
+    return key if float(key) == far else f"{far:g}"
+
+
 def summarise_verification(
     scores: ArrayLike,
     labels: ArrayLike,
+    *,
     fars: Sequence[float] = (1e-2, 1e-3),
     folds: np.ndarray | None = None,
-    distances: bool = False,
     n_folds: int = 10,
+    threshold: float | None = None,
+    distances: bool = False,
 ) -> dict:
-    """One dict of plain python values for reports.
+    """The verification summary of one scored pair set, plain python values (JSON-ready).
 
-    Keys: accuracy / accuracy_std (k-fold), auc, eer, eer_threshold, tar_at_far ({"0.01": tar, ...};
-    None where far < 1/impostors, which these pairs cannot measure), pairs, genuine, impostor,
-    threshold (best-accuracy threshold on all pairs, the one to deploy).
+    `accuracy`: at `threshold` when one is given (`accuracy_std` None: one threshold, no spread), else
+    k-fold (`folds`, or `default_folds(labels, n_folds)`), with `threshold` the mean of the folds'
+    thresholds and `fold_thresholds` each. `accuracy_oracle`: at the best threshold for these very
+    pairs (optimistic). `tar_at_far[far_key(f)]` is None where the impostors are too few to measure
+    that FAR (f * impostors < 1); `auc` / `eer` are None without both genuine and impostor pairs.
+    Thresholds are in the units of `scores` (distances with `distances=True`).
     """
     s, y = _prepare(scores, labels, distances)
-    if y.all() or not y.any():
-        raise ValueError("summarise_verification needs both genuine and impostor pairs")
-    acc, acc_std, _ = kfold_accuracy(s, y, folds=folds, n_folds=n_folds)
-    far, tar, _ = _roc_points(s, y)
-    eer_value, eer_t = eer(s, y)
+    out: dict = {}
+    if threshold is None:
+        acc, acc_std, fold_thr = kfold_accuracy(s, y, folds=folds, n_folds=n_folds)
+        fold_thr = [_out_threshold(t, distances) for t in fold_thr]
+        out.update(accuracy=acc, accuracy_std=acc_std, threshold=float(np.mean(fold_thr)), fold_thresholds=fold_thr)
+    else:
+        t = -threshold if distances else threshold
+        out.update(accuracy=float(np.mean((s >= t) == y)), accuracy_std=None, threshold=float(threshold))
+    oracle_t, oracle_acc = _best_threshold(s, y)
+    out.update(accuracy_oracle=oracle_acc, accuracy_oracle_threshold=_out_threshold(oracle_t, distances),
+               accuracy_oracle_note=ORACLE_NOTE)
+    both = bool(y.any() and (~y).any())
+    if both:
+        far, tar, _ = _roc_points(s, y)
+        eer_value, eer_t = eer(s, y)
+        out.update(auc=auc(far, tar), eer=eer_value, eer_threshold=_out_threshold(eer_t, distances))
+    else:
+        out.update(auc=None, eer=None, eer_threshold=None)
     n_imp = int((~y).sum())
     tars: dict[str, float | None] = {}
     for f in fars:
-        if f * n_imp < 1:
-            log.info("TAR@FAR=%g not reported: only %d impostor pairs", f, n_imp)
-            tars[f"{f:g}"] = None
+        if both and f * n_imp >= 1:
+            tars[far_key(f)] = tar_at_far(s, y, f)[0]
         else:
-            tars[f"{f:g}"] = tar_at_far(s, y, f)[0]
-    t, _ = _best_threshold(s, y)
-    return {
-        "accuracy": acc,
-        "accuracy_std": acc_std,
-        "auc": auc(far, tar),
-        "eer": eer_value,
-        "eer_threshold": _out_threshold(eer_t, distances),
-        "tar_at_far": tars,
-        "pairs": int(len(s)),
-        "genuine": int(y.sum()),
-        "impostor": n_imp,
-        "threshold": _out_threshold(t, distances),
-    }
+            log.debug("TAR@FAR=%g not reported: only %d impostor pairs", f, n_imp)
+            tars[far_key(f)] = None
+    out.update(tar_at_far=tars, pairs=int(len(s)), genuine=int(y.sum()), impostor=n_imp)
+    return out
 
 
 # ---- attributes ----------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +14,8 @@ import numpy as np
 import torch
 
 from .backbones import Backbone, backbone_from_config
+from .atomic import atomic_path
 from .geometry import NORMALISATION, CropGeometry
-from .runtime import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,30 @@ def read_model_file(path: str | Path) -> dict:
     return blob
 
 
+def attach_cohort(model_path: Path, cohort: np.ndarray, source: str) -> None:
+    """Rewrite the model file (atomically, same permissions) with `extra["cohort"]` (C, D) float16
+    unit rows and `extra["cohort_source"]`. The fingerprint hashes the weights only: it does not change."""
+    model_path = Path(model_path)
+    blob = read_model_file(model_path)
+    c = np.asarray(cohort, dtype=np.float32)
+    dim = int(blob["embedding_dim"])
+    if c.ndim != 2 or c.shape[0] == 0 or c.shape[1] != dim:
+        raise ValueError(f"{model_path}: cohort must be (C, {dim}) with C >= 1, got shape {c.shape}")
+    if not np.isfinite(c).all():
+        raise ValueError(f"{model_path}: cohort has non-finite values")
+    c = c / np.linalg.norm(c, axis=1, keepdims=True).clip(1e-12)
+    if fingerprint(blob["state_dict"]) != blob.get("fingerprint"):
+        raise ModelFileError(f"{model_path}: weights do not match the stored fingerprint; not rewriting it")
+    extra = dict(blob.get("extra") or {})
+    extra["cohort"] = torch.from_numpy(c).to(torch.float16)
+    extra["cohort_source"] = str(source)
+    blob["extra"] = extra
+    mode = stat.S_IMODE(os.stat(model_path).st_mode)
+    with atomic_path(model_path, mode=mode) as tmp:
+        torch.save(blob, tmp)
+    log.info("%s: attached a cohort of %d faces (%s)", model_path, len(c), source)
+
+
 @dataclass
 class Embedder:
     """A loaded model: uint8 face crops in, L2-normalised float32 embeddings out."""
@@ -102,8 +128,15 @@ class Embedder:
         return self.meta["fingerprint"]
 
     @property
-    def threshold(self) -> float:
+    def similarity_threshold(self) -> float:
+        """The model's pair threshold: accept when cosine similarity >= this."""
         return float(self.meta["threshold"])
+
+    @property
+    def cohort(self) -> np.ndarray | None:
+        """(C, D) float32 impostor cohort shipped in the model file (`attach_cohort`), or None."""
+        c = (self.meta.get("extra") or {}).get("cohort")
+        return None if c is None else np.asarray(c.float().numpy() if hasattr(c, "numpy") else c, dtype=np.float32)
 
     @property
     def dim(self) -> int:

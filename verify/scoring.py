@@ -41,7 +41,7 @@ def identity_scores(queries: np.ndarray, pooled: np.ndarray, top_k: int = 3) -> 
 
 @dataclass(frozen=True)
 class IdentityCalibration:
-    threshold: float  # on the identity score (similarity: accept when score >= threshold)
+    similarity_threshold: float  # on the identity score (accept when similarity score >= this)
     target_far: float
     far: float  # FAR of the threshold on the cohort
     top_k: int
@@ -59,7 +59,7 @@ class IdentityCalibration:
         return len(self.tail) < self.cohort_size and (not self.tail or score < self.tail[-1])
 
     def to_dict(self) -> dict:
-        return {"threshold": self.threshold, "target_far": self.target_far, "far": self.far, "top_k": self.top_k,
+        return {"threshold": self.similarity_threshold, "target_far": self.target_far, "far": self.far, "top_k": self.top_k,
                 "cohort_size": self.cohort_size, "tail": [round(float(v), 6) for v in self.tail]}
 
     @classmethod
@@ -91,14 +91,14 @@ class Match:
 
     identity: str | None  # best-scoring enrolled identity (reported even when not a match)
     distance: float  # 1 - identity score
-    threshold: float  # distance threshold of that identity (accept when distance <= threshold)
+    distance_threshold: float  # of that identity: accept when distance <= distance_threshold
     match: bool
     far: float | None  # estimated false-accept rate of accepting at this score
     far_at_least: bool = False  # `far` is a lower bound (a score below the stored cohort tail: a clear reject)
 
     def to_dict(self) -> dict:
         return {"identity": self.identity if self.match else None, "nearest": self.identity,
-                "distance": round(self.distance, 6), "threshold": round(self.threshold, 6), "match": self.match,
+                "distance": round(self.distance, 6), "threshold": round(self.distance_threshold, 6), "match": self.match,
                 "far": self.far, "far_at_least": self.far_at_least}
 
 
@@ -110,16 +110,16 @@ class IdentityMatcher:
     """
 
     def __init__(self, pooled: dict[str, np.ndarray], calibrations: dict[str, IdentityCalibration],
-                 default_threshold: float, top_k: int = 3, candidates=None) -> None:
+                 default_similarity_threshold: float, top_k: int = 3, candidates=None) -> None:
         self.pooled = pooled
         self.calibrations = calibrations
-        self.default_threshold = float(default_threshold)  # similarity, from the model file
+        self.default_similarity_threshold = float(default_similarity_threshold)  # from the model file
         self.top_k = top_k
         self.candidates = candidates
 
-    def threshold_of(self, name: str) -> float:
+    def similarity_threshold_of(self, name: str) -> float:
         cal = self.calibrations.get(name)
-        return cal.threshold if cal else self.default_threshold
+        return cal.similarity_threshold if cal else self.default_similarity_threshold
 
     def __call__(self, queries: np.ndarray, only: str | None = None) -> list[Match]:
         """(F, D) face embeddings -> one Match per face; `only` checks one claimed identity (1:1)."""
@@ -139,13 +139,13 @@ class IdentityMatcher:
             best: Match | None = None
             for name in dict.fromkeys(c for c in cands if c in self.pooled):
                 score = float(identity_scores(q[None], self.pooled[name], self.top_k)[0])
-                thr = self.threshold_of(name)
+                thr = self.similarity_threshold_of(name)
                 cal = self.calibrations.get(name)
                 m = Match(name, 1.0 - score, 1.0 - thr, score >= thr, cal.estimated_far(score) if cal else None,
                           bool(cal and cal.far_is_lower_bound(score)))
                 # Prefer accepted identities, then the largest margin over their own threshold.
                 key = (m.match, score - thr)
-                if best is None or key > (best.match, (1.0 - best.distance) - (1.0 - best.threshold)):
+                if best is None or key > (best.match, (1.0 - best.distance) - (1.0 - best.distance_threshold)):
                     best = m
-            out.append(best or Match(None, float("inf"), 1.0 - self.default_threshold, False, None))
+            out.append(best or Match(None, float("inf"), 1.0 - self.default_similarity_threshold, False, None))
         return out

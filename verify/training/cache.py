@@ -26,10 +26,8 @@ from filelock import FileLock
 from PIL import Image
 from tqdm import tqdm
 
-from .geometry import CropGeometry
-
-# verify.runtime (atomic writes) imports torch: it is imported where used, so that importing this
-# module for decoding (spawned workers where fork is unavailable) stays light.
+from ..atomic import atomic_path, atomic_write_text
+from ..geometry import CropGeometry
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +171,6 @@ class ImageCache:
         progress: bool,
         name: str,
     ) -> None:
-        from .runtime import atomic_path, atomic_write_text
-
         n, s = len(paths), geometry.size
         if workers is None:
             workers = min(2, os.cpu_count() or 1)

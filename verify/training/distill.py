@@ -26,7 +26,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import AugmentParams, BatchAugment
+from ..atomic import atomic_path
+from ..augment import AugmentParams, BatchAugment
+from ..config import TrainConfig
+from ..geometry import CropGeometry
+from ..model_file import Embedder
+from .cache import ImageCache
+from .data import FaceData, dataset_name
+from .dist import Dist
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +98,6 @@ class TeacherTargets:
         return params, F.normalize(t, dim=1).to(device)
 
     def save(self, path: Path) -> None:
-        from .runtime import atomic_path
-
         buf = io.BytesIO()
         np.savez(buf, vectors=self.vectors, params=self.params, rows=self.rows, mean=self.mean,
                  meta=np.frombuffer(json.dumps({"format_version": FORMAT_VERSION, "teacher": self.teacher}).encode(),
@@ -160,3 +165,38 @@ def targets_key(teacher_fingerprint: str, data_name: str, box, size: int, n_rows
     blob = json.dumps([teacher_fingerprint, data_name, [float(v) for v in box], size, n_rows, views,
                        augment.extra_repr(), seed, FORMAT_VERSION])
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def prepare_teacher(cfg: TrainConfig, data: FaceData, rows: np.ndarray, device: torch.device, dist: Dist,
+                    progress: bool = True) -> TeacherTargets:
+    """The teacher's vectors for `cfg.identity.teacher_views` views of `rows`, computed once and cached
+    (keyed by teacher, data, crop box, views, augmentation and seed). The teacher sees the same box of
+    each image as the student, at its own input size."""
+    ic = cfg.identity
+    teacher = Embedder.load(ic.teacher, device=device)
+    tgeo = CropGeometry(teacher.geometry.size, cfg.data.box)
+    if tuple(teacher.geometry.box) != tuple(cfg.data.box):
+        log.warning("teacher %s was made for the crop box %s, the data uses %s: it sees a different crop",
+                    ic.teacher, teacher.geometry.box, cfg.data.box)
+    if teacher.dim != cfg.model.embedding_dim:
+        raise ValueError(f"identity.teacher {ic.teacher} gives {teacher.dim}-d vectors, the student "
+                         f"{cfg.model.embedding_dim}-d (set model.embedding_dim to match)")
+    name = dataset_name(cfg.data.roots)
+    augment = BatchAugment.from_config(cfg.augment)
+    key = targets_key(teacher.fingerprint, name, cfg.data.box, tgeo.size, len(rows), ic.teacher_views, augment, cfg.seed)
+    path = Path(cfg.data.cache_dir) / f"teacher-{name}-{key}.npz"
+    if dist.main and not path.exists():
+        cache = ImageCache.build_or_load(data.table["path"].tolist(), tgeo, cfg.data.cache_dir, name=name,
+                                         workers=cfg.data.cache_workers)
+        if not np.asarray(cache.ok, dtype=bool).all():
+            raise ValueError("an image the student cache decoded failed in the teacher's cache")
+        log.info("teacher %s: embedding %d views of %d images", ic.teacher, ic.teacher_views, len(rows))
+        targets = compute_teacher_targets(teacher.net, cache.images, rows, augment.to(device), ic.teacher_views,
+                                          cfg.seed, device, teacher.fingerprint, progress=progress)
+        targets.save(path)
+    dist.barrier()
+    targets = TeacherTargets.load(path, center=ic.teacher_center)
+    if targets.teacher != teacher.fingerprint:  # pragma: no cover - the key holds the fingerprint
+        raise ValueError(f"{path}: made with teacher {targets.teacher}, not {teacher.fingerprint}")
+    log.info("teacher targets %s: %d images x %d views", path.name, len(targets.rows), targets.views)
+    return targets
