@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_scan.py [--images 300] [--workers 2] [--fr-env /tmp/frenv]
                                          [--model PATH] [--breakdown auto|in-process|none]
-                                         [--photo-size 4032x3024]
+                                         [--photo-size 4032x3024] [--html --repeats 3]
 
 Photos: LFW deep-funneled (../shared/data/lfw/lfw-deepfunneled, 250x250 JPEGs, one or more faces
 each), copied into a temporary folder (never into the repository). One person (default: the LFW
@@ -34,13 +34,15 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, SHARED_DATA, parse_size, print_table, resolve_model, run_measured  # noqa: E402
 
 LFW = SHARED_DATA / "lfw" / "lfw-deepfunneled"
 FACEVERIFY = REPO / ".venv" / "bin" / "faceverify"
-STAGE_ORDER = ("walk", "start", "decode", "decode_wait", "detect", "align", "embed", "match", "write", "report")
+STAGE_ORDER = ("walk", "start", "decode", "decode_wait", "detect", "align", "embed", "thumbs", "match", "write",
+               "report", "html")
 FR_NOT_INSTALLED = "face_recognition: not installed (see bench/README.md)"
 
 
@@ -131,6 +133,36 @@ def scan_result(report: Path, person: str) -> str:
     return f"{len(matched)} photos matched {person}, {no_face} without a face ({sum(r['status'] == 'face' for r in rows)} faces)"
 
 
+def html_costs(scan_argv: list[str], report: Path, tmp: Path, env: dict, repeats: int, n: int,
+               first_plain: float) -> Callable[[], None]:
+    """`scan` vs `scan --html` on the same folder, alternating; returns what prints the medians and
+    the page's cost in %."""
+    import statistics
+
+    def swap_out(out: Path) -> list[str]:
+        return [a if a != str(report) else str(out) for a in scan_argv]
+
+    plain, html = [first_plain], []
+    for i in range(repeats):
+        page = tmp / f"page-{i}" / "report.html"
+        html.append(run_measured(swap_out(tmp / f"report-html-{i}.csv") + ["--html", str(page)], env=env)
+                    .check("faceverify scan --html").seconds)
+        if i < repeats - 1:
+            plain.append(run_measured(swap_out(tmp / f"report-plain-{i}.csv"), env=env).check("faceverify scan").seconds)
+    p, h = statistics.median(plain), statistics.median(html)
+
+    def show() -> None:
+        print(f"\nscan --html against the plain scan, {n} photos, alternating ({len(plain)} + {len(html)} runs, "
+              "medians)\n")
+        print_table(("command", "wall s (runs)", "median s", "images/s", "vs plain scan"),
+                    [("faceverify scan", " / ".join(f"{x:.1f}" for x in plain), f"{p:.1f}", f"{n / p:.1f}", "1.00x"),
+                     ("faceverify scan --html", " / ".join(f"{x:.1f}" for x in html), f"{h:.1f}", f"{n / h:.1f}",
+                      f"{h / p:.3f}x time ({100 * (h - p) / p:+.1f}%)")],
+                    right=(False, True, True, True, True))
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=300, help="photos in the scanned folder")
@@ -146,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lfw", default=str(LFW))
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
     ap.add_argument("--photo-size", default=None, help="WxH: scan phone-sized versions of the photos")
+    ap.add_argument("--html", action="store_true",
+                    help="also time `scan --html` (the HTML page and its thumbnails) against the plain scan, "
+                         "alternating, --repeats times each")
+    ap.add_argument("--repeats", type=int, default=3, help="with --html: runs of each, alternating")
     args = ap.parse_args(argv)
 
     fr_cli = Path(args.fr_env) / "bin" / "face_recognition"
@@ -190,6 +226,11 @@ def main(argv: list[str] | None = None) -> None:
             ours.check("faceverify scan")
             rows.append(("faceverify scan", ours.seconds, ours.max_rss_mb, ours.tree_peak_mb,
                          scan_result(report, person)))
+
+        show_html_costs = None
+        if args.html and ours is not None:
+            show_html_costs = html_costs(scan_argv, report, tmp, env, args.repeats, len(scan_photos),
+                                         first_plain=ours.seconds)
 
         if fr_cli.exists():
             fr = run_measured([str(fr_cli), str(known), str(folder), "--cpus", str(args.workers)])
@@ -243,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
             print_table(("stage", "seconds", "ms/image", "where"),
                         [(k, f"{stages[k]:.2f}", f"{1000 * stages[k] / n:.1f}",
                           where if k in in_workers else "main process") for k in keys])
+        if show_html_costs is not None:
+            show_html_costs()
     finally:
         if args.keep:
             print(f"\nkept {tmp}")

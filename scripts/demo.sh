@@ -42,7 +42,8 @@ cp "${PHOTOS[@]:24:6}" "$WORK/photos/sub/"
 ls -d "$DATA"/lfw/lfw-deepfunneled/*/ | sed -n '100,139p' | while read -r d; do cp "$(ls "$d"*.jpg | head -1)" "$WORK/photos/"; done
 echo "not a photo" > "$WORK/photos/notes.txt"
 head -c 2000 "${PHOTOS[0]}" > "$WORK/photos/broken.jpg"
-$FV scan "$WORK/photos" --out "$WORK/report.csv" --workers 2
+PAGE_DIR=${DEMO_OUT:-$WORK}  # DEMO_OUT=DIR keeps the HTML page (and its thumbnails) after the demo
+$FV scan "$WORK/photos" --out "$WORK/report.csv" --workers 2 --html "$PAGE_DIR/report.html"
 .venv/bin/python - "$WORK/report.csv" <<'PY'
 import sys, pandas as pd
 r = pd.read_csv(sys.argv[1])

@@ -120,6 +120,9 @@ GalleryOpt = Annotated[Optional[Path], typer.Option("--gallery", "-g", help="Gal
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file [default: the shipped model].")]
 DevOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 MinFaceOpt = Annotated[int, typer.Option("--min-face", help="Smallest face side in pixels.")]
+HtmlOpt = Annotated[Optional[Path], typer.Option("--html", help="Also write an HTML page of the faces found (thumbnails beside it in <name>_files/).")]
+NearMissOpt = Annotated[float, typer.Option("--near-miss", help="Page: show faces within this distance above their threshold as 'check these'.")]
+ShowUnmatchedOpt = Annotated[bool, typer.Option("--show-unmatched", help="Page: also show every face that did not match.")]
 MinProbOpt = Annotated[float, typer.Option("--min-prob", help="Smallest detection probability.")]
 
 
@@ -246,6 +249,9 @@ def scan(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Files per report batch (and per detection batch when this process detects).")] = 32,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted scan of the same folders into --out.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Also print the summary (with per-stage seconds) as one JSON line.")] = False,
+    html: HtmlOpt = None,
+    near_miss: NearMissOpt = 0.05,
+    show_unmatched: ShowUnmatchedOpt = False,
     device: DevOpt = "auto",
     min_face: MinFaceOpt = 20,
     min_prob: MinProbOpt = 0.9,
@@ -257,6 +263,8 @@ def scan(
     from .people import build_matcher
     from .scan import ScanError, prestart_face_workers, run_scan
 
+    page = _page_options(near_miss, show_unmatched)
+
     if workers > 0 and not device.startswith("cuda"):  # face workers run on the CPU only
         prestart_face_workers()  # its torch import overlaps with loading the model here
 
@@ -266,16 +274,47 @@ def scan(
         _fail(f"{g.path}: the gallery is empty; enroll someone first")
     try:
         summary = run_scan(folders, embedder=embedder, matcher=build_matcher(g, embedder), out=out, workers=workers,
-                           batch_size=batch_size, resume=resume,
+                           batch_size=batch_size, resume=resume, html=html, page=page,
                            detector_config=DetectorConfig(min_face_size=min_face, min_prob=min_prob, device=device))
     except (ScanError, OSError, ValueError) as e:
         _fail(str(e))
     typer.echo(f"{summary.files} files: {summary.images} images, {summary.faces} faces, {summary.matches} matches, "
                f"{summary.no_face} without a face, {summary.errors} errors, {summary.skipped} skipped "
                f"({summary.images_per_s:.1f} images/s) -> {summary.report}")
+    if html is not None:
+        typer.echo(f"page: {html} (thumbnails in {html.with_name(html.stem + '_files')})")
     if stats:
         typer.echo(json.dumps(summary.to_dict(), default=str))
     raise typer.Exit(EXIT_OK if summary.matches else EXIT_NO)
+
+
+@app.command()
+def report(
+    report_file: Annotated[Path, typer.Argument(metavar="REPORT", help="A scan report: .csv, .json, .jsonl or .parquet.")],
+    html: Annotated[Path, typer.Option("--html", help="The page to write; thumbnails go beside it in <name>_files/.")],
+    near_miss: NearMissOpt = 0.05,
+    show_unmatched: ShowUnmatchedOpt = False,
+) -> None:
+    """Build the HTML page of a scan report (finished, resumed or older), decoding only the photos it shows."""
+    from .scan import ScanError, read_report
+    from .scan.html import write_html
+
+    page = _page_options(near_miss, show_unmatched)
+    try:
+        summary = write_html(read_report(report_file), html, options=page, source=str(report_file))
+    except (ScanError, OSError) as e:
+        _fail(str(e))
+    typer.echo(f"{html}: {summary.files} files, {summary.faces} faces, {summary.matches} matches, "
+               f"{summary.errors} errors, {summary.skipped} skipped")
+
+
+def _page_options(near_miss: float, show_unmatched: bool):
+    from .scan.html import PageOptions
+
+    try:
+        return PageOptions(near_miss=near_miss, show_unmatched=show_unmatched)
+    except ValueError as e:
+        _fail(f"--near-miss: {e}")
 
 
 @gallery_app.command("list")

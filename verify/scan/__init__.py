@@ -5,6 +5,7 @@
     rows.py     RowBuilder: faces of a batch of files -> matches -> report rows
     journal.py  the resumable journal (<out>.partial.jsonl): open / resume checks, appends
     report.py   COLUMNS, formats, atomic write_report, ScanSummary
+    html.py     the HTML page: thumbnails per identity, near-misses, counts, errors (write_html)
     run.py      run_scan, which strings them together
 
 Accounting. Every directory entry that is not a directory gets at least one row:
@@ -22,7 +23,7 @@ upsampled.
 """
 
 from .journal import JOURNAL_KIND, JOURNAL_VERSION, journal_path, read_journal
-from .report import COLUMNS, FORMATS, STATUSES, ScanSummary, report_format, write_report
+from .report import COLUMNS, FORMATS, STATUSES, ScanSummary, read_report, report_format, write_report
 from .rows import Matcher, RowBuilder
 from .run import run_scan
 from .walk import ScanError, WalkEntry, walk_files
@@ -33,6 +34,6 @@ from .workers import (
 __all__ = [
     "COLUMNS", "CRASH_ERROR", "FACE_CHUNK", "FORMATS", "JOURNAL_KIND", "JOURNAL_VERSION", "STATUSES", "DecodedFile",
     "Matcher", "RowBuilder", "ScanError", "ScanSummary", "WalkEntry", "WorkerPool", "decode_file", "decode_files",
-    "journal_path", "prestart_face_workers", "read_journal", "report_format", "run_scan", "walk_files",
+    "journal_path", "prestart_face_workers", "read_journal", "read_report", "report_format", "run_scan", "walk_files",
     "write_report",
 ]

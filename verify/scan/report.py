@@ -144,6 +144,41 @@ def write_report(rows: Iterable[dict[str, Any]], out: str | os.PathLike, chunk: 
     return n
 
 
+def read_report(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a finished report in any format `write_report` writes, with empty cells as None.
+    Raises ScanError (one line, naming the file) for a missing file, another format or other columns."""
+    import pandas as pd
+
+    path = Path(path)
+    fmt = report_format(path)
+    if not path.is_file():
+        raise ScanError(f"{path}: report not found")
+    try:
+        if fmt == "csv":
+            df = pd.read_csv(path, dtype={"path": str, "identity": str, "nearest": str, "error": str, "note": str},
+                             keep_default_na=False, na_values=[""])
+        elif fmt == "parquet":
+            df = pd.read_parquet(path)
+        else:
+            df = pd.read_json(path, lines=fmt == "jsonl", orient="records", dtype=False)
+    except Exception as exc:
+        raise ScanError(f"{path}: cannot read this report ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
+    missing = [c for c in ("path", "face", "status") if c not in df.columns]
+    if missing:
+        raise ScanError(f"{path}: not a faceverify scan report (no column {missing[0]!r})")
+    df = df.reindex(columns=list(COLUMNS))
+    rows = df.astype(object).where(df.notna(), None).to_dict("records")
+    for r in rows:
+        for k in ("face", "faces"):
+            if r[k] is not None:
+                r[k] = int(r[k])
+        if isinstance(r["match"], str):  # CSV spells booleans out
+            r["match"] = {"True": True, "False": False}.get(r["match"])
+        elif r["match"] is not None:
+            r["match"] = bool(r["match"])
+    return rows
+
+
 def count_rows(summary: ScanSummary, rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Pass rows through while adding them up in `summary`."""
     last = None

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, MutableMapping
 
 import numpy as np
 
 from verify.faces import FacePipeline, error_summary
 
+from .html import PageOptions, band_of, save_thumbnail
 from .report import empty_row
 from .walk import WalkEntry, report_text
 from .workers import DecodedFile, analyse_decoded
@@ -54,10 +56,20 @@ class RowBuilder:
     """Rows for one batch of files; a failure costs only its file. `pipeline` analyses the images
     the workers only decoded (None when every image arrives analysed)."""
 
-    def __init__(self, pipeline: FacePipeline | None, matcher: Matcher, timers: MutableMapping[str, float]) -> None:
+    def __init__(self, pipeline: FacePipeline | None, matcher: Matcher, timers: MutableMapping[str, float],
+                 thumbs_dir: Path | None = None, page: PageOptions | None = None) -> None:
         self.pipeline = pipeline
         self.matcher = matcher
         self.timers = timers
+        self.thumbs_dir = thumbs_dir  # with scan --html: where the shown faces' thumbnails go
+        self.page = page or PageOptions()
+
+    def _save_thumbnails(self, file_rows: list[dict[str, Any]], d: DecodedFile) -> None:
+        t0 = time.perf_counter()
+        for r in file_rows:
+            if r["status"] == "face" and d.thumbs and band_of(r, self.page) is not None:
+                save_thumbnail(self.thumbs_dir, r["path"], r["face"], d.thumbs[r["face"]])
+        self.timers["thumbs"] = self.timers.get("thumbs", 0.0) + time.perf_counter() - t0
 
     def _match(self, vectors: np.ndarray) -> list["Match"]:
         t0 = time.perf_counter()
@@ -85,7 +97,7 @@ class RowBuilder:
     def __call__(self, batch: list[tuple[WalkEntry, DecodedFile]]) -> list[list[dict[str, Any]]]:
         """One list of rows per file, in batch order."""
         if self.pipeline is not None:
-            analyse_decoded(self.pipeline, [d for _, d in batch], self.timers)
+            analyse_decoded(self.pipeline, [d for _, d in batch], self.timers, thumbnails=self.thumbs_dir is not None)
         rows: list[list[dict[str, Any]]] = [[] for _ in batch]
         vectors: list[np.ndarray] = []
         owner: list[int] = []  # batch index per face
@@ -124,4 +136,6 @@ class RowBuilder:
             for r in face_rows:
                 r["faces"] = len(face_rows)
             _one_match_per_identity(face_rows)
+            if self.thumbs_dir is not None:
+                self._save_thumbnails(face_rows, batch[i][1])
         return rows

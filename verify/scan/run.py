@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from verify.faces import DEFAULT_MAX_PIXELS, DetectorConfig, FacePipeline
 
+from .html import PageOptions, files_dir, write_html
 from .journal import JOURNAL_KIND, JOURNAL_VERSION, Journal, journal_path, open_journal
 from .report import COLUMNS, ScanSummary, count_rows, empty_row, report_format, write_report
 from .rows import Matcher, RowBuilder
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAGES = ("walk", "start", "decode", "decode_wait", "detect", "align", "embed", "match", "write", "report")
+STAGES = ("walk", "start", "decode", "decode_wait", "detect", "align", "embed", "thumbs", "match", "write", "report",
+          "html")
 
 
 def _entries_with_pixels(todo: list[WalkEntry], pool: WorkerPool) -> Iterator[tuple[WalkEntry, DecodedFile]]:
@@ -66,13 +68,17 @@ def run_scan(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     detector: "FaceDetector | None" = None,
     face_workers: bool | None = None,
+    html: str | os.PathLike | None = None,
+    page: PageOptions | None = None,
 ) -> ScanSummary:
     """Scan `folders` for faces, match each against the gallery via `matcher`, write the report `out`.
 
     `matcher((F, D) unit embeddings) -> F Match objects`. `detector` overrides `detector_config`
     (pass one to reuse a loaded MTCNN). `face_workers`: detect, align and embed in the worker
     processes (True), in the main process (False), or None: in the workers when both the detector
-    and the embedder run on the CPU. Rows, formats and resuming: see verify.scan.
+    and the embedder run on the CPU. `html`: also write the page (verify.scan.html) there, its
+    thumbnails cut during the scan (`page` sets its near-miss band). Rows, formats and resuming:
+    see verify.scan.
     Raises ScanError when the report or journal exists (without resume), a folder is missing, or
     the journal belongs to another scan.
     """
@@ -83,6 +89,8 @@ def run_scan(
     t_start = time.perf_counter()
     out = Path(out).absolute()
     report_format(out)  # fail on an unknown extension before any work
+    html = Path(html).absolute() if html is not None else None
+    thumbs_dir = files_dir(html) if html is not None else None
     journal = journal_path(out)
     timers = dict.fromkeys(STAGES, 0.0)
     summary = ScanSummary(report=out)
@@ -93,10 +101,12 @@ def run_scan(
     done = open_journal(out, header, resume)
 
     t0 = time.perf_counter()
-    # Temp files of atomic writes to the report or journal (left by a kill) are not photos.
-    stale_tmp = [out.parent / n for n in os.listdir(out.parent)
-                 if n.startswith(f".{out.name}.") and n.endswith(".tmp")] if out.parent.is_dir() else []
-    entries = walk_files(folder_list, exclude=[out, journal, *stale_tmp])
+    # Temp files of atomic writes to the report or journal (left by a kill) are not photos; nor is the page.
+    ours = [out] + ([html] if html is not None else [])
+    stale_tmp = [p.parent / n for p in ours if p.parent.is_dir() for n in os.listdir(p.parent)
+                 if n.startswith(f".{p.name}.") and n.endswith(".tmp")]
+    thumbs = [str(thumbs_dir / n) for n in os.listdir(thumbs_dir)] if thumbs_dir and thumbs_dir.is_dir() else []
+    entries = walk_files(folder_list, exclude=[*ours, journal, *stale_tmp, *thumbs])
     timers["walk"] = time.perf_counter() - t0
     summary.resumed = sum(1 for e in entries if e.path in done)
     todo = [e for e in entries if e.path not in done]
@@ -104,7 +114,8 @@ def run_scan(
 
     detector_or_config = detector if detector is not None else (detector_config or DetectorConfig())
     images_to_do = any(e.status is None for e in todo)
-    work = plan_face_work(detector_or_config, embedder, workers, face_workers) if images_to_do else None
+    work = plan_face_work(detector_or_config, embedder, workers, face_workers, thumbnails=html is not None) \
+        if images_to_do else None
     summary.face_workers = workers if work is not None else 0
     decode_args = (max_pixels, detector_or_config.config.max_side if detector is not None else detector_or_config.max_side)
     if work is not None:
@@ -114,7 +125,8 @@ def run_scan(
         pool = WorkerPool(workers, batch_size + 2 * workers, decode_args, timers)
     # The main process analyses what the workers only decoded; its detector is built on first use.
     main_detector = detector if detector is not None else (lambda: _detector(detector_or_config))
-    rows_for = RowBuilder(FacePipeline(main_detector, embedder=embedder) if images_to_do else None, matcher, timers)
+    rows_for = RowBuilder(FacePipeline(main_detector, embedder=embedder) if images_to_do else None, matcher, timers,
+                          thumbs_dir, page)
 
     writer = Journal(journal).start(header, (r for rows in done.values() for r in rows))
     done.clear()
@@ -144,6 +156,10 @@ def run_scan(
 
     t0 = time.perf_counter()
     n_rows = write_report(count_rows(summary, writer.rows()), out)
+    if html is not None:  # the page is written before the journal goes: a failure here loses no rows
+        t1 = time.perf_counter()
+        write_html(writer.rows(), html, options=page, source=str(out))
+        timers["html"] = time.perf_counter() - t1
     journal.unlink()
     timers["report"] = time.perf_counter() - t0
     return _finish(summary, timers, t_start, n_rows)

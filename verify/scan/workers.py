@@ -34,6 +34,8 @@ from PIL import UnidentifiedImageError
 
 from verify.faces import DetectorConfig, Face, FacePipeline, ImageLoadError, error_summary, load_for_detection
 
+from .html import face_thumbnail
+
 if TYPE_CHECKING:  # torch stays out of the decode workers: they import this module
     from verify.faces import FaceDetector
     from verify.model_file import Embedder
@@ -57,6 +59,7 @@ class DecodedFile:
     decoded: bool = False  # the file was decoded as an image (an analysis error may follow)
     faces: list[Face] | None = None  # set once detected (largest first), in original pixels
     embeddings: np.ndarray | None = None  # (F, D), one per face, set once embedded
+    thumbs: list[np.ndarray] | None = None  # per face, for the HTML page: cut while the pixels are here
     stage_seconds: dict[str, float] = field(default_factory=dict)  # analysis time spent on this file (share)
 
     def fail(self, error: str) -> None:
@@ -85,17 +88,24 @@ def decode_files(fs_paths: list[str], max_pixels: int, max_side: int) -> list[De
     return [decode_file(p, max_pixels, max_side) for p in fs_paths]
 
 
-def analyse_decoded(pipeline: FacePipeline, items: list[DecodedFile], timers: MutableMapping[str, float]) -> None:
+def analyse_decoded(pipeline: FacePipeline, items: list[DecodedFile], timers: MutableMapping[str, float],
+                    thumbnails: bool = False) -> None:
     """Detect, align and embed the decoded images not analysed yet, in place: each gets `faces` and
-    `embeddings` (its image is dropped), or status "error"; a failure costs only its file."""
+    `embeddings` (and with `thumbnails` a small picture of each face; then its image is dropped), or
+    status "error"; a failure costs only its file."""
     todo = [d for d in items if d.status is None and d.faces is None and d.image is not None]
     if not todo:
         return
     for d, got in zip(todo, pipeline.analyse([d.image for d in todo], [d.scale for d in todo], timers)):
         if isinstance(got, str):
             d.fail(got)
-        else:
-            d.faces, d.embeddings, d.image = [f.face for f in got[0]], got[1], None
+            continue
+        d.faces, d.embeddings = [f.face for f in got[0]], got[1]
+        if thumbnails:
+            t0 = time.perf_counter()
+            d.thumbs = [face_thumbnail(d.image, f.box, d.scale) for f in d.faces]
+            timers["thumbs"] = timers.get("thumbs", 0.0) + time.perf_counter() - t0
+        d.image = None
 
 
 @dataclass
@@ -105,10 +115,11 @@ class FaceWork:
     detector_config: DetectorConfig
     embedder: "Embedder"  # on the CPU
     threads: int = 1
+    thumbnails: bool = False  # also cut each face's thumbnail (scan --html)
 
 
 def plan_face_work(detector: "FaceDetector | DetectorConfig", embedder: "Embedder", workers: int,
-                   face_workers: bool | None) -> FaceWork | None:
+                   face_workers: bool | None, thumbnails: bool = False) -> FaceWork | None:
     """What the workers need to analyse faces themselves, or None when the main process does it."""
     if workers <= 0 or face_workers is False:
         return None
@@ -129,7 +140,7 @@ def plan_face_work(detector: "FaceDetector | DetectorConfig", embedder: "Embedde
         why_not = "the detector or the embedder runs on a GPU"
     if why_not is None:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        return FaceWork(dataclasses.replace(config, device="cpu"), embedder, threads)
+        return FaceWork(dataclasses.replace(config, device="cpu"), embedder, threads, thumbnails)
     if face_workers:
         raise ValueError(f"face_workers=True but {why_not}")
     return None
@@ -157,6 +168,7 @@ def _worker_init(work: FaceWork | None = None) -> None:
         # one process whose small convolutions are split over threads.
         torch.set_num_threads(work.threads)
         _WORKER["pipeline"] = FacePipeline(FaceDetector(work.detector_config), embedder=work.embedder)
+        _WORKER["thumbnails"] = work.thumbnails
 
 
 def analyse_files(fs_paths: list[str], max_pixels: int, max_side: int) -> list[DecodedFile]:
@@ -164,7 +176,7 @@ def analyse_files(fs_paths: list[str], max_pixels: int, max_side: int) -> list[D
     in the main process, which holds the gallery)."""
     items = decode_files(fs_paths, max_pixels, max_side)
     timers = dict.fromkeys(("detect", "align", "embed"), 0.0)
-    analyse_decoded(_WORKER["pipeline"], items, timers)
+    analyse_decoded(_WORKER["pipeline"], items, timers, thumbnails=_WORKER.get("thumbnails", False))
     share = {k: v / len(items) for k, v in timers.items()}
     for d in items:
         d.stage_seconds = dict(share)
