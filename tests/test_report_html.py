@@ -234,3 +234,20 @@ def test_near_miss_margin_must_be_a_distance():
         PageOptions(near_miss=-0.1)
     with pytest.raises(ValueError, match="near-miss"):
         PageOptions(near_miss=float("nan"))
+
+
+def test_unmatched_faces_show_only_when_asked():
+    base = {"faces": 1, "status": "face", "x1": 1, "y1": 1, "x2": 9, "y2": 9, "far": None, "identity": None}
+    rows = [
+        {**base, "path": "/p/far.jpg", "face": 0, "nearest": "ann", "distance": 0.9, "threshold": 0.5, "match": False},
+        {**base, "path": "/p/none.jpg", "face": 0, "nearest": None, "distance": None, "threshold": 0.5,
+         "match": False},
+        {**base, "path": "/p/close.jpg", "face": 0, "nearest": "ann", "distance": 0.52, "threshold": 0.5,
+         "match": False},
+    ]
+    summary = ScanSummary(report=Path("x"), files=3, images=3, faces=3)
+    default = render_page(rows, summary, "f", PageOptions(), source="r.csv")
+    assert "close.jpg" in default and "far.jpg" not in default and "none.jpg" not in default
+    assert 'data-band="near"' in default and 'data-band="other"' not in default
+    everything = render_page(rows, summary, "f", PageOptions(show_unmatched=True), source="r.csv")
+    assert "far.jpg" in everything and "none.jpg" in everything and "no enrolled identity" in everything

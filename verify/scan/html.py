@@ -160,9 +160,11 @@ def _figure(r: dict[str, Any], folder_name: str, band: str) -> str:
     far_text = "" if far is None else f"<br><span class=num>est. FAR {far:.1e}</span>"
     name = os.path.basename(path)
     anchor = f'<a href="{_esc(link)}">{_esc(name)}</a>' if link else _esc(name)
+    d, t = r.get("distance"), r.get("threshold")
+    score = "no enrolled identity to compare" if d is None or t is None else f"distance {d:.4f} (threshold {t:.4f})"
     return (f'<figure class="{band}" data-band="{band}"><img src="{_esc(thumb)}" alt="face {int(r["face"])}" '
-            f'loading="lazy"><figcaption>{anchor}<br><span class=num>face {int(r["face"])}, distance '
-            f'{r["distance"]:.4f} (threshold {r["threshold"]:.4f})</span>{far_text}</figcaption></figure>')
+            f'loading="lazy"><figcaption>{anchor}<br><span class=num>face {int(r["face"])}, {score}</span>'
+            f"{far_text}</figcaption></figure>")
 
 
 def render_page(rows: Sequence[dict[str, Any]], summary: ScanSummary, folder_name: str, options: PageOptions,
