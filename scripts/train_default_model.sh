@@ -3,7 +3,7 @@
 # Resumable: run it again after an interruption. Each training stage continues from its last
 # checkpoint (a finished stage resumes as a no-op), the dlib import and the teacher's views (cached in
 # .cache/faceverify) are made once. On an idle 2-core machine: stage 1 ~5 min, dlib import ~3 min,
-# teacher views ~4 min, stage 2 ~66 min (24 epochs), cohort and LFW evaluation ~4 min.
+# teacher views ~9 min (8 per image), stage 2 ~58 min (24 epochs), cohort and LFW evaluation ~4 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${FACEVERIFY_DATA:-../shared/data}
