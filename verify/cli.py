@@ -174,13 +174,13 @@ def enroll(
         _fail("NAME must not be empty")
     embedder = _load_embedder(model, device)
     try:
-        collect_photos(photos)  # before the gallery exists: no photos, nothing created
+        collected = collect_photos(photos)  # before the gallery exists: no photos, nothing created
     except ValueError as e:
         _fail(str(e))
     g = _open_gallery(gallery, embedder, create=True)
     try:
         r = enroll_person(g, name, photos, _pipeline(embedder, device, min_face, min_prob), n_views=augment,
-                          target_far=target_far)
+                          target_far=target_far, collected=collected)
     except (GalleryError, ValueError) as e:
         _fail(str(e))
     for w in r.warnings:

@@ -112,15 +112,17 @@ def collect_photos(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], lis
 
 
 def enroll_person(gallery: Gallery, name: str, photos: Sequence[str | os.PathLike], pipeline: FacePipeline, *,
-                  n_views: int = 8, target_far: float = 1e-3, top_k: int = 3) -> EnrollmentResult:
-    """Enroll `name` from photos or folders (`collect_photos`): one face per photo (several: the
-    largest), the photo plus `n_views` augmented views, added under the gallery's lock; then
-    recalibrate the person and flag photos that look no more like the rest than a stranger does.
-    Photos already enrolled (same content) are skipped."""
+                  n_views: int = 8, target_far: float = 1e-3, top_k: int = 3,
+                  collected: tuple[list[Path], list[tuple[str, str]]] | None = None) -> EnrollmentResult:
+    """Enroll `name` from photos or folders: one face per photo (several: the largest), the photo plus
+    `n_views` augmented views, added under the gallery's lock; then recalibrate the person and flag
+    photos that look no more like the rest than a stranger does. Photos already enrolled (same
+    content) are skipped. `collected`: what `collect_photos(photos)` already returned (folders are
+    then not walked again)."""
     if not name.strip():
         raise ValueError("NAME must not be empty")
     embedder = pipeline.embedder
-    files, problems = collect_photos(photos)
+    files, problems = collected if collected is not None else collect_photos(photos)
     out = EnrollmentResult(name, skipped=list(problems))
     with gallery.locked():
         known: set[str] = set()

@@ -117,7 +117,8 @@ def run_scan(
     work = plan_face_work(detector_or_config, embedder, workers, face_workers, thumbnails=html is not None) \
         if images_to_do else None
     summary.face_workers = workers if work is not None else 0
-    decode_args = (max_pixels, detector_or_config.config.max_side if detector is not None else detector_or_config.max_side)
+    config = detector.config if detector is not None else detector_or_config
+    decode_args = (max_pixels, config.max_side)  # workers shrink to the detector's size
     if work is not None:
         pool = WorkerPool(workers, batch_size + 2 * workers * FACE_CHUNK, decode_args, timers, task=analyse_files,
                           chunk=FACE_CHUNK, work=work)
