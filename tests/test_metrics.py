@@ -195,3 +195,12 @@ def test_majority_baseline_eval_and_reference():
     ref = np.array([[0, 1], [0, 1], [1, 1]])  # train majorities: attr0 -> 0, attr1 -> 1
     per_r, mean_r = majority_baseline(ev, ref)
     assert np.allclose(per_r, [0.25, 0.25]) and mean_r == pytest.approx(0.25)
+
+
+def test_summarise_verification_without_accuracy_keeps_the_roc_figures():
+    rng = np.random.default_rng(6)
+    s, y = _pairs(rng.normal(1, 1, 500), rng.normal(-1, 1, 3000))
+    full = summarise_verification(s, y, fars=(1e-2, 1e-3))
+    roc_only = summarise_verification(s, y, fars=(1e-2, 1e-3), accuracy=False)
+    assert "accuracy" not in roc_only and "threshold" not in roc_only and "accuracy_oracle" not in roc_only
+    assert {k: full[k] for k in roc_only} == roc_only
