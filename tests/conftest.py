@@ -47,6 +47,18 @@ def orl_root() -> Path:
     return _need("orl")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_home(tmp_path_factory):
+    """Commands that default to the per-user data folder (gallery, library index) never touch the real one."""
+    old = os.environ.get("FACEVERIFY_HOME")
+    os.environ["FACEVERIFY_HOME"] = str(tmp_path_factory.mktemp("faceverify-home"))
+    yield
+    if old is None:
+        os.environ.pop("FACEVERIFY_HOME", None)
+    else:
+        os.environ["FACEVERIFY_HOME"] = old
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

@@ -124,6 +124,7 @@ HtmlOpt = Annotated[Optional[Path], typer.Option("--html", help="Also write an H
 NearMissOpt = Annotated[float, typer.Option("--near-miss", help="Page: show faces within this distance above their threshold as 'check these'.")]
 ShowUnmatchedOpt = Annotated[bool, typer.Option("--show-unmatched", help="Page: also show every face that did not match.")]
 MinProbOpt = Annotated[float, typer.Option("--min-prob", help="Smallest detection probability.")]
+IndexOpt = Annotated[Optional[Path], typer.Option("--index", help="Library index (SQLite) [default: library.db in the per-user data folder].")]
 
 
 def _load_embedder(model: Optional[Path], device: str):
@@ -139,11 +140,22 @@ def _load_embedder(model: Optional[Path], device: str):
 def _open_gallery(path: Optional[Path], embedder, create: bool):
     from index import GalleryError
 
-    from .people import open_gallery
+    from .galleries import open_gallery
 
     try:
         return open_gallery(path, embedder, create=create)
     except GalleryError as e:
+        _fail(str(e))
+
+
+def _open_library(path: Optional[Path], readonly: bool = False, create: bool = False):
+    from index.library import LibraryError
+
+    from .library import open_library
+
+    try:
+        return open_library(path, readonly=readonly, create=create)
+    except LibraryError as e:
         _fail(str(e))
 
 
@@ -156,33 +168,50 @@ def _pipeline(embedder, device: str, min_face: int, min_prob: float):
 @app.command()
 def enroll(
     name: Annotated[str, typer.Argument(help="The person's name (identity).")],
-    photos: Annotated[list[Path], typer.Argument(help="Photos or folders of photos of that person.")],
+    photos: Annotated[Optional[list[Path]], typer.Argument(help="Photos or folders of photos of that person.")] = None,
     gallery: GalleryOpt = None,
     model: ModelOpt = None,
+    group: Annotated[Optional[int], typer.Option("--group", help="Enroll group ID of the last 'faceverify people' run from the library index instead of photos (no detection).")] = None,
+    index: IndexOpt = None,
     augment: Annotated[int, typer.Option("--augment", help="Augmented views per photo (rotation 20, zoom 0.2, shift 0.1, flip of the region around the face, then detected and aligned again; a view with no face found is dropped).")] = 8,
     target_far: Annotated[float, typer.Option("--target-far", help="False-accept rate the identity's threshold is set at.")] = 1e-3,
     device: DevOpt = "auto",
     min_face: MinFaceOpt = 40,
     min_prob: MinProbOpt = 0.95,
 ) -> None:
-    """Enroll NAME from photos: one face per photo (several: the largest), original + N augmented views."""
+    """Enroll NAME from photos (one face per photo; several: the largest), or from a group of unknown
+    faces of the library index (--group), each as the original + N augmented views."""
     from index import GalleryError
+    from index.library import LibraryError
 
     from .people import collect_photos, enroll_person
 
     if not name.strip():
         _fail("NAME must not be empty")
+    if (group is None) == (not photos):
+        _fail("give either PHOTOS or --group ID (not both)" if photos else "give PHOTOS to enroll, or --group ID")
     embedder = _load_embedder(model, device)
-    try:
-        collected = collect_photos(photos)  # before the gallery exists: no photos, nothing created
-    except ValueError as e:
-        _fail(str(e))
+    collected = None
+    if photos:
+        try:
+            collected = collect_photos(photos)  # before the gallery exists: no photos, nothing created
+        except ValueError as e:
+            _fail(str(e))
+    lib = _open_library(index, readonly=True) if group is not None else None
     g = _open_gallery(gallery, embedder, create=True)
     try:
-        r = enroll_person(g, name, photos, _pipeline(embedder, device, min_face, min_prob), n_views=augment,
-                          target_far=target_far, collected=collected)
-    except (GalleryError, ValueError) as e:
+        pipeline = _pipeline(embedder, device, min_face, min_prob)
+        if lib is not None:
+            from .library import enroll_group
+
+            r = enroll_group(g, name, lib, group, pipeline, n_views=augment, target_far=target_far)
+        else:
+            r = enroll_person(g, name, photos, pipeline, n_views=augment, target_far=target_far, collected=collected)
+    except (GalleryError, LibraryError, ValueError) as e:
         _fail(str(e))
+    finally:
+        if lib is not None:
+            lib.close()
     for w in r.warnings:
         typer.echo(f"warning: {w}", err=True)
     for src, why in r.skipped:
@@ -247,7 +276,10 @@ def scan(
     out: Annotated[Path, typer.Option("--out", "-o", help="Report: .csv, .json, .jsonl or .parquet.")] = Path("report.csv"),
     workers: Annotated[int, typer.Option("--workers", help="Worker processes: they decode and, on CPU, also detect and embed (0: all in this process).")] = 2,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Files per report batch (and per detection batch when this process detects).")] = 32,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted scan of the same folders into --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="With --no-index: continue an interrupted scan of the same folders into --out (with the index, scanning again always continues).")] = False,
+    index: IndexOpt = None,
+    no_index: Annotated[bool, typer.Option("--no-index", help="One-shot scan: keep nothing (no library index).")] = False,
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for another scan writing the same index (default: refuse at once).")] = 0.0,
     stats: Annotated[bool, typer.Option("--stats", help="Also print the summary (with per-stage seconds) as one JSON line.")] = False,
     html: HtmlOpt = None,
     near_miss: NearMissOpt = 0.05,
@@ -258,7 +290,11 @@ def scan(
 ) -> None:
     """Which of these photos contain me? One report row per face, per face-less image, per unreadable file.
 
+    Every file and face found is kept in the library index, so scanning again only reads new or
+    changed files, and 'faceverify find' answers without reading photos (--no-index: keep nothing).
     Exit code 0 when at least one face matched, 1 when none did, 2 on error."""
+    from index.library import LibraryError
+
     from .faces import DetectorConfig
     from .people import build_matcher
     from .scan import ScanError, prestart_face_workers, run_scan
@@ -272,12 +308,28 @@ def scan(
     g = _open_gallery(gallery, embedder, create=False)
     if len(g) == 0:
         _fail(f"{g.path}: the gallery is empty; enroll someone first")
+    detector_config = DetectorConfig(min_face_size=min_face, min_prob=min_prob, device=device)
+    lib = None if no_index else _open_library(index, create=True)
     try:
-        summary = run_scan(folders, embedder=embedder, matcher=build_matcher(g, embedder), out=out, workers=workers,
-                           batch_size=batch_size, resume=resume, html=html, page=page,
-                           detector_config=DetectorConfig(min_face_size=min_face, min_prob=min_prob, device=device))
-    except (ScanError, OSError, ValueError) as e:
+        if lib is None:
+            summary = run_scan(folders, embedder=embedder, matcher=build_matcher(g, embedder), out=out,
+                               workers=workers, batch_size=batch_size, resume=resume, html=html, page=page,
+                               detector_config=detector_config)
+        else:
+            from .scan.indexed import run_indexed_scan
+
+            summary = run_indexed_scan(folders, library=lib, embedder=embedder, matcher=build_matcher(g, embedder),
+                                       out=out, workers=workers, batch_size=batch_size, html=html, page=page,
+                                       detector_config=detector_config, wait=wait)
+    except (ScanError, LibraryError, OSError, ValueError) as e:
         _fail(str(e))
+    finally:
+        if lib is not None:
+            lib.close()
+    if summary.index:
+        c = summary.index
+        typer.echo(f"index {lib.path}: {c['walked']} files walked, {c['analysed']} analysed, {c['reused']} unchanged, "
+                   f"{c['moved']} moved or copied, {c['reembedded']} re-embedded with this model, {c['gone']} gone")
     typer.echo(f"{summary.files} files: {summary.images} images, {summary.faces} faces, {summary.matches} matches, "
                f"{summary.no_face} without a face, {summary.errors} errors, {summary.skipped} skipped "
                f"({summary.images_per_s:.1f} images/s) -> {summary.report}")
@@ -286,6 +338,116 @@ def scan(
     if stats:
         typer.echo(json.dumps(summary.to_dict(), default=str))
     raise typer.Exit(EXIT_OK if summary.matches else EXIT_NO)
+
+
+@app.command()
+def find(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Enrolled people to look for [default: everyone, the full report].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report: .csv, .json, .jsonl or .parquet (the scan's columns).")] = None,
+    html: HtmlOpt = None,
+    under: Annotated[Optional[list[Path]], typer.Option("--under", help="Only files under this folder (repeat for several).")] = None,
+    gallery: GalleryOpt = None,
+    index: IndexOpt = None,
+    near_miss: NearMissOpt = 0.05,
+    show_unmatched: ShowUnmatchedOpt = False,
+) -> None:
+    """Answer from the library index without reading a photo: which indexed photos contain NAME?
+
+    Without NAME: the full report a scan of the indexed folders would write. The model is the
+    gallery's (a gallery belongs to one model). Exit code 0 when a face matched, 1 when none did, 2 on error."""
+    from index.library import LibraryError
+
+    from .library import find as find_in_library
+
+    page = _page_options(near_miss, show_unmatched)
+    if out is None and html is None:
+        _fail("give --out REPORT and/or --html PAGE")
+    g = _open_gallery(gallery, None, create=False)
+    lib = _open_library(index, readonly=True)
+    try:
+        r = find_in_library(lib, g, names=names or (), out=out, html=html, page=page,
+                            under=[str(u) for u in under] if under else None)
+    except (LibraryError, OSError, ValueError) as e:
+        _fail(str(e))
+    finally:
+        lib.close()
+    s = r.summary
+    who = ", ".join(names) if names else "everyone enrolled"
+    typer.echo(f"{who}: {s.matches} matched faces in {s.files} files ({r.seconds:.2f} s, no photo read)"
+               + (f" -> {out}" if out else "") + (f"; page {html}" if html else ""))
+    if r.not_embedded:
+        typer.echo(f"warning: {r.not_embedded} files have faces this model has not embedded; scan their folders "
+                   "with it first", err=True)
+    raise typer.Exit(EXIT_OK if s.matches else EXIT_NO)
+
+
+@app.command()
+def people(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="CSV: one row per grouped face (group, size, path, face, box).")] = None,
+    html: Annotated[Optional[Path], typer.Option("--html", help="Page: one row of thumbnails per group, largest first.")] = None,
+    min_faces: Annotated[int, typer.Option("--min-faces", help="Smallest group.")] = 3,
+    max_distance: Annotated[Optional[float], typer.Option("--max-distance", help="Distance (Euclidean, between unit embeddings) within which faces link [default: the measured one].")] = None,
+    gallery: GalleryOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model fingerprint whose embeddings to group [default: the gallery's, else the index's only model].")] = None,
+    index: IndexOpt = None,
+) -> None:
+    """Group the indexed faces that match nobody enrolled into candidate people.
+
+    Enroll one with 'faceverify enroll NAME --group ID'. The grouping is stored in the index (ids
+    change with every run)."""
+    from index import GalleryError
+    from index.library import LibraryError
+
+    from .library import unknown_people, write_people_page
+
+    if min_faces < 2:
+        _fail("--min-faces must be >= 2")
+    try:
+        g = _open_gallery_quiet(gallery)
+    except GalleryError as e:
+        _fail(str(e))
+    lib = _open_library(index)
+    try:
+        fingerprint = model or (g.fingerprint if g is not None else None)
+        if fingerprint is None:
+            stored = list(lib.models())
+            if len(stored) != 1:
+                _fail(f"{lib.path}: holds embeddings of {len(stored)} models; choose one with --model FINGERPRINT")
+            fingerprint = stored[0]
+        if g is not None and fingerprint != g.fingerprint:
+            g = None  # the gallery belongs to another model: everyone is unknown
+        r = unknown_people(lib, g, fingerprint, min_faces=min_faces, max_distance=max_distance)
+        if out is not None:
+            import pandas as pd
+
+            from .atomic import atomic_path
+
+            with atomic_path(out) as tmp:
+                pd.DataFrame(r.rows, columns=["group", "size", "path", "face", "x1", "y1", "x2", "y2", "prob"]
+                             ).to_csv(tmp, index=False)
+        if html is not None:
+            write_people_page(r, html, lib)
+    except (LibraryError, OSError, ValueError) as e:
+        _fail(str(e))
+    finally:
+        lib.close()
+    sizes = sorted((len(m) for m in r.groups.values()), reverse=True)
+    typer.echo(f"{len(r.groups)} groups of unknown faces (sizes {', '.join(map(str, sizes[:10]))}"
+               f"{', ...' if len(sizes) > 10 else ''}) among {r.faces_considered} faces matched to nobody"
+               + (f" -> {out}" if out else "") + (f"; page {html}" if html else ""))
+    for gid in sorted(r.groups)[:10]:
+        members = [row for row in r.rows if row["group"] == gid][:3]
+        typer.echo(f"group {gid}: {len(r.groups[gid])} faces, e.g. " + ", ".join(Path(m["path"]).name for m in members))
+
+
+def _open_gallery_quiet(path: Optional[Path]):
+    """The gallery when there is one (people: everyone is unknown without it)."""
+    from .galleries import default_gallery, open_gallery
+
+    folder = path or default_gallery()
+    if not (folder / "manifest.json").exists():
+        return None
+    return open_gallery(folder, None)
 
 
 @app.command()

@@ -156,6 +156,45 @@ def embed_enrollment(
     return out
 
 
+def embed_known_faces(
+    faces: Sequence[tuple[str, str, np.ndarray, Sequence[float]]],
+    pipeline: FacePipeline,
+    *,
+    n_views: int = 8,
+    augment: dict | None = None,
+    seed: int = 0,
+    skip_hashes: set[str] | None = None,
+) -> EnrollmentBatch:
+    """Like `embed_enrollment` for faces found before (a group of the library index): per
+    (photo path, content sha256, (5, 2) landmarks, box) in original pixels, the face is aligned from
+    its stored landmarks (no detection) and embedded, plus up to `n_views` augmented views made as
+    `embed_enrollment` makes them. A photo that cannot be read is skipped with its reason."""
+    from .faces import ImageLoadError, align, load_image
+
+    if pipeline.embedder is None:
+        raise ValueError("embed_known_faces needs a FacePipeline with an embedder")
+    out = EnrollmentBatch()
+    augment = {**DEFAULT_VIEW_AUGMENT, **(augment or {})}
+    gen = torch.Generator().manual_seed(seed)
+    seen: set[str] = set()
+    for path, digest, landmarks, box in faces:
+        if digest in (skip_hashes or set()) or digest in seen:
+            out.skipped.append((path, "already enrolled (same content)"))
+            continue
+        seen.add(digest)
+        try:
+            image = load_image(path, max_pixels=pipeline.max_pixels)  # (H, W, 3), original pixels
+        except ImageLoadError as exc:
+            out.skipped.append((path, exc.problem))
+            continue
+        crop = align(image, np.asarray(landmarks, np.float32), pipeline.geometry)  # (S, S, 3)
+        vecs = [pipeline.embedder.embed(crop[None])[0]]
+        if n_views > 0:
+            vecs += [v.embeddings[0] for v in augmented_view_faces(image, box, pipeline, n_views, gen, **augment)]
+        out.photos.append(EnrolledPhoto(path, digest, np.stack(vecs), 1, tuple(float(v) for v in box)))
+    return out
+
+
 def outlier_photos(vectors: np.ndarray, photo_keys: np.ndarray, threshold: float,
                    cohort: np.ndarray | None = None, quantile: float = 0.99) -> list[tuple[str, float]]:
     """Photos that look no more like the person's other photos than a stranger does.

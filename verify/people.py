@@ -1,7 +1,8 @@
-"""People: enroll a person into a gallery, recalibrate their threshold, build the matcher, verify photos.
+"""People: enroll a person into a gallery, recalibrate their threshold, verify photos.
 
-The one module that joins `verify` (faces, embeddings, scores) and `index` (the FAISS gallery); the
-CLI only parses arguments and prints what these functions return.
+Joins `verify` (faces, embeddings, scores) and `index` (the FAISS gallery), with verify.galleries
+(where galleries live, opening one, the matcher over it: torch-free) and verify.library (the photo
+library index); the CLI only parses arguments and prints what these functions return.
 
 Units: the model file, calibration and `IdentityMatcher` work with similarities (cosine, accept when
 similarity >= threshold); what a person reads (Match, reports, `verify` output) are distances
@@ -14,39 +15,19 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from index import Gallery, GalleryError
 
-from .enroll import embed_enrollment, expand_inputs, outlier_photos
+from .enroll import EnrollmentBatch, embed_enrollment, expand_inputs, outlier_photos
 from .faces import DetectorConfig, FaceDetector, FacePipeline
+from .galleries import build_matcher, data_home, default_gallery, open_gallery
 from .model_file import Embedder
-from .scoring import IdentityCalibration, IdentityMatcher, calibrate_identity, pool_photos
+from .scoring import calibrate_identity, pool_photos
 
 log = logging.getLogger(__name__)
-
-
-def default_gallery() -> Path:
-    """Per-user data folder: $FACEVERIFY_HOME/gallery, else $XDG_DATA_HOME/faceverify/gallery."""
-    home = os.environ.get("FACEVERIFY_HOME")
-    if home:
-        return Path(home) / "gallery"
-    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "faceverify" / "gallery"
-
-
-def open_gallery(path: Path | None, embedder: Embedder | None, create: bool = False) -> Gallery:
-    """The gallery at `path` (default: `default_gallery()`); `create` makes it for this model.
-    Raises GalleryError (one line) when there is none yet or it belongs to another model."""
-    path = path or default_gallery()
-    if create:
-        return Gallery.open_or_create(path, embedder.dim, embedder.fingerprint,
-                                      threshold=embedder.similarity_threshold)
-    if not (path / "manifest.json").exists():
-        raise GalleryError(f"{path}: no gallery here yet; enroll someone first (faceverify enroll NAME PHOTOS...)")
-    return Gallery.open(path, fingerprint=embedder.fingerprint if embedder else None)
 
 
 def face_pipeline(embedder: Embedder, device: str = "auto", min_face: int = 20, min_prob: float = 0.9) -> FacePipeline:
@@ -68,25 +49,6 @@ def recalibrate(gallery: Gallery, name: str, embedder: Embedder, target_far: flo
         info = {**cal.to_dict(), "calibrated": True, "photos": int(len(pooled))}
     gallery.set_identity_info(name, info)
     return info
-
-
-def build_matcher(gallery: Gallery, embedder: Embedder, top_k: int = 3) -> IdentityMatcher:
-    """Identity scoring over the gallery: FAISS finds candidate identities, then each candidate is
-    scored with its pooled photos and its own calibrated threshold."""
-    vecs, meta = gallery.vectors()
-    pooled, cals = {}, {}
-    for name, rows in meta.groupby("identity").indices.items():
-        _, pooled[name] = pool_photos(vecs[rows], meta["sha256"].to_numpy()[rows])
-        info = gallery.identity_info(name)
-        if info.get("calibrated"):
-            cals[name] = IdentityCalibration.from_dict(info)
-
-    def candidates(q: np.ndarray) -> list[list[str]]:
-        res = gallery.search(q, k=min(len(gallery), 64))
-        return [[n for n in row if n is not None] for row in res.identities.tolist()]
-
-    return IdentityMatcher(pooled, cals, embedder.similarity_threshold, top_k=top_k,
-                           candidates=candidates if len(pooled) > 8 else None)
 
 
 @dataclass
@@ -119,17 +81,26 @@ def enroll_person(gallery: Gallery, name: str, photos: Sequence[str | os.PathLik
     photos that look no more like the rest than a stranger does. Photos already enrolled (same
     content) are skipped. `collected`: what `collect_photos(photos)` already returned (folders are
     then not walked again)."""
+    files, problems = collected if collected is not None else collect_photos(photos)
+    return enroll_batch(gallery, name, lambda known: embed_enrollment(files, pipeline, n_views=n_views,
+                                                                        skip_hashes=known),
+                        pipeline.embedder, target_far=target_far, top_k=top_k, skipped=problems)
+
+
+def enroll_batch(gallery: Gallery, name: str, make_batch: Callable[[set[str]], EnrollmentBatch], embedder: Embedder,
+                 *, target_far: float = 1e-3, top_k: int = 3,
+                 skipped: Sequence[tuple[str, str]] = ()) -> EnrollmentResult:
+    """Add what `make_batch(hashes already enrolled for name)` embeds to `name`, under the gallery's
+    lock, then recalibrate and flag outliers (the shared end of enrolling photos or a library group)."""
     if not name.strip():
         raise ValueError("NAME must not be empty")
-    embedder = pipeline.embedder
-    files, problems = collected if collected is not None else collect_photos(photos)
-    out = EnrollmentResult(name, skipped=list(problems))
+    out = EnrollmentResult(name, skipped=list(skipped))
     with gallery.locked():
         known: set[str] = set()
         if name in set(gallery.identities()["identity"]):
             known = set(gallery.vectors(name)[1]["sha256"])
         out.known_before = bool(known)
-        batch = embed_enrollment(files, pipeline, n_views=n_views, skip_hashes=known)
+        batch = make_batch(known)
         for ph in batch.photos:
             v = len(ph.vectors)
             gallery.add(ph.vectors, name, sources=[ph.source] * v, sha256s=[ph.sha256] * v, views=list(range(v)))

@@ -238,3 +238,42 @@ def write_html(rows: Iterable[dict[str, Any]], page: str | os.PathLike, *, optio
     atomic_write_text(page, render_page(rows, summary, folder.name, options, source))
     log.info("%s: %d faces shown (%d matched), thumbnails in %s", page, len(shown), summary.matches, folder)
     return summary
+
+
+def write_groups_html(rows: Sequence[dict[str, Any]], page: str | os.PathLike, *, max_per_group: int = 24,
+                      source: str = "") -> int:
+    """The page of `faceverify people`: one row of thumbnails per group of unknown faces, largest
+    group first (rows: group, size, path, face, x1..y2), thumbnails beside it as for the scan page.
+    Returns the number of groups shown."""
+    page = Path(page)
+    folder = files_dir(page)
+    by_group: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_group[int(r["group"])].append(r)
+    order = sorted(by_group, key=lambda g: (-len(by_group[g]), g))
+    shown = [r for g in order for r in by_group[g][:max_per_group]]
+    if shown:
+        folder.mkdir(parents=True, exist_ok=True)
+        _make_missing(folder, shown)
+    title = "faceverify: unknown people"
+    parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{title}</title>"
+             f"<meta name=viewport content='width=device-width'><style>{CSS}</style></head><body>",
+             f"<h1>{title}</h1><div class=meta>index {_esc(source)}; {len(order)} group(s) of faces that match "
+             f"nobody enrolled; enroll one with <code>faceverify enroll NAME --group ID</code>; page made "
+             f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</div>"]
+    if not order:
+        parts.append("<p class=none>No group: too few unknown faces look alike.</p>")
+    for g in order:
+        members = by_group[g]
+        parts.append(f'<section data-group="{g}"><h2>group {g}: {len(members)} faces</h2><div class="grid group">')
+        for r in members[:max_per_group]:
+            thumb = f"{folder.name}/{thumbnail_name(r['path'], int(r['face']))}"
+            parts.append(f'<figure class="group"><img src="{_esc(thumb)}" alt="face {int(r["face"])}" loading="lazy">'
+                         f"<figcaption>{_esc(os.path.basename(r['path']))}<br><span class=num>face {int(r['face'])}"
+                         "</span></figcaption></figure>")
+        if len(members) > max_per_group:
+            parts.append(f"<p class=none>and {len(members) - max_per_group} more</p>")
+        parts.append("</div></section>")
+    parts.append("</body></html>\n")
+    atomic_write_text(page, "".join(parts))
+    return len(order)

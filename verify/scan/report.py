@@ -57,6 +57,7 @@ class ScanSummary:
     seconds: float = 0.0
     images_per_s: float = 0.0  # images_processed / seconds
     stage_seconds: dict[str, float] = field(default_factory=dict)  # work done in workers: summed worker time
+    index: dict[str, int] | None = None  # with the library index: files walked, analysed, reused, moved, ...
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -41,6 +41,7 @@ class WalkEntry:
     fs_path: str  # what to open
     status: str | None = None  # set when the walk already decides the row (skipped / error)
     error: str | None = None
+    stat: tuple[int, int, int, int] | None = None  # (size, mtime_ns, ctime_ns, inode): the change signature
 
 
 def _kind_of(mode: int) -> str:
@@ -51,19 +52,20 @@ def _kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-def _classify(fs_path: str) -> tuple[str | None, str | None]:
-    """(status, error) decided without opening the file, or (None, None) for a file to decode."""
+def _classify(fs_path: str) -> tuple[str | None, str | None, tuple[int, int, int, int] | None]:
+    """(status, error, stat signature) decided without opening the file; status None: a file to decode."""
     try:
         st = os.stat(fs_path)  # follows symlinks
     except OSError as exc:
         if os.path.islink(fs_path):
-            return "error", "broken symbolic link"
-        return "error", f"cannot read file ({exc.strerror or error_summary(exc)})"
+            return "error", "broken symbolic link", None
+        return "error", f"cannot read file ({exc.strerror or error_summary(exc)})", None
+    sig = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     if stat.S_ISDIR(st.st_mode):
-        return "skipped", "symbolic link to a folder (not followed)"
+        return "skipped", "symbolic link to a folder (not followed)", sig
     if not stat.S_ISREG(st.st_mode):
-        return "skipped", f"not a regular file ({_kind_of(st.st_mode)})"  # a fifo would block a reader
-    return None, None
+        return "skipped", f"not a regular file ({_kind_of(st.st_mode)})", sig  # a fifo would block a reader
+    return None, None, sig
 
 
 def walk_files(folders: Sequence[str | os.PathLike], exclude: Iterable[str | os.PathLike] = ()) -> list[WalkEntry]:
@@ -76,9 +78,10 @@ def walk_files(folders: Sequence[str | os.PathLike], exclude: Iterable[str | os.
         if fs_path in seen or fs_path in excluded:
             return
         seen.add(fs_path)
+        sig = None
         if status is None:
-            status, error = _classify(fs_path)
-        entries.append(WalkEntry(report_text(fs_path), fs_path, status, error))
+            status, error, sig = _classify(fs_path)
+        entries.append(WalkEntry(report_text(fs_path), fs_path, status, error, sig))
 
     for folder in folders:
         top = os.path.abspath(os.fspath(folder))

@@ -18,6 +18,7 @@ without an `if __name__ == "__main__":` guard), the main process does everything
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import multiprocessing as mp
 import os
@@ -30,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, MutableMapping
 
 import numpy as np
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from verify.faces import DetectorConfig, Face, FacePipeline, ImageLoadError, error_summary, load_for_detection
+from verify.faces import DetectorConfig, Face, FacePipeline, ImageLoadError, align, error_summary, load_for_detection
 
 from .html import face_thumbnail
 
@@ -61,12 +62,31 @@ class DecodedFile:
     embeddings: np.ndarray | None = None  # (F, D), one per face, set once embedded
     thumbs: list[np.ndarray] | None = None  # per face, for the HTML page: cut while the pixels are here
     stage_seconds: dict[str, float] = field(default_factory=dict)  # analysis time spent on this file (share)
+    sha256: str | None = None  # content hash, when asked for (the library index recognises moved files by it)
 
     def fail(self, error: str) -> None:
         self.status, self.error, self.faces, self.embeddings, self.image = "error", error, None, None, None
 
 
-def decode_file(fs_path: str, max_pixels: int, max_side: int) -> DecodedFile:
+def sha256_of(fs_path: str) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(fs_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None  # decoding reports what is wrong with the file
+    return h.hexdigest()
+
+
+def decode_file(fs_path: str, max_pixels: int, max_side: int, hash_content: bool = False) -> DecodedFile:
+    d = _decode_file(fs_path, max_pixels, max_side)
+    if hash_content:
+        d.sha256 = sha256_of(fs_path)
+    return d
+
+
+def _decode_file(fs_path: str, max_pixels: int, max_side: int) -> DecodedFile:
     t0 = time.perf_counter()
     try:
         # Shrunk to the detector's size exactly as the detector would (so it does not resize again);
@@ -83,9 +103,9 @@ def decode_file(fs_path: str, max_pixels: int, max_side: int) -> DecodedFile:
     return DecodedFile(image, scale, seconds=time.perf_counter() - t0, decoded=True)
 
 
-def decode_files(fs_paths: list[str], max_pixels: int, max_side: int) -> list[DecodedFile]:
+def decode_files(fs_paths: list[str], max_pixels: int, max_side: int, hash_content: bool = False) -> list[DecodedFile]:
     """The task of a decode-only worker: decode a chunk of files."""
-    return [decode_file(p, max_pixels, max_side) for p in fs_paths]
+    return [decode_file(p, max_pixels, max_side, hash_content) for p in fs_paths]
 
 
 def analyse_decoded(pipeline: FacePipeline, items: list[DecodedFile], timers: MutableMapping[str, float],
@@ -171,16 +191,55 @@ def _worker_init(work: FaceWork | None = None) -> None:
         _WORKER["thumbnails"] = work.thumbnails
 
 
-def analyse_files(fs_paths: list[str], max_pixels: int, max_side: int) -> list[DecodedFile]:
+def analyse_files(fs_paths: list[str], max_pixels: int, max_side: int, hash_content: bool = False) -> list[DecodedFile]:
     """The task of a face worker: decode, detect, align and embed a chunk of files (matching stays
     in the main process, which holds the gallery)."""
-    items = decode_files(fs_paths, max_pixels, max_side)
+    items = decode_files(fs_paths, max_pixels, max_side, hash_content)
     timers = dict.fromkeys(("detect", "align", "embed"), 0.0)
     analyse_decoded(_WORKER["pipeline"], items, timers, thumbnails=_WORKER.get("thumbnails", False))
     share = {k: v / len(items) for k, v in timers.items()}
     for d in items:
         d.stage_seconds = dict(share)
     return items
+
+
+StoredFaces = tuple[str, list[np.ndarray]]  # (fs path, (5, 2) landmarks per face in original pixels)
+
+
+def embed_stored_faces(pipeline: FacePipeline, item: StoredFaces, max_pixels: int, max_side: int,
+                       timers: MutableMapping[str, float] | None = None) -> DecodedFile:
+    """Another model's embeddings of faces found before: decode the photo as the scan does, align each
+    face from its stored landmarks and embed it; no detection. `embeddings` (F, D) or status "error"."""
+    fs_path, landmarks = item
+    d = decode_file(fs_path, max_pixels, max_side)
+    if d.status is not None or d.image is None:
+        return d
+    try:
+        t0 = time.perf_counter()
+        pil = Image.fromarray(d.image)
+        sx, sy = d.scale
+        # Stored landmarks are in original pixels; the scan aligned on the image shrunk for detection.
+        crops = [align(pil, (np.asarray(lm, np.float64) + 0.5) / (sx, sy) - 0.5, pipeline.geometry)
+                 for lm in landmarks]  # (S, S, 3) each
+        t1 = time.perf_counter()
+        d.embeddings = pipeline.embedder.embed(np.stack(crops))  # (F, D)
+        if timers is not None:
+            timers["align"] = timers.get("align", 0.0) + t1 - t0
+            timers["embed"] = timers.get("embed", 0.0) + time.perf_counter() - t1
+    except Exception as exc:
+        d.fail(f"re-embedding failed ({error_summary(exc)})")
+    d.image = None
+    return d
+
+
+def reembed_files(items: list[StoredFaces], max_pixels: int, max_side: int) -> list[DecodedFile]:
+    """The task of a face worker re-embedding faces found before (another model)."""
+    timers: dict[str, float] = {}
+    out = [embed_stored_faces(_WORKER["pipeline"], it, max_pixels, max_side, timers) for it in items]
+    share = {k: v / len(out) for k, v in timers.items()}
+    for d in out:
+        d.stage_seconds = dict(share)
+    return out
 
 
 def _face_worker_context() -> mp.context.BaseContext:
@@ -218,16 +277,16 @@ class WorkerPool:
     """Runs `task(paths, *args)` on chunks of `chunk` files in `workers` processes (`work` sets each
     worker up) and yields (path, DecodedFile) in input order, with about `window` files in flight.
 
-    With no workers, or workers that cannot start, files are decoded in this process instead
-    (decoding only: the caller analyses what comes back without faces). `timers` gains "start",
-    "decode", "decode_wait" and the workers' analysis stages.
+    With no workers, or workers that cannot start, `local(item, *args)` runs in this process instead
+    (by default decoding only: the caller analyses what comes back without faces). `timers` gains
+    "start", "decode", "decode_wait" and the workers' analysis stages.
     """
 
     def __init__(self, workers: int, window: int, args: tuple, timers: MutableMapping[str, float],
                  task: Callable[..., list[DecodedFile]] = decode_files, chunk: int = 1,
-                 work: FaceWork | None = None) -> None:
+                 work: FaceWork | None = None, local: Callable[..., DecodedFile] = decode_file) -> None:
         self.workers, self.window, self.args, self.timers = workers, window, args, timers
-        self.task, self.chunk, self.work = task, chunk, work
+        self.task, self.chunk, self.work, self.local = task, chunk, work, local
         # Never a plain fork of this process (it may hold torch threads or CUDA). Face workers come from
         # a fork server that has imported torch once: each worker then starts in ~0.5 s, not ~3 s.
         self._ctx = _face_worker_context() if work is not None else mp.get_context("spawn")
@@ -259,7 +318,7 @@ class WorkerPool:
 
     def _in_process(self, paths: Iterable[str]) -> Iterator[tuple[str, DecodedFile]]:
         for p in paths:
-            d = decode_file(p, *self.args)
+            d = self.local(p, *self.args)
             self._account(d)
             self.timers["decode_wait"] = self.timers.get("decode_wait", 0.0) + d.seconds
             yield p, d
@@ -270,7 +329,7 @@ class WorkerPool:
             self._pool = self._pool or self._start()
             t0 = time.perf_counter()
             if self._pool is None:
-                d = decode_file(q, *self.args)
+                d = self.local(q, *self.args)
             else:
                 try:
                     d = self._pool.submit(self.task, [q], *self.args).result()[0]
@@ -327,7 +386,7 @@ class WorkerPool:
                 except Exception as exc:  # e.g. a result that failed to pickle: decode those files here
                     log.warning("a worker task failed (%s); decoding its %d files in the main process",
                                 error_summary(exc), len(c))
-                    got = [decode_file(p, *self.args) for p in c]
+                    got = [self.local(p, *self.args) for p in c]
                 self._wait(t0)
                 for p, d in zip(c, got):
                     self._account(d)

@@ -1,0 +1,331 @@
+"""index.facesearch.FaceSearch: FAISS range / k-NN search vs brute-force numpy, the size policy,
+persistence (atomic save, stale key, corrupt files), input checks. Pure numpy/faiss: no torch, no data."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import index.facesearch as fsmod
+from index.facesearch import FaceSearch, FaceSearchError, StaleIndexError, choose_kind, unit_rows
+
+DIM = 32
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _faces(rng: np.random.Generator, n_ids: int, per_id: int, dim: int = DIM, intra: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+    """Face-like unit vectors: n_ids random centres on the sphere, per_id points near each with
+    pairwise cosine ~intra. Returns (vectors (N, D) float32, labels (N,))."""
+    centres = unit_rows(rng.standard_normal((n_ids, dim)))
+    labels = np.repeat(np.arange(n_ids), per_id)
+    sigma = np.sqrt((1 / intra - 1) / dim)
+    x = centres[labels] + sigma * rng.standard_normal((len(labels), dim)).astype(np.float32)
+    return unit_rows(x), labels
+
+
+def _ids(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Catalogue-like ids: unique, arbitrary, far from 0..N-1."""
+    return rng.choice(np.int64(1) << 50, n, replace=False).astype(np.int64) + (np.int64(1) << 40)
+
+
+def _brute_range(x: np.ndarray, ids: np.ndarray, q: np.ndarray, bound: float) -> list[dict[int, float]]:
+    sims = q @ x.T  # (Q, N)
+    return [{int(ids[j]): float(s[j]) for j in np.flatnonzero(s >= bound)} for s in sims]
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x, labels = _faces(rng, 200, 20)  # (4000, 32)
+    ids = _ids(rng, len(x))
+    # Queries: fresh faces of library identities (an enrolled person's new photos) and library faces.
+    q, _ = _faces(np.random.default_rng(1), 1, 1)
+    fresh = unit_rows(x[labels == 3].mean(0, keepdims=True) + 0.1 * np.random.default_rng(2).standard_normal((5, DIM)))
+    return x, labels, ids, np.concatenate([fresh, x[::400], q]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def ivf(data) -> FaceSearch:
+    x, _, ids, _ = data
+    return FaceSearch.build(x, ids, "ivf", key="fp:1")
+
+
+# ------------------------------------------------------------------------------------------------
+# Search results
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bound", [0.3, 0.5, 0.8])
+def test_flat_range_search_equals_numpy(data, bound):
+    x, _, ids, q = data
+    fs = FaceSearch.build(x, ids, "flat")
+    lims, got_ids, sims = fs.range_search(q, bound)
+    assert lims.shape == (len(q) + 1,) and lims[0] == 0 and lims[-1] == len(got_ids) == len(sims)
+    assert got_ids.dtype == np.int64 and sims.dtype == np.float32
+    want = _brute_range(x, ids, q, bound)
+    for i, exact in enumerate(want):
+        found = dict(zip(got_ids[lims[i] : lims[i + 1]].tolist(), sims[lims[i] : lims[i + 1]].tolist()))
+        # Same sets, except that a pair within float rounding of the bound may fall either way (FAISS and
+        # numpy sum the products in different orders).
+        differ = set(found) ^ set(exact)
+        assert all(abs(float(q[i] @ x[np.flatnonzero(ids == j)[0]]) - bound) < 1e-5 for j in differ)
+        assert len(differ) <= 1
+        for j, s in found.items():
+            assert abs(s - exact.get(j, bound)) < 1e-5
+        # most similar first
+        assert np.all(np.diff(sims[lims[i] : lims[i + 1]]) <= 0)
+    assert lims[-1] > 0  # the test is not vacuous
+
+
+def test_range_bound_is_inclusive():
+    v = np.eye(4, dtype=np.float32)
+    fs = FaceSearch.build(v, np.array([10, 11, 12, 13]), "flat")
+    lims, got, sims = fs.range_search(v[:1], 1.0)  # similarity exactly 1.0 with itself
+    assert got.tolist() == [10] and sims.tolist() == [1.0]
+    lims, got, _ = fs.range_search(v[:1], 0.0)  # exactly 0 with the others: kept too (>=)
+    assert sorted(got.tolist()) == [10, 11, 12, 13]
+
+
+def test_flat_knn_equals_numpy_with_arbitrary_ids(data):
+    x, _, ids, q = data
+    fs = FaceSearch.build(x, ids, "flat")
+    sims, got = fs.search(q, 7)
+    full = q @ x.T
+    order = np.argsort(-full, axis=1)[:, :7]
+    assert got.shape == sims.shape == (len(q), 7)
+    np.testing.assert_array_equal(got, ids[order])
+    np.testing.assert_allclose(sims, np.take_along_axis(full, order, 1), atol=1e-5)
+    assert got.min() >= 1 << 40  # catalogue ids, not row numbers
+
+
+def test_missing_neighbours_are_minus_one_and_minus_inf(data):
+    x, _, ids, _ = data
+    fs = FaceSearch.build(x[:3], ids[:3], "flat")
+    sims, got = fs.search(x[:2], 5)
+    assert (got[:, 3:] == -1).all() and np.isneginf(sims[:, 3:]).all()
+    assert set(got[0, :3].tolist()) == set(ids[:3].tolist())
+    empty = FaceSearch.build(np.zeros((0, DIM), np.float32), np.zeros(0, np.int64), "flat")
+    sims, got = empty.search(x[:2], 3)
+    assert (got == -1).all() and np.isneginf(sims).all()
+    lims, got, sims = empty.range_search(x[:2], 0.5)
+    assert lims.tolist() == [0, 0, 0] and len(got) == len(sims) == 0
+
+
+def test_ivf_range_recall_on_clustered_data(data, ivf):
+    x, _, ids, q = data
+    assert ivf.kind == "ivf" and 1 <= ivf.nprobe <= ivf.nlist
+    assert ivf.header.calibration["recall"] >= 0.99
+    for bound in (0.5, 0.6):
+        lims, got, sims = ivf.range_search(q, bound)
+        want = _brute_range(x, ids, q, bound)
+        hits = sum(len(set(got[lims[i] : lims[i + 1]].tolist()) & set(w)) for i, w in enumerate(want))
+        total = sum(len(w) for w in want)
+        assert total > 50 and hits / total >= 0.95
+        # IVF never invents results: every hit is a true one, with the right similarity
+        for i, w in enumerate(want):
+            for j, s in zip(got[lims[i] : lims[i + 1]].tolist(), sims[lims[i] : lims[i + 1]].tolist()):
+                assert j in w and abs(s - w[j]) < 1e-5
+
+
+def test_ivf_knn_recall_and_nprobe_override(data, ivf):
+    x, _, ids, q = data
+    exact = ids[np.argsort(-(q @ x.T), axis=1)[:, :10]]
+    _, got = ivf.search(q, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got.tolist(), exact.tolist())]) >= 0.95
+    _, all_cells = ivf.search(q, 10, nprobe=ivf.nlist)  # every cell: exact
+    np.testing.assert_array_equal(all_cells, exact)
+    with pytest.raises(ValueError, match="nprobe"):
+        ivf.search(q, 10, nprobe=ivf.nlist + 1)
+    flat = FaceSearch.build(x, ids, "flat")
+    with pytest.raises(ValueError, match="nprobe"):
+        flat.search(q, 10, nprobe=4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Size policy
+# ------------------------------------------------------------------------------------------------
+
+
+def test_auto_picks_by_size(monkeypatch, data):
+    x, _, ids, _ = data
+    assert choose_kind(0) == "flat" and choose_kind(fsmod.IVF_MIN_FACES - 1) == "flat"
+    assert choose_kind(fsmod.IVF_MIN_FACES) == "ivf"
+    monkeypatch.setattr(fsmod, "IVF_MIN_FACES", 2000)
+    assert FaceSearch.build(x[:1999], ids[:1999]).kind == "flat"
+    big = FaceSearch.build(x[:2000], ids[:2000], key="k")
+    assert big.kind == "ivf" and big.nlist == fsmod.ivf_nlist(2000) and big.key == "k"
+
+
+def test_nlist_rule():
+    assert fsmod.ivf_nlist(1_000_000) == 4000
+    assert fsmod.ivf_nlist(100_000) == 1265
+    assert fsmod.ivf_nlist(4000) == 4000 // 39  # capped: >= 39 training points per cell
+    assert fsmod.ivf_nlist(10) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Persistence
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_save_load_round_trip(tmp_path, data, ivf, kind):
+    x, _, ids, q = data
+    fs = ivf if kind == "ivf" else FaceSearch.build(x, ids, "flat", key="fp:1")
+    path = tmp_path / "library.fsidx"
+    fs.save(path)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"  # biometric data
+    assert [p.name for p in tmp_path.iterdir()] == ["library.fsidx"]  # no temp file left
+    header = FaceSearch.read_header(path)
+    assert (header.n, header.dim, header.kind, header.key) == (len(x), DIM, kind, "fp:1")
+    back = FaceSearch.load(path, expected_key="fp:1")
+    assert (back.kind, back.n, back.dim, back.nlist, back.nprobe) == (fs.kind, fs.n, fs.dim, fs.nlist, fs.nprobe)
+    for a, b in zip(fs.range_search(q, 0.5), back.range_search(q, 0.5)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(fs.search(q, 5), back.search(q, 5)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_stale_key_detected_without_loading(tmp_path, data):
+    x, _, ids, _ = data
+    path = tmp_path / "lib.fsidx"
+    fs = FaceSearch.build(x, ids, "flat", key="model-a:gen7")
+    fs.save(path)
+    assert FaceSearch.read_key(path) == "model-a:gen7"
+    with pytest.raises(StaleIndexError, match="stale"):
+        FaceSearch.load(path, expected_key="model-a:gen8")
+    fs.save(path, key="model-a:gen8")  # save may set the key; the file is replaced
+    assert FaceSearch.read_key(path) == "model-a:gen8" and FaceSearch.load(path, expected_key="model-a:gen8").n == len(x)
+    # read_key reads only the header: it works on a file whose vectors are cut off
+    raw = path.read_bytes()
+    (tmp_path / "cut.fsidx").write_bytes(raw[:2000])
+    assert FaceSearch.read_key(tmp_path / "cut.fsidx") == "model-a:gen8"
+
+
+def _one_line_error(path: Path, exc: pytest.ExceptionInfo) -> None:
+    msg = str(exc.value)
+    assert "\n" not in msg and str(path) in msg
+
+
+def test_corrupt_truncated_and_foreign_files(tmp_path, data):
+    x, _, ids, _ = data
+    good = tmp_path / "good.fsidx"
+    FaceSearch.build(x[:500], ids[:500], "flat", key="k").save(good)
+    raw = good.read_bytes()
+
+    cases = {
+        "truncated": raw[: len(raw) // 2],
+        "flipped": raw[:-1000] + bytes([raw[-1000] ^ 0xFF]) + raw[-999:],  # one bit of a vector
+        "foreign": b"just some text\n" * 100,
+        "empty": b"",
+        "badheader": raw[:12] + b"{" * (len(raw) - 12),
+    }
+    # a real FAISS index file, not ours
+    import faiss
+
+    faiss.write_index(faiss.IndexFlatIP(DIM), str(tmp_path / "foreign.faiss"))
+    for name, blob in cases.items():
+        p = tmp_path / f"{name}.fsidx"
+        p.write_bytes(blob)
+        with pytest.raises(ValueError) as exc:
+            FaceSearch.load(p)
+        _one_line_error(p, exc)
+    for p in (tmp_path / "foreign.faiss", tmp_path / "missing.fsidx"):
+        with pytest.raises(FaceSearchError) as exc:
+            FaceSearch.load(p)
+        _one_line_error(p, exc)
+        with pytest.raises(FaceSearchError):
+            FaceSearch.read_key(p)
+
+
+def test_header_lying_about_its_index_is_refused(tmp_path, data):
+    """A well-formed file whose header does not describe its FAISS payload (edited by hand)."""
+    x, _, ids, _ = data
+    path = tmp_path / "a.fsidx"
+    FaceSearch.build(x[:100], ids[:100], "flat", key="k").save(path)
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<I", raw[8:12])
+    header = json.loads(raw[12 : 12 + length])
+    header["n"] = 99
+    new = json.dumps(header, sort_keys=True).encode()
+    path.write_bytes(raw[:8] + struct.pack("<I", len(new)) + new + raw[12 + length :])
+    with pytest.raises(FaceSearchError, match="does not match its header"):
+        FaceSearch.load(path)
+
+
+def test_save_failure_keeps_old_file(tmp_path, data, monkeypatch):
+    x, _, ids, _ = data
+    path = tmp_path / "lib.fsidx"
+    FaceSearch.build(x[:50], ids[:50], "flat", key="old").save(path)
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fsmod.os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        FaceSearch.build(x, ids, "flat", key="new").save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["lib.fsidx"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Input validation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_one_line_value_errors(data):
+    x, _, ids, q = data
+    bad_nan = x[:10].copy()
+    bad_nan[3, 0] = np.nan
+    cases = [
+        (lambda: FaceSearch.build(x[:10, :5].ravel(), ids[:50]), "shape"),
+        (lambda: FaceSearch.build(x[:10], ids[:9]), "ids"),
+        (lambda: FaceSearch.build(x[:10], ids[:10].reshape(2, 5)), "ids"),
+        (lambda: FaceSearch.build(bad_nan, ids[:10]), "row 3 has NaN"),
+        (lambda: FaceSearch.build(2 * x[:10], ids[:10]), "norm"),
+        (lambda: FaceSearch.build(np.zeros((2, DIM), np.float32), ids[:2]), "norm"),
+        (lambda: FaceSearch.build(x[:10].astype(np.int32), ids[:10]), "float"),
+        (lambda: FaceSearch.build(x[:2], np.array([5, 5])), "duplicated"),
+        (lambda: FaceSearch.build(x[:2], np.array([5, -1])), "negative"),
+        (lambda: FaceSearch.build(x[:2], np.array([5.0, 6.0])), "integers"),
+        (lambda: FaceSearch.build(x[:10], ids[:10], "hnsw"), "kind"),
+        (lambda: FaceSearch.build(x[:10], ids[:10], "flat", nlist=4), "nlist"),
+        (lambda: FaceSearch.build(x[:10], ids[:10], "ivf", nlist=11), "nlist"),
+        (lambda: FaceSearch.build(x[:10], ids[:10], key=3), "key"),
+    ]
+    fs = FaceSearch.build(x[:100], ids[:100], "flat")
+    cases += [
+        (lambda: fs.range_search(q[:, :16], 0.5), "shape"),
+        (lambda: fs.range_search(q[0], 0.5), "shape"),
+        (lambda: fs.range_search(q * 1.01, 0.5), "norm"),
+        (lambda: fs.range_search(q, float("nan")), "finite"),
+        (lambda: fs.search(q, 0), "k must"),
+        (lambda: fs.search(q, 2.5), "k must"),
+    ]
+    for fn, match in cases:
+        with pytest.raises(ValueError, match=match) as exc:
+            fn()
+        assert "\n" not in str(exc.value)
+
+
+def test_near_unit_vectors_accepted():
+    rng = np.random.default_rng(5)
+    x = unit_rows(rng.standard_normal((20, DIM))) * np.float32(1 + 5e-5)  # within NORM_TOLERANCE
+    fs = FaceSearch.build(x, np.arange(20) * 3, "flat")
+    assert fs.n == 20 and fs.search(x[:1], 1)[1][0, 0] == 0
+
+
+def test_module_never_imports_torch_or_verify():
+    code = ("import sys, numpy as np; from index.facesearch import FaceSearch; "
+            "FaceSearch.build(np.eye(4, dtype=np.float32), np.arange(4), 'flat').search(np.eye(4, dtype=np.float32), 1); "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'verify'))]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})

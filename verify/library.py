@@ -1,0 +1,202 @@
+"""The photo library as an index: answers from it (find), unknown people in it (people), enrolling a
+group of it (enroll --group). Joins `verify` (model, matcher) and `index` (library index, gallery).
+
+`faceverify scan` fills the index (verify.scan.indexed); everything here reads it without touching a
+photo, except enrolling a group, which decodes the group's photos to make augmented views.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from index import Gallery
+from index.library import Library, LibraryError
+
+from .faces import FacePipeline
+from .galleries import build_matcher, data_home
+from .scan.html import PageOptions, files_dir, write_html
+from .scan.indexed import find_rows, unindexed
+from .scan.report import ScanSummary, count_rows, write_report
+
+if TYPE_CHECKING:  # torch stays out of find and people: the gallery names its model
+    from index.facesearch import FaceSearch
+
+    from .scoring import IdentityMatcher
+    from .people import EnrollmentResult
+
+log = logging.getLogger(__name__)
+
+
+def default_library() -> Path:
+    """The library index beside the default gallery: `data_home()/library.db`."""
+    return data_home() / "library.db"
+
+
+def open_library(path: Path | None, *, readonly: bool = False, create: bool = False) -> Library:
+    """The index at `path` (default `default_library()`); LibraryError (one line) when there is none
+    (unless `create`), it is not ours, or is newer than this faceverify."""
+    return Library.open(path or default_library(), create=create, readonly=readonly)
+
+
+def require_embedded(library: Library, model: str) -> None:
+    """LibraryError unless the index holds faces embedded by `model` (a fingerprint)."""
+    if library.model_dim(model) is None:
+        stored = ", ".join(library.models()) or "none"
+        raise LibraryError(f"{library.path}: no face of the index is embedded with model {model} "
+                           f"(index models: {stored}); run faceverify scan FOLDER --model ... to re-embed its stored "
+                           "faces (no detection)")
+
+
+@dataclass
+class FindResult:
+    summary: ScanSummary
+    rows: int
+    not_embedded: int  # files whose faces this model has not embedded yet (error rows)
+    seconds: float = 0.0
+
+
+def find(library: Library, gallery: Gallery, *, names: Sequence[str] = (),
+         out: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
+         page: PageOptions | None = None, under: Sequence[str] | None = None) -> FindResult:
+    """The scan report from the index: every present file (or under `under`), matched against the
+    gallery (with the embeddings of the gallery's model); with `names`, only the faces matched to one
+    of them. Writes `out` and/or the page `html`."""
+    t0 = time.perf_counter()
+    require_embedded(library, gallery.fingerprint)
+    known = set(gallery.identities()["identity"])
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not enrolled in {gallery.path}")
+    html_path = Path(html).absolute() if html is not None else None
+    thumbs_dir = files_dir(html_path) if html_path is not None else None
+    matcher = build_matcher(gallery)
+    candidates = candidate_faces(library, gallery.fingerprint, matcher, names) if names else None
+    rows = find_rows(library, gallery.fingerprint, matcher, under=under, thumbs_dir=thumbs_dir, page=page,
+                     only_faces=candidates)
+    missing = unindexed(rows)
+    if names:
+        wanted = set(names)
+        rows = [r for r in rows if r["match"] and r["identity"] in wanted]
+    summary = ScanSummary(report=Path(out).absolute() if out is not None else Path("-"))
+    rows = list(count_rows(summary, rows))
+    if out is not None:
+        write_report(rows, out)
+    if html_path is not None:
+        write_html(rows, html_path, options=page, source=str(library.path))
+    return FindResult(summary, len(rows), missing, time.perf_counter() - t0)
+
+
+def search_cache_path(library: Library, model: str) -> Path:
+    """Where the IVF search index over `model`'s library faces is kept: beside the database."""
+    return library.path.with_name(f"{library.path.name}.faces-{model}.fsidx")
+
+
+def library_search(library: Library, model: str, kind: str = "auto") -> "FaceSearch":
+    """A FAISS search index over the present library faces of `model` (index.facesearch: flat up to
+    IVF_MIN_FACES faces, IVF beyond). An IVF index is kept on disk beside the database, keyed by the
+    model and the index's generation, and rebuilt when the library changed; a flat one is built each
+    time (building it is copying the vectors, cheaper than reading a saved copy)."""
+    from index.facesearch import FaceSearch, FaceSearchError, choose_kind
+
+    key = f"{model}:{library.generation()}"
+    cache = search_cache_path(library, model)
+    if cache.is_file():
+        try:
+            if FaceSearch.read_key(cache) == key:
+                return FaceSearch.load(cache, expected_key=key)
+        except FaceSearchError as e:
+            log.warning("%s; rebuilding it", e)
+    face_ids, vectors = library.embeddings(model)  # (N,), (N, D)
+    chosen = choose_kind(len(face_ids)) if kind == "auto" else kind
+    search = FaceSearch.build(vectors, face_ids, kind=chosen, key=key)
+    if chosen != "flat":
+        try:
+            search.save(cache)
+        except OSError as e:  # a read-only disk: answer anyway, build again next time
+            log.warning("%s: cannot keep the face search index (%s)", cache, e.strerror or e)
+    return search
+
+
+def candidate_faces(library: Library, model: str, matcher: "IdentityMatcher", names: Sequence[str]) -> np.ndarray:
+    """Face ids of the library that can match one of `names`: a face is accepted for a person when
+    the mean of its top-k similarities to the person's pooled photos reaches the person's threshold,
+    so at least one of those similarities does. One range search per person over the library's
+    faces finds that superset; the matcher then decides on it alone, as it would on every face."""
+    search = library_search(library, model)
+    found = [np.zeros(0, np.int64)]
+    for name in names:
+        pooled = np.asarray(matcher.pooled[name], np.float32)  # (m, D)
+        _, ids, _ = search.range_search(pooled, matcher.similarity_threshold_of(name))
+        found.append(ids)
+    return np.unique(np.concatenate(found))
+
+
+@dataclass
+class PeopleResult:
+    groups: dict[int, list[int]]  # group id -> face ids, largest first
+    faces_considered: int  # faces matched to nobody enrolled
+    rows: list[dict] = field(default_factory=list)  # one per grouped face: group, path, face, box
+
+
+def unknown_people(library: Library, gallery: Gallery | None, model: str, *, min_faces: int = 3,
+                   max_distance: float | None = None, method: str = "auto") -> PeopleResult:
+    """Group the indexed faces of `model` (a fingerprint) that match nobody enrolled in `gallery`
+    (every face without one) into candidate people; store the grouping in the index for `enroll --group`."""
+    from index.groups import DEFAULT_MAX_DISTANCE, group_faces
+
+    require_embedded(library, model)
+    face_ids, vectors = library.embeddings(model)  # (N,), (N, D)
+    if gallery is not None and len(gallery):
+        matched = np.array([m.match for m in build_matcher(gallery)(vectors)], dtype=bool) \
+            if len(vectors) else np.zeros(0, bool)
+        face_ids, vectors = face_ids[~matched], vectors[~matched]
+    labels = group_faces(vectors, max_distance=DEFAULT_MAX_DISTANCE if max_distance is None else max_distance,
+                         min_faces=min_faces, method=method) if len(vectors) else np.zeros(0, np.int64)
+    library.save_groups(model, face_ids.tolist(), labels.tolist())
+    groups: dict[int, list[int]] = {}
+    for f, g in zip(face_ids.tolist(), labels.tolist()):
+        if g >= 0:
+            groups.setdefault(int(g), []).append(int(f))
+    where = library.face_locations([f for members in groups.values() for f in members])
+    rows = []
+    for g in sorted(groups):
+        for f in groups[g]:
+            path, _, k, rec, _ = where[f]
+            rows.append({"group": g, "size": len(groups[g]), "path": path, "face": k,
+                         "x1": rec.box[0], "y1": rec.box[1], "x2": rec.box[2], "y2": rec.box[3], "prob": rec.prob})
+    return PeopleResult(groups, int(len(vectors)), rows)
+
+
+def enroll_group(gallery: Gallery, name: str, library: Library, group: int, pipeline: FacePipeline, *,
+                 n_views: int = 8, target_far: float = 1e-3, top_k: int = 3) -> "EnrollmentResult":
+    """Enroll `name` from group `group` of the last `faceverify people` run: each member face aligned
+    from its stored landmarks (no detection), plus the same augmented views, calibration and outlier
+    check as enrolling photos."""
+    from .enroll import embed_known_faces
+    from .people import enroll_batch
+
+    embedder = pipeline.embedder
+    members = library.groups(embedder.fingerprint).get(int(group))
+    if not members:
+        raise ValueError(f"{library.path}: no group {group} for model {embedder.fingerprint}; "
+                         "run faceverify people first (group ids change with every run)")
+    where = library.face_locations(members)
+    faces = [(fs, sha or path, rec.landmarks, rec.box) for path, fs, _, rec, sha in (where[f] for f in members
+                                                                                   if f in where)]
+    return enroll_batch(gallery, name, lambda known: embed_known_faces(faces, pipeline, n_views=n_views,
+                                                                       skip_hashes=known),
+                        embedder, target_far=target_far, top_k=top_k)
+
+
+def write_people_page(result: PeopleResult, page: str | os.PathLike, library: Library, max_per_group: int = 24) -> None:
+    """One row of thumbnails per group, largest first (verify.scan.html cuts them from the photos)."""
+    from .scan.html import write_groups_html
+
+    write_groups_html(result.rows, Path(page).absolute(), max_per_group=max_per_group, source=str(library.path))
