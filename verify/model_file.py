@@ -171,7 +171,10 @@ class Embedder:
         out = np.zeros((len(crops), self.dim), dtype=np.float32)
         fmt = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format  # as the net (load)
         for s in range(0, len(crops), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(crops[s : s + batch_size])).to(self.device)
+            block = np.ascontiguousarray(crops[s : s + batch_size])
+            if not block.flags.writeable:  # torch wants writable memory (views of read-only buffers)
+                block = block.copy()
+            x = torch.from_numpy(block).to(self.device)
             x = (x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std  # (B,3,S,S)
             y = self.net(x.contiguous(memory_format=fmt)).float()
             if self.meta.get("tta_flip", True):
