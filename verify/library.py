@@ -107,7 +107,7 @@ def library_search(library: Library, model: str, kind: str = "auto") -> "FaceSea
 
     key = f"{model}:{library.generation()}"
     cache = search_cache_path(library, model)
-    if cache.is_file():
+    if kind != "flat" and cache.is_file():  # only IVF indexes are kept
         try:
             if FaceSearch.read_key(cache) == key:
                 return FaceSearch.load(cache, expected_key=key)
