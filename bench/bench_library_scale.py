@@ -23,7 +23,7 @@ Tables (a one-line note under each says what was measured):
     removes it: db + wal): per part, from SQLite's dbstat (pages of each table and index), in MB and
     bytes per face, against the 512 B (128 x float32) a raw vector takes.
 2a. Reading all N vectors + ids back: `Library.embeddings(model)` (the call `find` makes), the
-    `count(*)` pass it makes first and a join-free SELECT of the BLOBs (raw sqlite3, to split the
+    `count(*)` of the faces it makes first (against counting the embeddings) and a join-free SELECT of the BLOBs (raw sqlite3, to split the
     cost), vs a sidecar: `np.load` of vectors.npy + ids.npy, `np.load(mmap_mode="r")` + one full pass
     (a sum over every row), and a Parquet file (ids int64 + fixed_size_list<float32>[128],
     uncompressed) read with pyarrow into numpy. "cold": the files were first evicted from this VM's
@@ -272,10 +272,10 @@ def read_library(db: Path):
         return lib.embeddings(FINGERPRINT)
 
 
-def read_count(db: Path) -> int:
+def read_count(db: Path, query: str, *args) -> int:
     conn = ro_connect(db)
     try:
-        return int(conn.execute("SELECT count(*) FROM embeddings WHERE model = ?", (FINGERPRINT,)).fetchone()[0])
+        return int(conn.execute(query, args).fetchone()[0])
     finally:
         conn.close()
 
@@ -597,12 +597,15 @@ def main(argv: list[str] | None = None) -> None:
             return out
 
         ids, vecs = read_row("SQLite: Library.embeddings(model) (what find reads)", [db, wal],
-                             lambda: read_library(db), "count(*) + join files/faces, ORDER BY face_id")
+                             lambda: read_library(db), "count(faces) + join files/faces, ORDER BY face_id, fetchmany blocks")
         assert len(ids) == n, (len(ids), n)
-        read_row("  of which: SELECT count(*) FROM embeddings WHERE model = ?", [db, wal], lambda: read_count(db),
+        read_row("  of which: SELECT count(*) FROM faces", [db, wal], lambda: read_count(db, "SELECT count(*) FROM faces"),
+                 "the upper bound it preallocates for", rate=False)
+        read_row("  not: SELECT count(*) FROM embeddings WHERE model = ?", [db, wal],
+                 lambda: read_count(db, "SELECT count(*) FROM embeddings WHERE model = ?", FINGERPRINT),
                  "walks the whole embeddings b-tree", rate=False)
         read_row("  SQLite: SELECT face_id, vector (no join, no count)", [db, wal], lambda: read_blobs(db, n, dim),
-                 "raw sqlite3, same fill loop")
+                 "raw sqlite3, row-by-row fill")
         write_npy(vec_npy, vecs)
         write_npy(id_npy, ids)
         write_parquet(parq, ids, vecs)

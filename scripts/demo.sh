@@ -51,3 +51,10 @@ print(r["status"].value_counts().to_string() if "status" in r else r.head())
 m = r[r["match"] == True]
 print(f"matched faces: {len(m)} (files: {', '.join(sorted(set(m['path'].map(lambda p: p.split('/')[-2] + '/' + p.split('/')[-1]))))})")
 PY
+echo
+echo "== scan again: the library index kept every file and face, so nothing is decoded twice"
+$FV scan "$WORK/photos" --out "$WORK/report2.csv" --workers 2 | grep "files walked"
+cmp -s "$WORK/report.csv" "$WORK/report2.csv" && echo "same report"
+echo
+echo "== find: my photos, answered from the index without reading a photo"
+$FV find me --out "$WORK/me.csv"

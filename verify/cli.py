@@ -116,15 +116,15 @@ gallery_app = typer.Typer(no_args_is_help=True, help="Inspect or edit the galler
 app.add_typer(gallery_app, name="gallery")
 
 
-GalleryOpt = Annotated[Optional[Path], typer.Option("--gallery", "-g", help="Gallery folder [default: per-user data folder].")]
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file [default: the shipped model].")]
+GalleryOpt = Annotated[Optional[Path], typer.Option("--gallery", "-g", help="Gallery folder (default: per-user data folder).")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file (default: the shipped model).")]
 DevOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 MinFaceOpt = Annotated[int, typer.Option("--min-face", help="Smallest face side in pixels.")]
 HtmlOpt = Annotated[Optional[Path], typer.Option("--html", help="Also write an HTML page of the faces found (thumbnails beside it in <name>_files/).")]
 NearMissOpt = Annotated[float, typer.Option("--near-miss", help="Page: show faces within this distance above their threshold as 'check these'.")]
 ShowUnmatchedOpt = Annotated[bool, typer.Option("--show-unmatched", help="Page: also show every face that did not match.")]
 MinProbOpt = Annotated[float, typer.Option("--min-prob", help="Smallest detection probability.")]
-IndexOpt = Annotated[Optional[Path], typer.Option("--index", help="Library index (SQLite) [default: library.db in the per-user data folder].")]
+IndexOpt = Annotated[Optional[Path], typer.Option("--index", help="Library index (SQLite) (default: library.db in the per-user data folder).")]
 
 
 def _load_embedder(model: Optional[Path], device: str):
@@ -342,7 +342,7 @@ def scan(
 
 @app.command()
 def find(
-    names: Annotated[Optional[list[str]], typer.Argument(help="Enrolled people to look for [default: everyone, the full report].")] = None,
+    names: Annotated[Optional[list[str]], typer.Argument(help="Enrolled people to look for (default: everyone, the full report).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report: .csv, .json, .jsonl or .parquet (the scan's columns).")] = None,
     html: HtmlOpt = None,
     under: Annotated[Optional[list[Path]], typer.Option("--under", help="Only files under this folder (repeat for several).")] = None,
@@ -386,9 +386,9 @@ def people(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="CSV: one row per grouped face (group, size, path, face, box).")] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Page: one row of thumbnails per group, largest first.")] = None,
     min_faces: Annotated[int, typer.Option("--min-faces", help="Smallest group.")] = 3,
-    max_distance: Annotated[Optional[float], typer.Option("--max-distance", help="Distance (Euclidean, between unit embeddings) within which faces link [default: the measured one].")] = None,
+    max_distance: Annotated[Optional[float], typer.Option("--max-distance", help="Distance (Euclidean, between unit embeddings) within which faces link (default: the measured one).")] = None,
     gallery: GalleryOpt = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model fingerprint whose embeddings to group [default: the gallery's, else the index's only model].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model fingerprint whose embeddings to group (default: the gallery's, else the index's only model).")] = None,
     index: IndexOpt = None,
 ) -> None:
     """Group the indexed faces that match nobody enrolled into candidate people.
