@@ -3,13 +3,14 @@
     .venv/bin/python bench/bench_scan.py [--images 300] [--workers 2] [--fr-env /tmp/frenv]
                                          [--model PATH] [--breakdown auto|in-process|none]
                                          [--photo-size 4032x3024] [--html --repeats 3]
+                                         [--runtimes onnx torch]
 
 Photos: LFW deep-funneled (../shared/data/lfw/lfw-deepfunneled, 250x250 JPEGs, one or more faces
 each), copied into a temporary folder (never into the repository). One person (default: the LFW
 person with the most photos here) is enrolled from `--enroll-photos` of their photos with
 `faceverify enroll NAME PHOTOS --gallery G`; the scan folder holds that person's other photos plus the
 first LFW photos in sorted order, `--images` in all. Then, each as one command in a subprocess:
-  faceverify scan FOLDER --gallery G --out R.csv --workers N
+  faceverify scan FOLDER --gallery G --out R.csv --workers N --runtime R --index FRESH.db   (per --runtimes)
   face_recognition KNOWN_DIR FOLDER --cpus N     (KNOWN_DIR: the same enrollment photos)
 images/s = photos / wall seconds of the whole command (process start, model loading, known-face
 encoding of face_recognition included; enrollment of faceverify is timed separately). Peak memory:
@@ -174,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-face", type=int, default=None,
                     help="scan --min-face (default: the scan's own, 20 px); 40 matches face_recognition's reach "
                          "(dlib HOG, 80 px window, one upsampling)")
+    ap.add_argument("--runtimes", nargs="+", default=["onnx", "torch"], choices=("onnx", "torch"),
+                    help="one faceverify row per runtime (scan --runtime); the first also gives the stage breakdown")
     ap.add_argument("--breakdown", choices=("auto", "in-process", "none"), default="auto")
     ap.add_argument("--lfw", default=str(LFW))
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
@@ -213,20 +216,18 @@ def main(argv: list[str] | None = None) -> None:
         enrolled = run_measured([str(FACEVERIFY), "enroll", person, *map(str, enroll_photos), "--gallery", str(gallery),
                                  *model_args], env=env).check("faceverify enroll")
         report = tmp / "report.csv"
-        scan_argv = [str(FACEVERIFY), "scan", str(folder), "--gallery", str(gallery), "--out", str(report), "--stats",
-                     "--workers", str(args.workers), *model_args]
-        if args.min_face is not None:
-            scan_argv += ["--min-face", str(args.min_face)]
-        ours = run_measured(scan_argv, env=env)
-        if ours.returncode != 0 and "No such command" in ours.stderr:
-            ours = None
-            notes.append("faceverify scan: the CLI has no `scan` command yet (verify/cli.py); "
-                         "only the in-process breakdown below measures it")
-        else:
-            ours.check("faceverify scan")
-            rows.append(("faceverify scan", ours.seconds, ours.max_rss_mb, ours.tree_peak_mb,
+        ours = None
+        for runtime in args.runtimes:  # each on its own fresh library index: nothing reused between rows
+            argv = [str(FACEVERIFY), "scan", str(folder), "--gallery", str(gallery), "--out", str(report), "--stats",
+                    "--workers", str(args.workers), "--runtime", runtime, "--index", str(tmp / f"library-{runtime}.db"),
+                    *model_args]
+            if args.min_face is not None:
+                argv += ["--min-face", str(args.min_face)]
+            run = run_measured(argv, env=env).check(f"faceverify scan --runtime {runtime}")
+            rows.append((f"faceverify scan --runtime {runtime}", run.seconds, run.max_rss_mb, run.tree_peak_mb,
                          scan_result(report, person)))
-
+            if ours is None:
+                ours, scan_argv = run, argv
         show_html_costs = None
         if args.html and ours is not None:
             show_html_costs = html_costs(scan_argv, report, tmp, env, args.repeats, len(scan_photos),

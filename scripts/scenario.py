@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from verify.celeba import load_celeba
 from verify.enroll import DEFAULT_VIEW_AUGMENT, augmented_view_crops
@@ -54,7 +53,7 @@ class ModelVectors:
     def vectors(self, items: list) -> np.ndarray:
         return self.emb.embed(np.stack([crop for crop, _, _ in items]))
 
-    def views(self, item: tuple, n: int, gen: torch.Generator) -> np.ndarray:
+    def views(self, item: tuple, n: int, gen: np.random.Generator) -> np.ndarray:
         crop, image, box = item
         crops = [crop] + augmented_view_crops(image, box, self.pipeline, n, gen, **DEFAULT_VIEW_AUGMENT)
         return self.emb.embed(np.stack(crops))
@@ -88,7 +87,7 @@ class PeerVectors:
     def vectors(self, vecs: list) -> np.ndarray:
         return np.stack(vecs)
 
-    def views(self, vec: np.ndarray, n: int, gen: torch.Generator) -> np.ndarray:
+    def views(self, vec: np.ndarray, n: int, gen: np.random.Generator) -> np.ndarray:
         return vec[None]
 
     def naive(self, queries: np.ndarray, enrolled: np.ndarray) -> np.ndarray:
@@ -159,7 +158,7 @@ def main() -> int:
         cohort = cohort.float().numpy()
         source = ModelVectors(emb)
     s_vec, s_failed = source.photos(strangers)
-    gen = torch.Generator().manual_seed(0)
+    gen = np.random.default_rng(0)
     rows = []
     for ident, g in test.groupby("identity"):
         paths = [Path(p) for p in g.sort_values("image")["path"]]

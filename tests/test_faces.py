@@ -248,7 +248,7 @@ def test_fast_driver_matches_facenet_mtcnn(detector, lfw_root):
     paths = sorted((lfw_root / "lfw-deepfunneled").glob("*/*.jpg"))[::97][:24]
     batch = np.stack([load_image(p) for p in paths])  # (24, 250, 250, 3)
     batch[3] = 128  # a blank image in the batch: no face
-    m = detector._mtcnn
+    m = FaceDetector(DetectorConfig(device="cpu", runtime="torch"))._mtcnn  # the PyTorch networks
     ref_boxes, ref_probs, ref_points = m.detect(batch, landmarks=True)
     got = detect_faces(batch, m.pnet, m.rnet, m.onet, m.min_face_size, m.thresholds, m.factor)
     n_faces = 0

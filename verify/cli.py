@@ -13,7 +13,7 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Face verification: is this photo me?")
 train_app = typer.Typer(no_args_is_help=True, help="Train a stage: attributes (stage 1) or identity (stage 2).")
 app.add_typer(train_app, name="train")
-model_app = typer.Typer(no_args_is_help=True, help="Model files: import third-party networks.")
+model_app = typer.Typer(no_args_is_help=True, help="Model files: import third-party networks, export runtime graphs.")
 app.add_typer(model_app, name="model")
 
 EXIT_OK, EXIT_NO, EXIT_ERROR = 0, 1, 2
@@ -74,6 +74,8 @@ def _run_training(task: str, config, data, out, epochs, device, max_images, resu
         t = best["test"]
         typer.echo(f"best epoch {best['epoch']}: test AUC {t['auc']:.4f}, EER {t['eer']:.4f}, accuracy {t['accuracy']:.4f}")
         typer.echo(f"model: {result.run_dir / 'model.pt'}")
+        if (result.run_dir / "model.pt").is_file():
+            _export_graph(result.run_dir / "model.pt")
 
 
 @train_app.command("attributes")
@@ -124,16 +126,16 @@ HtmlOpt = Annotated[Optional[Path], typer.Option("--html", help="Also write an H
 NearMissOpt = Annotated[float, typer.Option("--near-miss", help="Page: show faces within this distance above their threshold as 'check these'.")]
 ShowUnmatchedOpt = Annotated[bool, typer.Option("--show-unmatched", help="Page: also show every face that did not match.")]
 MinProbOpt = Annotated[float, typer.Option("--min-prob", help="Smallest detection probability.")]
+RuntimeOpt = Annotated[str, typer.Option("--runtime", help="Networks run under onnx (ONNX Runtime, CPU, no torch), torch (PyTorch; the GPU path) or auto (torch for a GPU, else onnx).")]
 IndexOpt = Annotated[Optional[Path], typer.Option("--index", help="Library index (SQLite) (default: library.db in the per-user data folder).")]
 
 
-def _load_embedder(model: Optional[Path], device: str):
-    from .model_file import Embedder, ModelFileError
-    from .runtime import resolve_device
+def _load_embedder(model: Optional[Path], device: str, runtime: str):
+    from .inference import load_embedder
 
-    try:
-        return Embedder.load(model, resolve_device(device))
-    except (ModelFileError, RuntimeError, ValueError) as e:
+    try:  # ModelFileError, RuntimeGraphError and a bad device or runtime are ValueError / RuntimeError
+        return load_embedder(model, device, runtime)
+    except (RuntimeError, ValueError) as e:
         _fail(str(e))
 
 
@@ -159,10 +161,14 @@ def _open_library(path: Optional[Path], readonly: bool = False, create: bool = F
         _fail(str(e))
 
 
-def _pipeline(embedder, device: str, min_face: int, min_prob: float):
+def _pipeline(embedder, device: str, min_face: int, min_prob: float, runtime: str):
+    from .onnx_runtime import RuntimeGraphError
     from .people import face_pipeline
 
-    return face_pipeline(embedder, device, min_face, min_prob)
+    try:
+        return face_pipeline(embedder, device, min_face, min_prob, runtime)
+    except (RuntimeGraphError, RuntimeError, ValueError) as e:
+        _fail(str(e))
 
 
 @app.command()
@@ -176,6 +182,7 @@ def enroll(
     augment: Annotated[int, typer.Option("--augment", help="Augmented views per photo (rotation 20, zoom 0.2, shift 0.1, flip of the region around the face, then detected and aligned again; a view with no face found is dropped).")] = 8,
     target_far: Annotated[float, typer.Option("--target-far", help="False-accept rate the identity's threshold is set at.")] = 1e-3,
     device: DevOpt = "auto",
+    runtime: RuntimeOpt = "auto",
     min_face: MinFaceOpt = 40,
     min_prob: MinProbOpt = 0.95,
 ) -> None:
@@ -190,7 +197,7 @@ def enroll(
         _fail("NAME must not be empty")
     if (group is None) == (not photos):
         _fail("give either PHOTOS or --group ID (not both)" if photos else "give PHOTOS to enroll, or --group ID")
-    embedder = _load_embedder(model, device)
+    embedder = _load_embedder(model, device, runtime)
     collected = None
     if photos:
         try:
@@ -200,7 +207,7 @@ def enroll(
     lib = _open_library(index, readonly=True) if group is not None else None
     g = _open_gallery(gallery, embedder, create=True)
     try:
-        pipeline = _pipeline(embedder, device, min_face, min_prob)
+        pipeline = _pipeline(embedder, device, min_face, min_prob, runtime)
         if lib is not None:
             from .library import enroll_group
 
@@ -237,6 +244,7 @@ def verify_cmd(
     as_: Annotated[Optional[str], typer.Option("--as", help="Check one claimed identity (1:1) instead of 1:N.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="One JSON object per photo per line.")] = False,
     device: DevOpt = "auto",
+    runtime: RuntimeOpt = "auto",
     min_face: MinFaceOpt = 20,
     min_prob: MinProbOpt = 0.9,
 ) -> None:
@@ -245,14 +253,14 @@ def verify_cmd(
     Exit code 0 when every photo has a matching face, 1 when any has none, 2 on error."""
     from .people import build_matcher, verify_photos
 
-    embedder = _load_embedder(model, device)
+    embedder = _load_embedder(model, device, runtime)
     g = _open_gallery(gallery, embedder, create=False)
     if len(g) == 0:
         _fail(f"{g.path}: the gallery is empty; enroll someone first")
     if as_ is not None and as_ not in set(g.identities()["identity"]):
         _fail(f"{as_!r} is not enrolled in {g.path}")
     all_matched = True
-    for v in verify_photos(photos, _pipeline(embedder, device, min_face, min_prob), build_matcher(g, embedder), only=as_):
+    for v in verify_photos(photos, _pipeline(embedder, device, min_face, min_prob, runtime), build_matcher(g, embedder), only=as_):
         all_matched &= v.matched
         if json_:
             typer.echo(json.dumps({"image": v.source, "faces": v.faces, "error": v.error}, ensure_ascii=False))
@@ -285,6 +293,7 @@ def scan(
     near_miss: NearMissOpt = 0.05,
     show_unmatched: ShowUnmatchedOpt = False,
     device: DevOpt = "auto",
+    runtime: RuntimeOpt = "auto",
     min_face: MinFaceOpt = 20,
     min_prob: MinProbOpt = 0.9,
 ) -> None:
@@ -301,14 +310,20 @@ def scan(
 
     page = _page_options(near_miss, show_unmatched)
 
-    if workers > 0 and not device.startswith("cuda"):  # face workers run on the CPU only
-        prestart_face_workers()  # its torch import overlaps with loading the model here
+    from .inference import choose_runtime
 
-    embedder = _load_embedder(model, device)
+    try:
+        chosen = choose_runtime(runtime, device)
+    except (RuntimeError, ValueError) as e:
+        _fail(str(e))
+    if workers > 0 and not device.startswith("cuda"):  # face workers run on the CPU only
+        prestart_face_workers(chosen)  # its imports overlap with loading the model here
+
+    embedder = _load_embedder(model, device, chosen)
     g = _open_gallery(gallery, embedder, create=False)
     if len(g) == 0:
         _fail(f"{g.path}: the gallery is empty; enroll someone first")
-    detector_config = DetectorConfig(min_face_size=min_face, min_prob=min_prob, device=device)
+    detector_config = DetectorConfig(min_face_size=min_face, min_prob=min_prob, device=device, runtime=chosen)
     lib = None if no_index else _open_library(index, create=True)
     try:
         if lib is None:
@@ -519,16 +534,17 @@ def evaluate(
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the ROC curve to this PNG.")] = None,
     device: DevOpt = "auto",
+    runtime: RuntimeOpt = "auto",
     min_face: MinFaceOpt = 40,
 ) -> None:
     """Verification accuracy, ROC AUC, EER and TAR at FAR 1e-2 / 1e-3 on LFW-format pairs."""
     from .evaluate import evaluate_pairs
     from .faces import DetectorConfig
 
-    embedder = _load_embedder(model, device)
+    embedder = _load_embedder(model, device, runtime)
     try:
         r = evaluate_pairs(pairs, images, embedder, aligned=aligned, threshold_from=threshold_from, plot=plot,
-                           detector_config=DetectorConfig(min_face_size=min_face, device=device))
+                           detector_config=DetectorConfig(min_face_size=min_face, device=device, runtime=runtime))
     except (OSError, ValueError) as e:
         _fail(str(e))
     keys = ("accuracy", "accuracy_std", "accuracy_protocol", "accuracy_oracle", "auc", "eer", "tar_at_far", "pairs",
@@ -596,6 +612,28 @@ def model_import_dlib(
         typer.echo(f"CelebA partition 2: ROC AUC {t['auc']:.4f}, EER {t['eer']:.4f}, 10-fold accuracy {t['accuracy']:.4f}")
     if "cohort" in r:
         typer.echo(f"cohort: {r['cohort']['cohort_size']} faces ({r['cohort']['source']})")
+    _export_graph(out)
+
+
+def _export_graph(model: Path) -> Path:
+    from .model_file import ModelFileError
+    from .runtime_graph import export_runtime_graph
+
+    try:
+        graph = export_runtime_graph(model)
+    except (ModelFileError, OSError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    typer.echo(f"{graph}: runtime graph (ONNX Runtime; what enroll, verify and scan run without torch)")
+    return graph
+
+
+@model_app.command("export")
+def model_export(
+    model: Annotated[Path, typer.Argument(help="Model file (.pt) to export.")],
+) -> None:
+    """Write the runtime graph of a model file beside it (MODEL.onnx): the light product path runs it
+    with ONNX Runtime, without torch. Needs the training extra (torch)."""
+    _export_graph(model)
 
 
 def main() -> None:

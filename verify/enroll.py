@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import torch
 
-from .augment import augment_views
 from .faces import FacePipeline, ImageFaces, is_image_file, shrink
 from .scoring import normalise, pool_photos
+from .view_augment import augment_views
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +71,21 @@ def face_region(image: np.ndarray, box: Sequence[float], margin: float = 0.5, ma
 
 
 def augmented_view_faces(image: np.ndarray, box: Sequence[float], pipeline: FacePipeline, n_views: int,
-                         generator: torch.Generator | None = None, **augment: object) -> list[ImageFaces]:
+                         rng: np.random.Generator | None = None, **augment: object) -> list[ImageFaces]:
     """Up to `n_views` results of the face in `box`: each from an augmented copy of the region around
     it, detected and aligned again (and embedded, when the pipeline has an embedder); the largest face
     of a view is `faces[0]`. A view in which no face is found is dropped, so fewer may come back."""
     if n_views < 1:
         return []
     region = face_region(image, box)
-    views = augment_views(region, n_views, generator=generator, include_original=False, **augment)  # (n, h, w, 3)
+    views = augment_views(region, n_views, rng if rng is not None else np.random.default_rng(), **augment)  # (n, h, w, 3)
     return [res for res in pipeline.process(list(views)) if res.ok and res.faces]
 
 
 def augmented_view_crops(image: np.ndarray, box: Sequence[float], pipeline: FacePipeline, n_views: int,
-                         generator: torch.Generator | None = None, **augment: object) -> list[np.ndarray]:
+                         rng: np.random.Generator | None = None, **augment: object) -> list[np.ndarray]:
     """The aligned crops of `augmented_view_faces`: (S, S, 3) each."""
-    return [res.faces[0].crop for res in augmented_view_faces(image, box, pipeline, n_views, generator, **augment)]
+    return [res.faces[0].crop for res in augmented_view_faces(image, box, pipeline, n_views, rng, **augment)]
 
 
 @dataclass
@@ -120,7 +119,7 @@ def embed_enrollment(
         raise ValueError("embed_enrollment needs a FacePipeline with an embedder")
     out = EnrollmentBatch()
     augment = {**DEFAULT_VIEW_AUGMENT, **(augment or {})}
-    gen = torch.Generator().manual_seed(seed)
+    gen = np.random.default_rng(seed)
     todo: list[tuple[Path, str]] = []
     seen: set[str] = set()
     for p in paths:
@@ -175,7 +174,7 @@ def embed_known_faces(
         raise ValueError("embed_known_faces needs a FacePipeline with an embedder")
     out = EnrollmentBatch()
     augment = {**DEFAULT_VIEW_AUGMENT, **(augment or {})}
-    gen = torch.Generator().manual_seed(seed)
+    gen = np.random.default_rng(seed)
     seen: set[str] = set()
     for path, digest, landmarks, box in faces:
         if digest in (skip_hashes or set()) or digest in seen:

@@ -68,7 +68,17 @@ def save_model(
     }
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)
+    _refresh_runtime_graph(Path(path))
     return fp
+
+
+def _refresh_runtime_graph(model_path: Path) -> None:
+    """A runtime graph beside a rewritten model file would be stale (it records the file's sha256):
+    make it again. Where there is none, `faceverify model export` (or the first load) makes one."""
+    if model_path.with_suffix(".onnx").is_file() and model_path.suffix != ".onnx":
+        from .runtime_graph import export_runtime_graph
+
+        export_runtime_graph(model_path)
 
 
 def read_model_file(path: str | Path) -> dict:
@@ -107,6 +117,7 @@ def attach_cohort(model_path: Path, cohort: np.ndarray, source: str) -> None:
     mode = stat.S_IMODE(os.stat(model_path).st_mode)
     with atomic_path(model_path, mode=mode) as tmp:
         torch.save(blob, tmp)
+    _refresh_runtime_graph(model_path)
     log.info("%s: attached a cohort of %d faces (%s)", model_path, len(c), source)
 
 

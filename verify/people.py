@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -24,15 +24,19 @@ from index import Gallery, GalleryError
 from .enroll import EnrollmentBatch, embed_enrollment, expand_inputs, outlier_photos
 from .faces import DetectorConfig, FaceDetector, FacePipeline
 from .galleries import build_matcher, data_home, default_gallery, open_gallery
-from .model_file import Embedder
 from .scoring import calibrate_identity, pool_photos
+
+if TYPE_CHECKING:  # the product path runs without torch: an OnnxEmbedder serves as well
+    from .model_file import Embedder
 
 log = logging.getLogger(__name__)
 
 
-def face_pipeline(embedder: Embedder, device: str = "auto", min_face: int = 20, min_prob: float = 0.9) -> FacePipeline:
-    """MTCNN with these limits, aligning to the model's crop and embedding with it."""
-    detector = FaceDetector(DetectorConfig(min_face_size=min_face, min_prob=min_prob, device=device))
+def face_pipeline(embedder: "Embedder", device: str = "auto", min_face: int = 20, min_prob: float = 0.9,
+                  runtime: str = "auto") -> FacePipeline:
+    """MTCNN with these limits (under `runtime`: verify.inference), aligning to the model's crop and
+    embedding with it."""
+    detector = FaceDetector(DetectorConfig(min_face_size=min_face, min_prob=min_prob, device=device, runtime=runtime))
     return FacePipeline(detector, embedder=embedder)
 
 

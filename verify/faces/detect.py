@@ -63,6 +63,8 @@ class DetectorConfig:
     max_side: int = 1600  # longer images are downscaled for detection, results mapped back
     batch_size: int = 16  # equal-sized images detected together
     device: str = "auto"
+    runtime: str = "auto"  # onnx | torch | auto (verify.inference.choose_runtime); same faces either way
+    threads: int = 0  # ONNX Runtime intra-op threads (0: one per core); scan workers use 1
 
     def __post_init__(self) -> None:
         if self.min_face_size < 1:
@@ -75,25 +77,38 @@ class DetectorConfig:
             raise ValueError(f"max_side must be >= 64, got {self.max_side}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.runtime not in ("auto", "onnx", "torch"):
+            raise ValueError(f"runtime must be auto, onnx or torch, got {self.runtime!r}")
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
 
 
 class FaceDetector:
-    """MTCNN (facenet-pytorch) loaded once; `detect` returns faces per image, largest first.
+    """MTCNN (facenet-pytorch's networks) loaded once, under ONNX Runtime or PyTorch (`config.runtime`);
+    `detect` returns faces per image, largest first.
 
     On an image downscaled for detection (longer side > max_side) the smallest face found is
     min_face_size / scale original pixels.
     """
 
     def __init__(self, config: DetectorConfig | None = None, **overrides: object) -> None:
-        from facenet_pytorch import MTCNN  # heavy import, only when a detector is built
-
-        from verify.runtime import resolve_device
+        from verify.inference import RuntimeDevice, choose_runtime
 
         config = config or DetectorConfig()
         if overrides:
             config = dataclasses.replace(config, **overrides)  # type: ignore[arg-type]
         self.config = config
+        self.runtime = choose_runtime(config.runtime, config.device)
+        self._mtcnn = self._onnx = None
+        if self.runtime == "onnx":  # no torch import (verify/faces/mtcnn_onnx.py)
+            from .mtcnn_onnx import OnnxMTCNN
+
+            self.device = RuntimeDevice("cpu")
+            self._onnx = OnnxMTCNN(threads=config.threads)
+            return
+        from facenet_pytorch import MTCNN  # heavy import, only when a detector is built
+
+        from verify.runtime import resolve_device
+
         self.device = resolve_device(config.device)
         self._mtcnn = MTCNN(
             min_face_size=max(12, int(config.min_face_size)),  # MTCNN's smallest window is 12 px
@@ -137,6 +152,10 @@ class FaceDetector:
 
     def _detect_batch(self, batch: np.ndarray) -> list[tuple]:
         """(boxes, probs, points) per image of an equal-sized (B, H, W, 3) batch."""
+        c = self.config
+        if self._onnx is not None:
+            out = self._onnx.detect_faces(batch, max(12, int(c.min_face_size)), c.thresholds, c.factor)
+            return [(b[:, :4], b[:, 4], p) for b, p in out]
         if self.device.type == "cpu":  # same networks and results, vectorised crops (verify/mtcnn.py)
             from .mtcnn import detect_faces
 

@@ -45,7 +45,11 @@ log = logging.getLogger(__name__)
 
 FACE_CHUNK = 8  # files per face-worker task: MTCNN batches them (one photo at a time costs ~40% more)
 CRASH_ERROR = "its worker process died while reading it (a decoder or detector crash, or out of memory)"
-FORKSERVER_PRELOAD = ["verify.scan.workers", "torch", "facenet_pytorch", "verify.faces", "verify.model_file"]
+# What the fork server imports once, per runtime, so that each face worker starts warm.
+FORKSERVER_PRELOAD = {
+    "torch": ["verify.scan.workers", "torch", "facenet_pytorch", "verify.faces", "verify.model_file"],
+    "onnx": ["verify.scan.workers", "onnxruntime", "verify.faces", "verify.faces.mtcnn_onnx", "verify.onnx_embedder"],
+}
 
 
 @dataclass
@@ -144,23 +148,30 @@ def plan_face_work(detector: "FaceDetector | DetectorConfig", embedder: "Embedde
     if workers <= 0 or face_workers is False:
         return None
     from verify.faces import FaceDetector
-    from verify.runtime import resolve_device
+    from verify.inference import choose_runtime
 
     # A GPU stays with the main process (one CUDA context, big batches); a detector object of
     # another type (a test double, a subclass) cannot be rebuilt in a worker from its config.
     why_not = None
     if isinstance(detector, DetectorConfig):
-        config, device = detector, resolve_device(detector.device)
+        config, runtime = detector, choose_runtime(detector.runtime, detector.device)
+        if runtime == "torch":
+            from verify.runtime import resolve_device
+
+            device_type = resolve_device(detector.device).type
+        else:
+            device_type = "cpu"
     elif type(detector) is FaceDetector:
-        config, device = detector.config, detector.device
+        config, runtime, device_type = detector.config, detector.runtime, detector.device.type
     else:
-        config, device = None, None
+        config, runtime, device_type = None, None, None
         why_not = f"the detector is a {type(detector).__name__}, not a FaceDetector"
-    if why_not is None and (device.type != "cpu" or embedder.device.type != "cpu"):
+    if why_not is None and (device_type != "cpu" or embedder.device.type != "cpu"):
         why_not = "the detector or the embedder runs on a GPU"
     if why_not is None:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        return FaceWork(dataclasses.replace(config, device="cpu"), embedder, threads, thumbnails)
+        return FaceWork(dataclasses.replace(config, device="cpu", runtime=runtime, threads=threads), embedder, threads,
+                        thumbnails)
     if face_workers:
         raise ValueError(f"face_workers=True but {why_not}")
     return None
@@ -180,13 +191,16 @@ def _worker_init(work: FaceWork | None = None) -> None:
 
         threading.Thread(target=watch, daemon=True, name="parent-watch").start()
     if work is not None:
-        import torch
-
         from verify.faces import FaceDetector
 
         # One thread per worker: several single-threaded processes get more out of the cores than
         # one process whose small convolutions are split over threads.
-        torch.set_num_threads(work.threads)
+        if work.detector_config.runtime == "torch":
+            import torch
+
+            torch.set_num_threads(work.threads)
+        elif hasattr(work.embedder, "set_threads"):  # an OnnxEmbedder
+            work.embedder.set_threads(work.threads)
         _WORKER["pipeline"] = FacePipeline(FaceDetector(work.detector_config), embedder=work.embedder)
         _WORKER["thumbnails"] = work.thumbnails
 
@@ -242,19 +256,19 @@ def reembed_files(items: list[StoredFaces], max_pixels: int, max_side: int) -> l
     return out
 
 
-def _face_worker_context() -> mp.context.BaseContext:
-    if "forkserver" not in mp.get_all_start_methods():  # e.g. Windows: spawn (each worker imports torch)
+def _face_worker_context(runtime: str = "torch") -> mp.context.BaseContext:
+    if "forkserver" not in mp.get_all_start_methods():  # e.g. Windows: spawn (each worker imports its runtime)
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # only takes effect before the server starts
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD[runtime])  # only takes effect before the server starts
     return ctx
 
 
-def prestart_face_workers() -> None:
-    """Start the face workers' fork server now (it imports torch in the background), so that its
+def prestart_face_workers(runtime: str = "torch") -> None:
+    """Start the face workers' fork server now (it imports `runtime` in the background), so that its
     start-up overlaps with the caller loading the model. Optional: run_scan starts it when needed."""
     try:
-        _face_worker_context()
+        _face_worker_context(runtime)
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
@@ -289,7 +303,7 @@ class WorkerPool:
         self.task, self.chunk, self.work, self.local = task, chunk, work, local
         # Never a plain fork of this process (it may hold torch threads or CUDA). Face workers come from
         # a fork server that has imported torch once: each worker then starts in ~0.5 s, not ~3 s.
-        self._ctx = _face_worker_context() if work is not None else mp.get_context("spawn")
+        self._ctx = _face_worker_context(work.detector_config.runtime) if work is not None else mp.get_context("spawn")
         self._pool: ProcessPoolExecutor | None = None
 
     def _account(self, d: DecodedFile) -> None:
