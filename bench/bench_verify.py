@@ -7,8 +7,8 @@ scan pays before its first photo) under each runtime, against face_recognition's
 The person (LFW deep-funneled) is enrolled from ONE photo (`faceverify enroll NAME PHOTO`, default
 augmentation, the same gallery for both runtimes: their embeddings agree to cosine 0.9999), and the
 question is another photo of them. Rows, each one command in a fresh subprocess, run alternately
-`--repeats` times (median wall; peak = the largest wait4 ru_maxrss over the runs, the memory of that
-one process):
+`--repeats` times (median wall; peak = the largest maximum resident set over the runs, of that one
+process, as /usr/bin/time reports it):
 - `faceverify verify PHOTO --as NAME --runtime R`: is this photo me?
 - `faceverify scan FOLDER --workers 0 --runtime R --no-index` on a folder holding that one photo: the
   start-up of a scan (imports, model, detector) plus one photo, i.e. its time to the first photo.
@@ -73,11 +73,16 @@ def main(argv: list[str] | None = None) -> None:
         answers: dict[str, str] = {}
         for _ in range(args.repeats):  # alternating: drift of the machine hits every row alike
             for name, argv in commands.items():
-                m = run_measured(argv, env=env)
+                for rt in args.runtimes:  # a one-shot scan refuses to overwrite its report
+                    (tmp / f"r-{rt}.csv").unlink(missing_ok=True)
+                # /usr/bin/time's own ru_maxrss: a child forked from this (bigger) process would report
+                # this process's peak when it exceeds the command's own
+                m = run_measured(["/usr/bin/time", "-f", "MAXRSS_KB %M", *argv], env=env)
                 if m.returncode not in (0, 1):
                     raise SystemExit(f"{name} failed ({m.returncode}): {m.stderr.strip()[-500:]}")
                 walls[name].append(m.seconds)
-                peaks[name] = max(peaks[name], m.max_rss_mb)
+                kb = [int(ln.split()[1]) for ln in m.stderr.splitlines() if ln.startswith("MAXRSS_KB ")]
+                peaks[name] = max(peaks[name], kb[-1] / 1024 if kb else m.max_rss_mb)
                 answers[name] = (m.stdout.strip().splitlines() or ["(no output)"])[-1][:90]
 
         print(f"\n{args.person}: enrolled from {photos[0].name}, question {photos[1].name}; {model_note}; "
