@@ -16,6 +16,7 @@ import torch
 from .backbones import Backbone, backbone_from_config
 from .atomic import atomic_path
 from .geometry import NORMALISATION, CropGeometry
+from .model_meta import ModelMetaMixin
 
 log = logging.getLogger(__name__)
 
@@ -122,36 +123,13 @@ def attach_cohort(model_path: Path, cohort: np.ndarray, source: str) -> None:
 
 
 @dataclass
-class Embedder:
+class Embedder(ModelMetaMixin):
     """A loaded model: uint8 face crops in, L2-normalised float32 embeddings out."""
 
     net: Backbone
     meta: dict
     device: torch.device
     path: Path | None = None
-
-    @property
-    def geometry(self) -> CropGeometry:
-        return CropGeometry.from_dict(self.meta["geometry"])
-
-    @property
-    def fingerprint(self) -> str:
-        return self.meta["fingerprint"]
-
-    @property
-    def similarity_threshold(self) -> float:
-        """The model's pair threshold: accept when cosine similarity >= this."""
-        return float(self.meta["threshold"])
-
-    @property
-    def cohort(self) -> np.ndarray | None:
-        """(C, D) float32 impostor cohort shipped in the model file (`attach_cohort`), or None."""
-        c = (self.meta.get("extra") or {}).get("cohort")
-        return None if c is None else np.asarray(c.float().numpy() if hasattr(c, "numpy") else c, dtype=np.float32)
-
-    @property
-    def dim(self) -> int:
-        return int(self.meta["embedding_dim"])
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: torch.device | str = "cpu") -> "Embedder":

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .geometry import CropGeometry
 from .inference import RuntimeDevice
+from .model_meta import ModelMetaMixin
 from .onnx_runtime import RuntimeGraphError, open_session, providers_for
 from .runtime_graph import (COHORT_KEY, DEFAULT_GRAPH, EXPORT_HINT, GRAPH_FORMAT, INPUT_NAME, META_KEY, OUTPUT_NAME,
                             file_sha256, graph_path_for)
@@ -68,7 +68,7 @@ def read_graph_meta(session: Any, graph: Path) -> dict:
     return meta
 
 
-class OnnxEmbedder:
+class OnnxEmbedder(ModelMetaMixin):
     """A loaded runtime graph: uint8 face crops in, L2-normalised float32 embeddings out (as Embedder)."""
 
     def __init__(self, session: Any, meta: dict, graph_path: Path, model_path: Path | None = None,
@@ -88,29 +88,6 @@ class OnnxEmbedder:
     def path(self) -> Path:
         """The model file (.pt) when known, as Embedder.path; else the graph."""
         return self.model_path if self.model_path is not None else self.graph_path
-
-    @property
-    def geometry(self) -> CropGeometry:
-        return CropGeometry.from_dict(self.meta["geometry"])
-
-    @property
-    def fingerprint(self) -> str:
-        return self.meta["fingerprint"]
-
-    @property
-    def similarity_threshold(self) -> float:
-        """The model's pair threshold: accept when cosine similarity >= this."""
-        return float(self.meta["threshold"])
-
-    @property
-    def cohort(self) -> np.ndarray | None:
-        """(C, D) float32 impostor cohort shipped in the model file (`attach_cohort`), or None."""
-        c = (self.meta.get("extra") or {}).get("cohort")
-        return None if c is None else np.asarray(c, dtype=np.float32)
-
-    @property
-    def dim(self) -> int:
-        return int(self.meta["embedding_dim"])
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: str = "cpu", threads: int = 1) -> "OnnxEmbedder":

@@ -32,6 +32,8 @@ from facenet_pytorch.models.utils.detect_face import (
     rerec,
 )
 
+from .mtcnn_onnx import pyramid_scales  # numpy only, shared with the ONNX Runtime driver
+
 
 def _area_weights(start: torch.Tensor, end: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cell edges of adaptive average pooling of spans [start, end) into `size` cells: (N, size) each.
@@ -137,14 +139,7 @@ def detect_faces(
     bsz, h, w, _ = imgs.shape
     # One summed-area table per image serves the whole pyramid and the R-/O-net crops.
     sat = summed_area_table(imgs)  # (B, H+1, W+1, 3)
-    m = 12.0 / min_size
-    minl = min(h, w) * m
-    scales = []
-    scale = m
-    while minl >= 12:
-        scales.append(scale)
-        scale *= factor
-        minl *= factor
+    scales = pyramid_scales(h, w, min_size, factor)
 
     # Stage 1: P-net over the pyramid (as facenet-pytorch).
     boxes_l, inds_l, picks, offset = [], [], [], 0

@@ -291,6 +291,20 @@ def batched_nms_numpy(boxes: np.ndarray, scores: np.ndarray, idxs: np.ndarray, t
 # --------------------------------------------------------------------------------------------
 
 
+def pyramid_scales(h: int, w: int, min_size: float, factor: float) -> list[float]:
+    """MTCNN's image pyramid (as facenet-pytorch): scale 12 / min_size, then x factor while the
+    shorter side still holds P-net's 12 px window."""
+    m = 12.0 / min_size
+    minl = min(h, w) * m
+    scales = []
+    scale = m
+    while minl >= 12:
+        scales.append(scale)
+        scale *= factor
+        minl *= factor
+    return scales
+
+
 class OnnxMTCNN:
     """facenet-pytorch's P-, R-, O-nets under ONNX Runtime; `detect_faces` as verify.faces.mtcnn's.
 
@@ -327,14 +341,7 @@ class OnnxMTCNN:
     def pnet_stage(self, sat: np.ndarray, h: int, w: int, min_size: float, thresholds: Sequence[float],
                    factor: float) -> tuple[np.ndarray, np.ndarray]:
         """Stage 1: P-net over the pyramid, NMS per scale and over scales, regression, squares."""
-        m = 12.0 / min_size
-        minl = min(h, w) * m
-        scales = []
-        scale = m
-        while minl >= 12:
-            scales.append(scale)
-            scale *= factor
-            minl *= factor
+        scales = pyramid_scales(h, w, min_size, factor)
         boxes_l, inds_l = [], []
         bsz = sat.shape[0]
         for s in scales:

@@ -1,0 +1,39 @@
+"""What every embedder exposes from its model file's metadata (no torch): the PyTorch `Embedder` and
+the ONNX Runtime `OnnxEmbedder` share it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .geometry import CropGeometry
+
+
+class ModelMetaMixin:
+    """Read-only views of `self.meta` (the model file's dict without its weights)."""
+
+    meta: dict
+
+    @property
+    def geometry(self) -> CropGeometry:
+        return CropGeometry.from_dict(self.meta["geometry"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def similarity_threshold(self) -> float:
+        """The model's pair threshold: accept when cosine similarity >= this."""
+        return float(self.meta["threshold"])
+
+    @property
+    def cohort(self) -> np.ndarray | None:
+        """(C, D) float32 impostor cohort shipped in the model file (`attach_cohort`), or None."""
+        c = (self.meta.get("extra") or {}).get("cohort")
+        if c is None:
+            return None
+        return np.asarray(c.float().numpy() if hasattr(c, "float") and hasattr(c, "numpy") else c, dtype=np.float32)
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["embedding_dim"])
