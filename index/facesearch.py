@@ -15,9 +15,31 @@ kind="ivf":  `IndexIVFFlat` (inner product, spherical k-means), `nlist` ~ 4 sqrt
              recall, for a sample of the library's own vectors as queries at `calibrate_similarity`,
              is >= `target_recall` (measured against an exact numpy search of the same sample).
 
-kind="auto" picks by size (`choose_kind`): flat below IVF_MIN_FACES, IVF from there. The reasoning and
-the numbers behind the constant are beside it. `choose_kind` walks a table of (minimum size, kind) so
-a later kind (IVF-PQ for 1e7-1e8 faces) is one more row.
+kind="ivfpq": `IndexPreTransform(OPQMatrix, IndexIVFPQ)` (inner product), for 1e7-1e8 faces where
+             512 float32 bytes per face no longer fit: each face is kept as `pq_m` one-byte codes
+             (default 16: 16 bytes, 32x smaller) of its residual to its cell centre, after an OPQ
+             rotation (learnt on the residuals of the training sample; it balances the variance over
+             the sub-quantisers, which halves the similarity error on face-like data). Same nlist rule
+             and k-means sample as "ivf"; OPQ and PQ are trained on (a subsample of) that sample;
+             faces are assigned and encoded in chunks of ADD_CHUNK rows (bounded extra memory).
+             nprobe is calibrated on the *cells*: the smallest nprobe whose probed cells hold
+             `target_recall` of the exact results (range pairs at `calibrate_similarity`, as for
+             "ivf"), computed exactly from the cell ranks; what PQ then loses on top is measured and
+             recorded in the header's calibration (end-to-end range recall, recall@10, similarity
+             error). SIMILARITIES ARE APPROXIMATE (error sd ~0.03 at M=16 on face-like data):
+             `range_search` keeps a face whose *estimated* similarity is >= the bound, so it can miss a
+             face just above the bound and return one just below; `search` can order close neighbours
+             wrongly. A caller that needs exact answers re-scores the candidates from the stored
+             embeddings (the library's SQLite) with a lowered bound / a larger k. Memory: pq_m bytes of
+             code + 8 bytes of int64 id per face in the inverted lists, plus the centroids (nlist x D x 4).
+
+kind="auto" picks by size (`choose_kind`): flat below IVF_MIN_FACES, IVF from there, IVF-PQ from
+IVFPQ_MIN_FACES. The reasoning and the numbers behind the constants are beside them. `choose_kind`
+walks a table of (minimum size, kind).
+
+A rebuild may reuse a coarse quantiser: `build(..., centroids=C)` skips k-means, and `assignment=`
+(the cell of every row under C, e.g. `other.cells()` for the same rows) also skips assigning the
+faces (bench/bench_search_scale.py builds IVF-Flat and two IVF-PQ variants on one k-means this way).
 
 Input vectors are validated, not repaired: a wrong shape, a NaN/inf, or a row whose norm is not 1
 within NORM_TOLERANCE is a ValueError. A non-unit row means the caller handed over something other
@@ -28,6 +50,9 @@ On disk an index is one file (written atomically: a 0600 temp file beside it, fs
 
     magic b"FVFSIDX\\0" | uint32 header length | JSON header | FAISS index bytes | trailer
     header:  format_version, n, dim, kind, key, metric, nlist, nprobe, created, calibration
+             (+ pq_m, pq_bits, opq for kind "ivfpq": an addition, so format_version stays 1 and every
+             older file loads; code older than "ivfpq" refuses such a file in one line as of an
+             unknown kind)
     trailer: uint64 payload length, uint32 CRC-32 of the payload, b"FVFE"
 
 `read_header` / `read_key` read only the first few hundred bytes, so a caller can tell a stale file
@@ -38,6 +63,7 @@ truncated, corrupt or foreign file is a `FaceSearchError` (a ValueError) with on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -49,7 +75,7 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 import faiss
 import numpy as np
@@ -57,7 +83,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-KINDS = ("flat", "ivf")
+KINDS = ("flat", "ivf", "ivfpq")
+IVF_KINDS = ("ivf", "ivfpq")
 
 # ---- the size policy --------------------------------------------------------------------------
 # Measured by bench/bench_facesearch.py (2 cores, 128-d, clustered faces; README "Library index"): a
@@ -68,6 +95,16 @@ KINDS = ("flat", "ivf")
 # cheaper than an IVF rebuild after each scan; from 1e6 on, a kept IVF index answers ~5x faster than
 # flat and pays its build once per change of the library.
 IVF_MIN_FACES = 1_000_000
+# Measured by bench/bench_search_scale.py (2 cores, 128-d clustered faces; README "Search at scale"):
+# IVF-Flat keeps 520 bytes per face (float32 vector + int64 id): 5.2 GB at 1e7 faces, and building it
+# from the catalogue's N x 512-byte embeddings peaks at ~1 KB per face (10.6 GB at 1e7, measured);
+# 2e7 faces (1e7 photos) would need ~21 GB: not on a 24 GB machine, let alone a 16 GB laptop. IVF-PQ
+# (OPQ, 16 one-byte codes + 8-byte id) keeps 24 B/face (0.25 GB at 1e7, 2.4 GB at 1e8) and loads in a
+# fraction of a second, but its similarities are approximate: range recall at 0.5 drops from 0.99 to
+# ~0.9 and recall@10 from 0.99 to ~0.5 on the synthetic faces (whose 10 nearest are near-ties). So
+# IVF-Flat stays up to where its build stops fitting comfortably (under half of a 24 GB machine), and
+# IVF-PQ takes over from 1e7 faces.
+IVFPQ_MIN_FACES = 10_000_000
 
 # ---- IVF parameters -----------------------------------------------------------------------------
 NLIST_PER_SQRT_N = 4.0  # nlist = 4 sqrt(N): the usual rule, cells of ~sqrt(N)/4 vectors
@@ -79,6 +116,15 @@ DEFAULT_CALIBRATE_SIMILARITY = 0.5  # the `find` bound the product uses ~ the mo
 CALIBRATION_QUERIES = 200  # library vectors used as queries when calibrating nprobe
 MIN_CALIBRATION_PAIRS = 50  # fewer range pairs than this: calibrate on k-NN recall@10 instead
 CALIBRATION_K = 10
+
+# ---- IVF-PQ parameters -----------------------------------------------------------------------------
+DEFAULT_PQ_M = 16  # sub-quantisers = bytes of code per face (at 8 bits); 128-d -> 8 dims each
+DEFAULT_PQ_BITS = 8  # 256 centroids per sub-quantiser: FAISS's fast path
+DEFAULT_OPQ = True  # rotate before PQ (trained on the sample's residuals)
+OPQ_ITERATIONS = 25  # FAISS default 50; measured: no recall gain past ~20 on the synthetic faces
+ADD_CHUNK = 1 << 20  # rows assigned + encoded per step: 512 MB of float32 temporaries at 128-d
+PQ_TRAIN_ROWS = 65_536  # PQ training rows (FAISS itself takes <= 256 per sub-quantiser centroid = 65,536)
+OPQ_TRAIN_ROWS = 65_536  # residuals the OPQ rotation is learnt on
 
 NORM_TOLERANCE = 1e-4  # |norm - 1| allowed; float32 normalisation leaves ~1e-7
 _EXACT_BLOCK = 65_536  # library rows per matrix product in the exact calibration search
@@ -112,9 +158,12 @@ class IndexHeader:
     created: str = ""
     format_version: int = FORMAT_VERSION
     calibration: dict[str, Any] = field(default_factory=dict)
+    pq_m: int | None = None  # ivfpq only: sub-quantisers (bytes of code per face at 8 bits)
+    pq_bits: int | None = None  # ivfpq only: bits per sub-quantiser code
+    opq: bool | None = None  # ivfpq only: an OPQ rotation precedes the IVF-PQ
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj = {
             "format_version": self.format_version,
             "n": self.n,
             "dim": self.dim,
@@ -126,6 +175,14 @@ class IndexHeader:
             "created": self.created,
             "calibration": self.calibration,
         }
+        if self.kind == "ivfpq":  # flat / ivf headers stay exactly what they were
+            obj.update(pq_m=self.pq_m, pq_bits=self.pq_bits, opq=self.opq)
+        return obj
+
+    @property
+    def code_bytes(self) -> float | None:
+        """Bytes of PQ code per face (ivfpq), not counting the 8-byte id every IVF list keeps."""
+        return None if self.pq_m is None or self.pq_bits is None else self.pq_m * self.pq_bits / 8
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,9 +191,9 @@ class IndexHeader:
 
 
 def kind_table() -> tuple[tuple[int, str], ...]:
-    """(smallest N, kind) rows, ascending. A later IVF-PQ for 1e7-1e8 faces is one more row
-    (`(IVFPQ_MIN_FACES, "ivfpq")`). Built at call time from the constants so tests can patch them."""
-    return ((0, "flat"), (IVF_MIN_FACES, "ivf"))
+    """(smallest N, kind) rows, ascending: flat, IVF-Flat from IVF_MIN_FACES, IVF-PQ from
+    IVFPQ_MIN_FACES. Built at call time from the constants so tests can patch them."""
+    return ((0, "flat"), (IVF_MIN_FACES, "ivf"), (IVFPQ_MIN_FACES, "ivfpq"))
 
 
 def choose_kind(n: int) -> str:
@@ -270,7 +327,9 @@ class FaceSearch:
         return self.header.nprobe
 
     def __repr__(self) -> str:
-        extra = f", nlist={self.nlist}, nprobe={self.nprobe}" if self.kind == "ivf" else ""
+        extra = f", nlist={self.nlist}, nprobe={self.nprobe}" if self.kind in IVF_KINDS else ""
+        if self.kind == "ivfpq":
+            extra += f", pq={self.header.pq_m}x{self.header.pq_bits}{', opq' if self.header.opq else ''}"
         return f"FaceSearch(kind={self.kind!r}, n={self.n}, dim={self.dim}{extra}, key={self.key!r})"
 
     # ---------------------------------------------------------------- building
@@ -289,13 +348,23 @@ class FaceSearch:
         calibrate_similarity: float = DEFAULT_CALIBRATE_SIMILARITY,
         target_recall: float = DEFAULT_TARGET_RECALL,
         seed: int = 0,
+        pq_m: int | None = None,
+        pq_bits: int | None = None,
+        opq: bool | None = None,
+        centroids: np.ndarray | None = None,
+        assignment: np.ndarray | None = None,
     ) -> FaceSearch:
         """Index `vectors` (N, D) float32 unit rows under catalogue `ids` (N,) int64 (unique, >= 0).
 
-        kind: "flat", "ivf" or "auto" (`choose_kind(N)`). For "ivf": `nlist` cells (default
-        `ivf_nlist(N)`), k-means on `train_per_list * nlist` sampled vectors, and `nprobe` (default:
-        calibrated, see the module doc, to `target_recall` at `calibrate_similarity`). `key` is
-        stored as is (the catalogue's model fingerprint + generation).
+        kind: "flat", "ivf", "ivfpq" or "auto" (`choose_kind(N)`). For "ivf"/"ivfpq": `nlist` cells
+        (default `ivf_nlist(N)`), k-means on `train_per_list * nlist` sampled vectors, and `nprobe`
+        (default: calibrated, see the module doc, to `target_recall` at `calibrate_similarity`).
+        For "ivfpq": `pq_m` sub-quantisers of `pq_bits` bits (default 16 x 8 = 16 bytes per face;
+        pq_m must divide D) after an OPQ rotation unless `opq=False`.
+        `centroids` (nlist, D) unit rows: reuse this coarse quantiser instead of k-means (e.g.
+        `other.centroids()`); `assignment` (N,) int: the cell of every row under those centroids
+        (e.g. from `other.cells()`), which also skips assigning the faces. `key` is stored as is
+        (the catalogue's model fingerprint + generation).
         """
         if not isinstance(key, str):
             raise ValueError(f"key must be a str, got {type(key).__name__}")
@@ -306,15 +375,24 @@ class FaceSearch:
             kind = choose_kind(n)
         if kind not in KINDS:
             raise ValueError(f"kind must be 'auto' or one of {KINDS}, got {kind!r}")
+        if kind != "ivfpq" and (pq_m is not None or pq_bits is not None or opq is not None):
+            raise ValueError("pq_m/pq_bits/opq only apply to kind='ivfpq'")
         if kind == "flat":
-            if nlist is not None or nprobe is not None:
-                raise ValueError("nlist/nprobe only apply to kind='ivf'")
+            if nlist is not None or nprobe is not None or centroids is not None or assignment is not None:
+                raise ValueError("nlist/nprobe/centroids/assignment only apply to kind='ivf' or 'ivfpq'")
             index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
             index.add_with_ids(x, id_arr)
             header = IndexHeader(n=n, dim=dim, kind="flat", key=key, created=_now())
             log.info("built flat face index: %d x %d", n, dim)
             return cls(index, header)
-        return cls._build_ivf(x, id_arr, key, nlist, nprobe, train_per_list, calibrate_similarity, target_recall, seed)
+        coarse = _check_coarse(centroids, assignment, n, dim, nlist)
+        if coarse[0] is not None:
+            nlist = len(coarse[0])
+        if kind == "ivfpq":
+            return cls._build_ivfpq(x, id_arr, key, nlist, nprobe, train_per_list, calibrate_similarity,
+                                    target_recall, seed, pq_m, pq_bits, opq, coarse)
+        return cls._build_ivf(x, id_arr, key, nlist, nprobe, train_per_list, calibrate_similarity, target_recall, seed,
+                              coarse)
 
     @classmethod
     def _build_ivf(
@@ -328,6 +406,7 @@ class FaceSearch:
         calibrate_similarity: float,
         target_recall: float,
         seed: int,
+        coarse: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
     ) -> FaceSearch:
         n, dim = x.shape
         nlist = ivf_nlist(n) if nlist is None else int(nlist)
@@ -338,6 +417,19 @@ class FaceSearch:
         if not 0.0 < target_recall <= 1.0:
             raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
         rng = np.random.default_rng(seed)
+        centroids, assignment = coarse
+        if centroids is not None:  # a given coarse quantiser: no k-means
+            quantizer = faiss.IndexFlatIP(dim)
+            quantizer.add(centroids)
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.own_fields = True
+            quantizer.this.disown()
+            t0 = t1 = time.perf_counter()
+            _add_assigned(index, None, x, ids, assignment)
+            t2 = time.perf_counter()
+            n_train = 0
+            return cls._finish_ivf(index, x, ids, key, nlist, nprobe, n_train, calibrate_similarity, target_recall,
+                                   rng, t0, t1, t2)
 
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -357,7 +449,14 @@ class FaceSearch:
         t1 = time.perf_counter()
         index.add_with_ids(x, ids)
         t2 = time.perf_counter()
+        return cls._finish_ivf(index, x, ids, key, nlist, nprobe, n_train, calibrate_similarity, target_recall, rng,
+                               t0, t1, t2)
 
+    @classmethod
+    def _finish_ivf(cls, index: faiss.IndexIVFFlat, x: np.ndarray, ids: np.ndarray, key: str, nlist: int,
+                    nprobe: int | None, n_train: int, calibrate_similarity: float, target_recall: float,
+                    rng: np.random.Generator, t0: float, t1: float, t2: float) -> FaceSearch:
+        n, dim = x.shape
         calibration: dict[str, Any] = {}
         if nprobe is None:
             nprobe, calibration = _calibrate_nprobe(index, x, ids, calibrate_similarity, target_recall, rng)
@@ -373,15 +472,175 @@ class FaceSearch:
                  nprobe, calibration)
         return cls(index, header)
 
+    @classmethod
+    def _build_ivfpq(
+        cls,
+        x: np.ndarray,  # (N, D)
+        ids: np.ndarray,  # (N,)
+        key: str,
+        nlist: int | None,
+        nprobe: int | None,
+        train_per_list: int,
+        calibrate_similarity: float,
+        target_recall: float,
+        seed: int,
+        pq_m: int | None,
+        pq_bits: int | None,
+        opq: bool | None,
+        coarse: tuple[np.ndarray | None, np.ndarray | None],
+    ) -> FaceSearch:
+        n, dim = x.shape
+        m = DEFAULT_PQ_M if pq_m is None else pq_m
+        bits = DEFAULT_PQ_BITS if pq_bits is None else pq_bits
+        use_opq = DEFAULT_OPQ if opq is None else opq
+        for name, value in (("pq_m", m), ("pq_bits", bits)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"ivfpq: {name} must be an int, got {value!r}")
+        m, bits = int(m), int(bits)
+        if m < 1 or dim % m:
+            raise ValueError(f"ivfpq: pq_m must divide the dimension {dim}, got {m}")
+        if not 1 <= bits <= 16:
+            raise ValueError(f"ivfpq: pq_bits must be in 1..16, got {bits}")
+        if not isinstance(use_opq, (bool, np.bool_)):
+            raise ValueError(f"ivfpq: opq must be a bool, got {opq!r}")
+        nlist = ivf_nlist(n) if nlist is None else int(nlist)
+        if n < 1 or nlist < 1 or nlist > n:
+            raise ValueError(f"ivfpq: need 1 <= nlist <= N, got nlist={nlist} for N={n}")
+        if nprobe is not None and not 1 <= int(nprobe) <= nlist:
+            raise ValueError(f"ivfpq: need 1 <= nprobe <= nlist={nlist}, got {nprobe}")
+        if not 0.0 < target_recall <= 1.0:
+            raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+        ksub = 1 << bits
+        if n < ksub:
+            raise ValueError(f"ivfpq: {bits}-bit codes need at least {ksub} vectors to train on, got {n}")
+        rng = np.random.default_rng(seed)
+        centroids, assignment = coarse
+        seconds: dict[str, float] = {}
+
+        # One random sample: the k-means part (train_per_list per cell, as "ivf") and, for OPQ and PQ, at
+        # least PQ_TRAIN_ROWS rows (FAISS trains each 256-centroid sub-quantiser on <= 65,536 of them).
+        n_train = min(n, max(MIN_TRAIN_PER_LIST, int(train_per_list)) * nlist)
+        n_sample = min(n, max(n_train, PQ_TRAIN_ROWS))
+        perm = rng.choice(n, n_sample, replace=False) if n_sample < n else rng.permutation(n)
+        sample = x[np.sort(perm)] if n_sample < n else x  # (S, D)
+        t0 = time.perf_counter()
+        if centroids is None:
+            cp = faiss.ClusteringParameters()
+            cp.spherical = True  # unit centroids: IP to a centroid is a cosine
+            cp.niter = KMEANS_ITERATIONS
+            cp.seed = seed
+            cp.max_points_per_centroid = max(1, -(-n_train // nlist))
+            clus = faiss.Clustering(dim, nlist, cp)
+            kmeans_rows = x[np.sort(perm[:n_train])] if n_train < n else x  # (T, D)
+            clus.train(kmeans_rows, faiss.IndexFlatIP(dim))
+            del kmeans_rows
+            centroids = faiss.vector_to_array(clus.centroids).reshape(nlist, dim).astype(np.float32)
+        else:
+            n_train = 0
+        seconds["kmeans"] = time.perf_counter() - t0
+
+        # OPQ on the residuals the PQ will encode (a rotation: inner products are unchanged, so the
+        # rotated centroids assign every face to the same cell).
+        t0 = time.perf_counter()
+        transform = None
+        cq = faiss.IndexFlatIP(dim)
+        if use_opq:
+            flat_c = faiss.IndexFlatIP(dim)
+            flat_c.add(centroids)
+            pq_rows = sample[rng.choice(len(sample), min(len(sample), OPQ_TRAIN_ROWS), replace=False)]
+            _, cell = flat_c.search(pq_rows, 1)  # (P, 1)
+            transform = faiss.OPQMatrix(dim, m)
+            transform.niter = OPQ_ITERATIONS
+            with _one_thread():
+                transform.train(np.ascontiguousarray(pq_rows - centroids[cell[:, 0]]))
+            del pq_rows, flat_c
+            cq.add(transform.apply(centroids))
+        else:
+            cq.add(centroids)
+        seconds["opq"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        ivfpq = faiss.IndexIVFPQ(cq, dim, nlist, m, bits, faiss.METRIC_INNER_PRODUCT)
+        ivfpq.own_fields = True
+        cq.this.disown()
+        ivfpq.by_residual = True  # codes of x - centre: finer than codes of x for the same bytes
+        # The quantiser is trained (nlist centroids): this trains the PQ only, on residuals of the sample.
+        pq_rows = sample[np.sort(rng.choice(len(sample), min(len(sample), PQ_TRAIN_ROWS), replace=False))]
+        ivfpq.train(transform.apply(pq_rows) if transform is not None else pq_rows)
+        del sample, pq_rows
+        seconds["pq"] = time.perf_counter() - t0
+
+        if transform is not None:
+            index = faiss.IndexPreTransform(transform, ivfpq)
+            index.own_fields = True
+            transform.this.disown()
+            ivfpq.this.disown()
+        else:
+            index = ivfpq
+        t0 = time.perf_counter()
+        seconds["assign"] = _add_assigned(ivfpq, transform, x, ids, assignment)
+        index.ntotal = ivfpq.ntotal
+        seconds["add"] = time.perf_counter() - t0  # assign + rotate + encode
+
+        t0 = time.perf_counter()
+        nprobe, calibration = _calibrate_ivfpq(index, ivfpq, transform, x, ids, calibrate_similarity, target_recall,
+                                               rng, None if nprobe is None else int(nprobe))
+        seconds["calibrate"] = time.perf_counter() - t0
+        seconds["train"] = seconds["kmeans"] + seconds["opq"] + seconds["pq"]
+        calibration["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        calibration["trained_on"] = {"kmeans": n_train, "opq": min(n_sample, OPQ_TRAIN_ROWS) if use_opq else 0,
+                                     "pq": min(n_sample, PQ_TRAIN_ROWS)}
+        ivfpq.nprobe = nprobe
+        header = IndexHeader(n=n, dim=dim, kind="ivfpq", key=key, nlist=nlist, nprobe=nprobe, created=_now(),
+                             calibration=calibration, pq_m=m, pq_bits=bits, opq=bool(use_opq))
+        log.info("built IVF-PQ face index: %d x %d, nlist %d, PQ %dx%d%s, nprobe %d %s", n, dim, nlist, m, bits,
+                 " + OPQ" if use_opq else "", nprobe, calibration)
+        return cls(index, header)
+
+    # ---------------------------------------------------------------- the coarse quantiser
+
+    def _ivf(self) -> faiss.IndexIVF:
+        if self.kind not in IVF_KINDS:
+            raise ValueError(f"a {self.kind} index has no cells")
+        return faiss.extract_index_ivf(self._index)
+
+    def _transform(self) -> faiss.VectorTransform | None:
+        if isinstance(self._index, faiss.IndexPreTransform):
+            return faiss.downcast_VectorTransform(self._index.chain.at(0))
+        return None
+
+    def centroids(self) -> np.ndarray:
+        """The coarse centroids (nlist, D) float32 unit rows, in the space of the input vectors (an OPQ
+        rotation undone): what `build(..., centroids=)` takes to skip k-means."""
+        ivf = self._ivf()
+        c = ivf.quantizer.reconstruct_n(0, ivf.nlist)  # (nlist, D)
+        transform = self._transform()
+        if transform is not None:
+            c = transform.reverse_transform(c)  # orthonormal: the transpose
+        return unit_rows(c)
+
+    def cells(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (N,) int64, cells (N,) int64): the cell every face is stored in, read from the inverted
+        lists (no search). With the rows' order restored, `build(..., assignment=)` takes it."""
+        ivf = self._ivf()
+        invlists = ivf.invlists
+        id_parts, cell_parts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for cell in range(ivf.nlist):
+            size = invlists.list_size(cell)
+            if size:
+                id_parts.append(faiss.rev_swig_ptr(invlists.get_ids(cell), size).astype(np.int64))
+                cell_parts.append(np.full(size, cell, np.int64))
+        return np.concatenate(id_parts), np.concatenate(cell_parts)
+
     # ---------------------------------------------------------------- searching
 
     def _queries(self, queries: Any) -> np.ndarray:
         return _unit_matrix(queries, "queries", self.dim)
 
     def _params(self, nprobe: int | None) -> faiss.SearchParameters | None:
-        if self.kind != "ivf":
+        if self.kind not in IVF_KINDS:
             if nprobe is not None:
-                raise ValueError("nprobe only applies to an ivf index")
+                raise ValueError("nprobe only applies to an ivf or ivfpq index")
             return None
         nprobe = self.nprobe if nprobe is None else int(nprobe)
         if not 1 <= nprobe <= int(self.nlist or 0):
@@ -395,7 +654,10 @@ class FaceSearch:
 
         Returns FAISS-style (lims (Q+1,) int64, ids (M,) int64 catalogue ids, similarities (M,) float32):
         query i's results are ids[lims[i]:lims[i+1]], most similar first. `nprobe` overrides the
-        stored one (ivf only). An IVF index may miss a few results (recall ~ the calibrated target).
+        stored one (ivf, ivfpq). An IVF index may miss a few results (recall ~ the calibrated target).
+        An IVF-PQ index compares *estimated* similarities with the bound and returns them (error sd
+        ~0.03 at 16 bytes/face, see `header.calibration["similarity_error"]`): it misses some faces just
+        above the bound and returns some just below; re-score from the stored embeddings for exact ones.
         """
         q = self._queries(queries)  # (Q, D)
         bound = float(min_similarity)
@@ -500,8 +762,8 @@ class FaceSearch:
         except OSError as e:
             raise FaceSearchError(f"{path}: cannot read face-search index ({e.strerror or e})") from None
         _check_index(index, header, path)
-        if header.kind == "ivf":
-            index.nprobe = header.nprobe
+        if header.kind in IVF_KINDS:
+            faiss.extract_index_ivf(index).nprobe = header.nprobe
         log.debug("loaded %s from %s", header.kind, path)
         return cls(index, header)
 
@@ -545,12 +807,15 @@ def _read_header(f: BinaryIO, path: Path) -> IndexHeader:
             n=_typed(obj, "n", int), dim=_typed(obj, "dim", int), kind=_typed(obj, "kind", str),
             key=_typed(obj, "key", str), nlist=obj.get("nlist"), nprobe=obj.get("nprobe"),
             created=str(obj.get("created", "")), calibration=dict(obj.get("calibration") or {}),
+            pq_m=obj.get("pq_m"), pq_bits=obj.get("pq_bits"), opq=obj.get("opq"),
         )
     except (KeyError, TypeError, ValueError):
         raise FaceSearchError(f"{path}: corrupt face-search index (header fields missing or mistyped)") from None
     ivf_ok = isinstance(header.nlist, int) and isinstance(header.nprobe, int) and 1 <= header.nprobe <= header.nlist
+    pq_ok = (isinstance(header.pq_m, int) and isinstance(header.pq_bits, int) and isinstance(header.opq, bool)
+             and header.pq_m >= 1 and 1 <= header.pq_bits <= 16)
     if header.kind not in KINDS or obj.get("metric") != "ip" or header.n < 0 or header.dim < 1 or (
-        header.kind == "ivf" and not ivf_ok
+        header.kind in IVF_KINDS and not ivf_ok) or (header.kind == "ivfpq" and not pq_ok
     ):
         raise FaceSearchError(f"{path}: corrupt face-search index (kind {header.kind!r}, n {header.n}, "
                               f"dim {header.dim}, nlist {header.nlist}, nprobe {header.nprobe})")
@@ -600,8 +865,19 @@ def _check_index(index: faiss.Index, header: IndexHeader, path: Path) -> None:
     """The FAISS index must be what the header says (a well-formed file written by something else is foreign)."""
     if header.kind == "flat":
         ok = isinstance(index, faiss.IndexIDMap) and isinstance(faiss.downcast_index(index.index), faiss.IndexFlatIP)
-    else:
+    elif header.kind == "ivf":
         ok = isinstance(index, faiss.IndexIVFFlat) and index.nlist == header.nlist
+    else:
+        inner = index
+        if isinstance(index, faiss.IndexPreTransform):
+            inner = faiss.downcast_index(index.index)
+            ok = (header.opq is True and index.chain.size() == 1
+                  and isinstance(faiss.downcast_VectorTransform(index.chain.at(0)), faiss.LinearTransform))
+        else:
+            ok = header.opq is False
+        ok = ok and (isinstance(inner, faiss.IndexIVFPQ) and inner.nlist == header.nlist and inner.pq.M == header.pq_m
+                     and inner.pq.nbits == header.pq_bits and inner.metric_type == faiss.METRIC_INNER_PRODUCT
+                     and inner.ntotal == header.n)
     if not ok or index.d != header.dim or index.ntotal != header.n or index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise FaceSearchError(f"{path}: face-search index does not match its header ({type(index).__name__}, "
                               f"{index.ntotal} x {index.d}; header says {header.kind}, {header.n} x {header.dim})")
@@ -673,3 +949,158 @@ def _calibrate_nprobe(
             lo = mid + 1
     got = measured[lo] if lo in measured else recall(lo)
     return lo, {"method": how, "queries": len(q), "pairs": total, "target": target_recall, "recall": round(got, 4)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Coarse quantiser reuse, chunked adding, IVF-PQ calibration
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run FAISS single-threaded for a while. OPQ training is thousands of tiny k-means steps (256
+    centroids in 8 dimensions); with 2 OpenMP threads on a busy 2-core machine they spend their time in
+    barriers (measured: 25-68 s with 2 threads, 15-17 s with 1, for 65,536 rows at 128-d, M=16)."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _check_coarse(centroids: Any, assignment: Any, n: int, dim: int,
+                  nlist: int | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Validate a given coarse quantiser: (centroids (nlist, D) float32 unit rows, assignment (N,) int64
+    cells in 0..nlist-1), either None."""
+    if centroids is None:
+        if assignment is not None:
+            raise ValueError("assignment needs the centroids it was computed with")
+        return None, None
+    c = _unit_matrix(centroids, "centroids", dim)  # (nlist, D)
+    if not 1 <= len(c) <= max(n, 1) or (nlist is not None and int(nlist) != len(c)):
+        raise ValueError(f"centroids: {len(c)} rows for N={n} vectors and nlist={nlist}")
+    if assignment is None:
+        return c, None
+    a = np.asarray(assignment)
+    if a.shape != (n,) or (n and not np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"assignment: expected ({n},) ints, one cell per vector, got {a.shape} {a.dtype}")
+    a = np.ascontiguousarray(a, dtype=np.int64)
+    if n and (a.min() < 0 or a.max() >= len(c)):
+        raise ValueError(f"assignment: cells must be in 0..{len(c) - 1}")
+    return c, a
+
+
+def _add_assigned(ivf: faiss.IndexIVF, transform: faiss.VectorTransform | None, x: np.ndarray, ids: np.ndarray,
+                  assignment: np.ndarray | None) -> float:
+    """Add x (N, D) under ids to `ivf`, ADD_CHUNK rows at a time: rotate (OPQ), find each row's cell
+    (or take it from `assignment`), encode. Extra memory: a few chunks of float32, not a copy of x.
+    Returns the seconds spent finding the cells (the rest is rotating + encoding + copying)."""
+    assign_s = 0.0
+    for start in range(0, len(x), ADD_CHUNK):
+        chunk = x[start : start + ADD_CHUNK]  # (B, D) view
+        if transform is not None:
+            chunk = np.ascontiguousarray(transform.apply(chunk), dtype=np.float32)
+        if assignment is None:
+            t0 = time.perf_counter()
+            _, cell = ivf.quantizer.search(chunk, 1)  # (B, 1)
+            cells = np.ascontiguousarray(cell[:, 0], dtype=np.int64)
+            assign_s += time.perf_counter() - t0
+        else:
+            cells = np.ascontiguousarray(assignment[start : start + ADD_CHUNK], dtype=np.int64)
+        chunk_ids = np.ascontiguousarray(ids[start : start + ADD_CHUNK], dtype=np.int64)
+        # The arrays are named here: swig_ptr does not keep them alive.
+        ivf.add_core(len(chunk), faiss.swig_ptr(chunk), faiss.swig_ptr(chunk_ids), faiss.swig_ptr(cells))
+    return assign_s
+
+
+def _calibrate_ivfpq(
+    index: faiss.Index,
+    ivf: faiss.IndexIVFPQ,
+    transform: faiss.VectorTransform | None,
+    x: np.ndarray,  # (N, D)
+    ids: np.ndarray,  # (N,)
+    min_similarity: float,
+    target_recall: float,
+    rng: np.random.Generator,
+    nprobe: int | None,
+) -> tuple[int, dict[str, Any]]:
+    """nprobe for an IVF-PQ index: the smallest whose probed cells hold `target_recall` of the exact
+    pairs, then what the index really returns at that nprobe (PQ included).
+
+    The pairs are those of `_calibrate_nprobe` (a sample of the library's own vectors as queries, range
+    pairs at `min_similarity`, else the 10 nearest; the query itself left out). The cell part is exact and
+    needs no search: a pair is found at nprobe p iff its library face's cell is among the query's p
+    best cells, so recall(p) = fraction of pairs whose cell rank is < p, for every p at once. PQ then
+    loses pairs whose *estimated* similarity falls below the bound (and adds some from just below it):
+    `range_recall` / `range_precision` (range pairs) and `knn_recall@10` measure that, and
+    `similarity_error` is estimated minus exact similarity over the returned neighbours.
+    """
+    n, nlist = len(x), int(ivf.nlist)
+    rows = np.sort(rng.choice(n, min(CALIBRATION_QUERIES, n), replace=False))  # (C,)
+    q = x[rows]  # (C, D)
+    qrow, lrow = _exact_range_pairs(x, q, min_similarity)
+    keep = lrow != rows[qrow]  # not the query itself
+    qrow, lrow = qrow[keep], lrow[keep]
+    k = max(1, min(CALIBRATION_K, n - 1))
+    top = _exact_topk_rows(x, q, k + 1)  # (C, k+1): k neighbours + the query itself
+    knn_rows = [r[r != rows[i]][:k] for i, r in enumerate(top)]
+    if len(qrow) >= MIN_CALIBRATION_PAIRS:
+        how = f"cell recall of the range pairs at similarity >= {min_similarity}"
+        pair_q, pair_l = qrow, lrow
+    else:
+        how = f"cell recall of the {k} nearest (only {len(qrow)} range pairs at similarity >= {min_similarity})"
+        pair_q = np.concatenate([np.full(len(r), i) for i, r in enumerate(knn_rows)])
+        pair_l = np.concatenate(knn_rows)
+
+    def rotated(v: np.ndarray) -> np.ndarray:
+        return v if transform is None else np.ascontiguousarray(transform.apply(v), dtype=np.float32)
+
+    # Rank of every cell for every query (what IVF probes first), and the cell of each pair's face.
+    _, order = ivf.quantizer.search(rotated(q), nlist)  # (C, nlist) cells, best first
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(nlist), order.shape), axis=1)
+    uniq, inverse = np.unique(pair_l, return_inverse=True)
+    _, cell = ivf.quantizer.search(rotated(x[uniq]), 1)  # (U, 1)
+    pair_rank = np.sort(rank[pair_q, cell[inverse, 0]]) if len(pair_q) else np.zeros(0, np.int64)
+    if nprobe is None:
+        need = math.ceil(target_recall * len(pair_rank))
+        nprobe = 1 if need == 0 else int(pair_rank[need - 1]) + 1
+    cell_recall = float(np.mean(pair_rank < nprobe)) if len(pair_rank) else 1.0
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+
+    # End to end at that nprobe.
+    sorter = np.argsort(ids)
+
+    def row_of(found: np.ndarray) -> np.ndarray:
+        return sorter[np.searchsorted(ids, found, sorter=sorter)]
+
+    out: dict[str, Any] = {"method": how, "queries": len(q), "pairs": int(len(pair_rank)), "target": target_recall,
+                           "cell_recall": round(cell_recall, 4)}
+    radius = float(np.nextafter(np.float32(min_similarity), np.float32(-np.inf)))
+    lims, _, found = index.range_search(q, radius, params=params)
+    hits = returned = true_returned = 0
+    for i in range(len(q)):
+        f = row_of(found[lims[i] : lims[i + 1]])
+        f = f[f != rows[i]]
+        exact_i = lrow[qrow == i]
+        hits += int(np.isin(exact_i, f).sum())
+        returned += len(f)
+        true_returned += int((x[f] @ q[i] >= np.float32(min_similarity)).sum())
+    out["range_recall"] = round(hits / max(1, len(qrow)), 4) if len(qrow) else None
+    out["range_precision"] = round(true_returned / returned, 4) if returned else None
+    sims, got = index.search(q, k + 1, params=params)  # (C, k+1)
+    knn_hits, errors = 0, []
+    for i in range(len(q)):
+        valid = got[i] >= 0
+        f, s = row_of(got[i][valid]), sims[i][valid]
+        not_self = f != rows[i]
+        f, s = f[not_self][:k], s[not_self][:k]
+        knn_hits += int(np.isin(knn_rows[i], f).sum())
+        errors.append(s - x[f] @ q[i])
+    err = np.concatenate(errors).astype(np.float64)
+    out[f"knn_recall@{k}"] = round(knn_hits / max(1, sum(len(r) for r in knn_rows)), 4)
+    out["recall"] = out["range_recall"] if len(qrow) >= MIN_CALIBRATION_PAIRS else out[f"knn_recall@{k}"]
+    out["similarity_error"] = {"mean": round(float(err.mean()), 4), "sd": round(float(err.std()), 4),
+                               "p99_abs": round(float(np.quantile(np.abs(err), 0.99)), 4)} if len(err) else {}
+    return nprobe, out

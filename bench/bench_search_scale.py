@@ -1,0 +1,347 @@
+"""Search at scale (index.facesearch): exact flat vs IVF-Flat vs IVF-PQ (OPQ, 16 and 8 bytes/face), 1e6-1e7 faces.
+
+    .venv/bin/python bench/bench_search_scale.py [--sizes 1e6 1e7] [--people 100] [--per-person 10] [--k 10]
+        [--persons 5] [--person-queries 100] [--bound 0.5] [--rescore 100] [--no-sweep]
+
+The question: which FAISS index `FaceSearch.build(kind="auto")` should pick for a library of 1e6-1e8
+faces (IVF_MIN_FACES, IVFPQ_MIN_FACES), what IVF-PQ costs in recall, and what it saves in memory.
+Per N (synthetic unit-norm 128-d faces, drawn clustered like faces by bench_facesearch.synthetic_faces:
+identities = centre + noise, 20 faces per identity on average) and method:
+
+- build s: flat = copying the vectors in; IVF-PQ M16 = the product path (k-means on 39 x nlist sampled
+  faces, OPQ + PQ on a sample, assignment + encoding in chunks, nprobe calibration). IVF-Flat and
+  IVF-PQ M8 are built on the *same* coarse quantiser (`build(..., centroids=, assignment=)`, which
+  skips k-means and the assignment pass), so the 1e7 run fits in ~20 minutes on 2 cores; their
+  "build s" = their own seconds + the shared k-means + assignment seconds of the M16 build (what a
+  build from scratch would cost), and "own s" is what they took here.
+- code B: bytes kept per face for the vector itself (float32: 512; PQ: M bytes);
+  total B: size of the saved index file / N (vectors or codes + the 8-byte int64 id every IVF list
+  and IDMap keeps + centroids, OPQ matrix, PQ tables, header).
+- load s: `FaceSearch.load` of that file (page cache warm: it was just written).
+- nprobe: calibrated (IVF-Flat: range recall 0.99 at similarity 0.5; IVF-PQ: 0.99 of those pairs in
+  the probed cells, see index/facesearch.py).
+- recall@10: of `--people` x `--per-person` fresh faces of library identities (a gallery of 100 people
+  x 10 vectors), the fraction of the exact 10 nearest (flat search) found in the returned 10.
+  rescored@10: the same after re-scoring the index's top `--rescore` exactly (what a caller gets that
+  re-reads those candidates' float32 embeddings, e.g. from the catalogue's SQLite; here they are read
+  from RAM, so "rescore s" is a lower bound).
+- gallery s: that batch of 1,000 queries (k=10) against the N library faces, median of 3.
+- find s / range recall / own recall / precision: a `find` = range search of one person's
+  `--person-queries` pooled vectors (fresh faces of one library identity) at similarity >= `--bound`,
+  median time over `--persons` people; range recall = found / exact pairs; own recall = the same
+  over the person's own library faces only (what `find` is for); precision = returned pairs whose
+  exact similarity is >= the bound (IVF-PQ compares estimated similarities with the bound).
+- peak RSS GB: the largest resident memory of this process while building and saving the index (it
+  includes the N x 512-byte input vectors, which the catalogue hands over).
+
+The 1e8 rows are not built (51 GB of float32 input does not fit in 24 GB): they are EXTRAPOLATED from
+the 1e6 and 1e7 rows. Memory from its parts: codes or vectors + 8-byte ids per face, centroids for
+nlist(1e8), the fixed tables as measured. Build s from its parts: k-means ~ nlist^2 (its sample is
+39 x nlist), assignment ~ N x nlist, OPQ + PQ training fixed, encoding and calibration ~ N. Search
+times by the power law through the two measured points (exponent clamped at >= 0). Recall is not
+extrapolated. A sweep table shows what recall@10 costs at the largest N: IVF-PQ M16 over
+nprobe and re-score shortlist. Nothing is written outside a temp folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_facesearch import face_stats, synthetic_faces  # noqa: E402
+from common import REPO, TreeMemorySampler, print_table  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+from index import facesearch  # noqa: E402
+from index.facesearch import FaceSearch  # noqa: E402
+
+ID_BASE, ID_STEP = 1_000_003, 7  # catalogue ids: arbitrary, but cheap to map back to rows
+
+
+def load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    mem = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, value = line.split(":", 1)
+                mem[key] = int(value.split()[0]) / 1024**2  # GB
+    except OSError:
+        pass
+    avail = f", {mem['MemAvailable']:.1f} of {mem['MemTotal']:.1f} GB RAM available" if mem else ""
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores{avail}"
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def median_time(fn, repeats: int = 3):
+    """(result, median seconds); one untimed warm-up unless a single call already takes > 5 s."""
+    out, first = timed(fn)
+    if first > 5 or repeats <= 1:
+        return out, first
+    times = []
+    for _ in range(repeats):
+        out, t = timed(fn)
+        times.append(t)
+    return out, float(np.median(times))
+
+
+def knn_recall(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over queries of |found ∩ exact| / k (10-recall@10)."""
+    return float(np.mean([len(np.intersect1d(f, e)) / e.shape[0] for f, e in zip(found, exact)]))
+
+
+def rows_of(ids: np.ndarray) -> np.ndarray:
+    return (ids - ID_BASE) // ID_STEP
+
+
+def rescore(x: np.ndarray, q: np.ndarray, cand_ids: np.ndarray, k: int) -> np.ndarray:
+    """Exact re-ranking of candidate ids (Q, K') by the float32 vectors: the best k ids (Q, k)."""
+    valid = cand_ids >= 0
+    rows = rows_of(np.where(valid, cand_ids, ID_BASE))  # (Q, K')
+    sims = np.einsum("qd,qkd->qk", q, x[rows])  # (Q, K')
+    sims[~valid] = -np.inf
+    top = np.argsort(-sims, axis=1)[:, :k]
+    return np.take_along_axis(cand_ids, top, 1)
+
+
+def fmt_gb(b: float) -> str:
+    return f"{b / 1e9:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7])
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--per-identity", type=int, default=20, help="library faces per identity (mean)")
+    ap.add_argument("--people", type=int, default=100, help="gallery people (k-NN queries)")
+    ap.add_argument("--per-person", type=int, default=10, help="gallery vectors per person")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--persons", type=int, default=5, help="people searched with `find` (range)")
+    ap.add_argument("--person-queries", type=int, default=100, help="pooled vectors per `find` person")
+    ap.add_argument("--bound", type=float, default=0.5, help="find: similarity >= bound")
+    ap.add_argument("--rescore", type=int, default=100, help="IVF-PQ candidates re-scored exactly")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the nprobe x shortlist sweep")
+    ap.add_argument("--extrapolate", type=float, default=1e8)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    t_start = time.perf_counter()
+    print(f"start: {load_line()}")
+    print(f"dim {args.dim}, {args.per_identity} faces/identity; gallery {args.people} people x {args.per_person} "
+          f"vectors, k {args.k}; find = {args.person_queries} pooled vectors at similarity >= {args.bound} "
+          f"({args.persons} people); faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), numpy "
+          f"{np.__version__}; IVF_MIN_FACES {facesearch.IVF_MIN_FACES:,}, IVFPQ_MIN_FACES "
+          f"{facesearch.IVFPQ_MIN_FACES:,}", flush=True)
+
+    rng = np.random.default_rng(args.seed)
+    rows, sweep_rows, measured = [], [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            n = int(size)
+            print(f"\nN {n:,}: {load_line()}", flush=True)
+            (x, labels, gen), t_data = timed(lambda: synthetic_faces(n, args.dim, rng, args.per_identity))
+            ids = ID_BASE + ID_STEP * np.arange(n, dtype=np.int64)  # (N,)
+            print(f"  data: {face_stats(x, labels, rng)}; made in {t_data:.1f} s", flush=True)
+            counts = np.bincount(labels, minlength=len(gen.centres))
+            present = np.flatnonzero(counts >= 1)
+            people = rng.choice(present, args.people, replace=False)
+            gallery = gen.faces(np.repeat(people, args.per_person))  # (P*V, D)
+            finders = people[: args.persons]
+            person_q = [gen.faces(np.full(args.person_queries, p)) for p in finders]  # persons x (Qp, D)
+
+            results: dict[str, dict] = {}
+
+            def build(name: str, fn, shared_s: float = 0.0) -> FaceSearch:
+                sampler = TreeMemorySampler(os.getpid()).start()
+                fs, t_build = timed(fn)
+                path = Path(tmp) / f"{name.replace(' ', '_')}-{n}.fsidx"
+                fs.save(path)
+                sampler.stop()
+                size_b = path.stat().st_size
+                fs = None  # not two copies in memory while loading
+                fs, t_load = timed(lambda: FaceSearch.load(path))
+                path.unlink()
+                results[name] = {"build": t_build + shared_s, "own": t_build, "bytes": size_b, "load": t_load,
+                                 "rss": sampler.peak_kb * 1024, "fs": fs, "nprobe": fs.nprobe,
+                                 "seconds": dict(fs.header.calibration.get("seconds", {}))}
+                print(f"  {name}: built in {t_build:.1f} s (+ shared {shared_s:.1f} s), {size_b / n:.1f} B/face, "
+                      f"load {t_load:.2f} s, peak RSS {sampler.peak_mb / 1024:.2f} GB; {fs!r}", flush=True)
+                cal = fs.header.calibration
+                if cal:
+                    print(f"    calibration: {cal}", flush=True)
+                return fs
+
+            # ---- exact: flat (the ground truth)
+            flat = build("exact flat", lambda: FaceSearch.build(x, ids, "flat"))
+            (ex_sims, ex_ids), t_exact = median_time(lambda: flat.search(gallery, args.k), 1)
+            ex_range = []
+            t_find = []
+            for q in person_q:
+                res, t = median_time(lambda: flat.range_search(q, args.bound), 1)
+                ex_range.append(res)
+                t_find.append(t)
+            results["exact flat"].update(gallery_s=t_exact, recall=1.0, find_s=float(np.median(t_find)),
+                                         range_recall=1.0, own_recall=1.0, precision=1.0)
+            print(f"  exact: gallery {t_exact:.2f} s, find {np.median(t_find):.2f} s, "
+                  f"{np.mean([r[0][-1] for r in ex_range]) / args.person_queries:.0f} results per pooled vector",
+                  flush=True)
+            results["exact flat"]["fs"] = None
+            del flat
+
+            def measure(name: str) -> None:
+                r = results[name]
+                fs: FaceSearch = r["fs"]
+                (_, got), t_gal = median_time(lambda: fs.search(gallery, args.k))
+                r.update(gallery_s=t_gal, recall=knn_recall(got, ex_ids))
+                if fs.kind == "ivfpq":
+                    (_, cand), _ = timed(lambda: fs.search(gallery, args.rescore))
+                    best, t_rs = timed(lambda: rescore(x, gallery, cand, args.k))
+                    r.update(rescored=knn_recall(best, ex_ids), rescore_s=t_rs)
+                finds, recalls, own, prec = [], [], [], []
+                for p, q, (ex_lims, ex_found, _) in zip(finders, person_q, ex_range):
+                    (lims, found, _), t = median_time(lambda: fs.range_search(q, args.bound))
+                    finds.append(t)
+                    hit = tot = own_hit = own_tot = true_ret = 0
+                    for i in range(len(q)):
+                        e = ex_found[ex_lims[i] : ex_lims[i + 1]]
+                        f = found[lims[i] : lims[i + 1]]
+                        ok = np.isin(e, f)
+                        mine = labels[rows_of(e)] == p
+                        hit, tot = hit + int(ok.sum()), tot + len(e)
+                        own_hit, own_tot = own_hit + int(ok[mine].sum()), own_tot + int(mine.sum())
+                        true_ret += int(np.isin(f, e).sum())
+                    recalls.append(hit / max(1, tot))
+                    own.append(own_hit / max(1, own_tot))
+                    prec.append(true_ret / max(1, lims[-1]))
+                r.update(find_s=float(np.median(finds)), range_recall=float(np.mean(recalls)),
+                         own_recall=float(np.mean(own)), precision=float(np.mean(prec)))
+                extra = (f", rescored@{args.k} from {args.rescore}: {r['rescored']:.3f} ({r['rescore_s']:.2f} s)"
+                         if "rescored" in r else "")
+                print(f"    {name}: recall@{args.k} {r['recall']:.3f}{extra}, gallery {t_gal:.3f} s; find "
+                      f"{r['find_s']:.3f} s, range recall {r['range_recall']:.3f}, own {r['own_recall']:.3f}, "
+                      f"precision {r['precision']:.3f}", flush=True)
+
+            # ---- IVF-PQ M16: the product path, k-means and assignment included
+            pq16 = build("IVF-PQ M16", lambda: FaceSearch.build(x, ids, "ivfpq", key=f"bench:{n}"))
+            measure("IVF-PQ M16")
+            sec = pq16.header.calibration["seconds"]
+            shared = sec["kmeans"] + sec["assign"]
+            centroids = pq16.centroids()
+            cell_ids, cells = pq16.cells()
+            assignment = np.empty(n, np.int64)
+            assignment[rows_of(cell_ids)] = cells
+            del cell_ids, cells
+
+            if not args.no_sweep and size == max(args.sizes):
+                base = pq16.nprobe
+                probes = sorted({max(1, base // 4), max(1, base // 2), base, min(pq16.nlist, 2 * base)})
+                for p in probes:
+                    for shortlist in (args.k, 50, 100, 200):
+                        (_, cand), t_s = median_time(lambda: pq16.search(gallery, shortlist, nprobe=p), 1)
+                        best, t_r = timed(lambda: rescore(x, gallery, cand, args.k))
+                        sweep_rows.append([f"{n:,}", f"{p}" + (" (calibrated)" if p == base else ""),
+                                           f"{shortlist}" + (" (none)" if shortlist == args.k else ""),
+                                           f"{knn_recall(best, ex_ids):.3f}", f"{t_s:.3f}", f"{t_r:.3f}"])
+                        print(f"    sweep nprobe {p} shortlist {shortlist}: {sweep_rows[-1][3]}", flush=True)
+            results["IVF-PQ M16"]["fs"] = None
+            del pq16
+
+            # ---- IVF-Flat and IVF-PQ M8 on the same coarse quantiser
+            build("IVF-Flat", lambda: FaceSearch.build(x, ids, "ivf", centroids=centroids, assignment=assignment),
+                  shared)
+            measure("IVF-Flat")
+            results["IVF-Flat"]["fs"] = None
+            build("IVF-PQ M8", lambda: FaceSearch.build(x, ids, "ivfpq", pq_m=8, centroids=centroids,
+                                                         assignment=assignment), shared)
+            measure("IVF-PQ M8")
+            results["IVF-PQ M8"]["fs"] = None
+
+            nlist = facesearch.ivf_nlist(n)
+            for name in ("exact flat", "IVF-Flat", "IVF-PQ M16", "IVF-PQ M8"):
+                r = results[name]
+                code = {"exact flat": 512, "IVF-Flat": 512, "IVF-PQ M16": 16, "IVF-PQ M8": 8}[name]
+                nprobe = {"exact flat": "-"}.get(name, f"{nlist}/{r.get('nprobe', '')}")
+                rows.append([f"{n:,}", name, f"{r['build']:.1f}", f"{r['own']:.1f}", f"{code}",
+                             f"{r['bytes'] / n:.1f}", fmt_gb(r["bytes"]), f"{r['load']:.2f}", nprobe,
+                             f"{r['recall']:.3f}", f"{r['rescored']:.3f}" if "rescored" in r else "-",
+                             f"{r['gallery_s']:.3f}", f"{r['find_s']:.3f}", f"{r['range_recall']:.3f}",
+                             f"{r['own_recall']:.3f}", f"{r['precision']:.3f}", f"{r['rss'] / 1e9:.1f}"])
+            measured[n] = {name: {k: v for k, v in r.items() if k != "fs"} for name, r in results.items()}
+            measured[n]["seconds"] = sec
+            measured[n]["nlist"] = nlist
+            del x, labels, gen, gallery, person_q, centroids, assignment, ex_range
+            print(f"  done N {n:,} at {time.perf_counter() - t_start:.0f} s; {load_line()}", flush=True)
+
+    # ---- the extrapolated row(s)
+    sizes = sorted(measured)
+    if len(sizes) >= 2:
+        n1, n2 = sizes[-2], sizes[-1]
+        n3 = int(args.extrapolate)
+        nl3 = facesearch.ivf_nlist(n3)
+        nl2 = measured[n2]["nlist"]
+
+        def power(a: float, b: float) -> float:
+            """Value at n3 on the line through (n1, a), (n2, b) in log-log; never decreasing with N
+            (a measured decrease is noise: the exponent is clamped at 0)."""
+            if a <= 0 or b <= 0:
+                return float("nan")
+            return b * (n3 / n2) ** max(0.0, math.log(b / a) / math.log(n2 / n1))
+
+        sec2 = measured[n2]["seconds"]
+        for name, code in (("exact flat", 512), ("IVF-Flat", 512), ("IVF-PQ M16", 16), ("IVF-PQ M8", 8)):
+            r1, r2 = measured[n1][name], measured[n2][name]
+            if name == "exact flat":
+                total = n3 * (512 + 8)
+                build = "-"
+            else:
+                # Fixed parts measured at n2 (file size - per-face parts), centroids scaled to nlist(n3).
+                per_face = code + 8
+                fixed2 = r2["bytes"] - n2 * per_face - nl2 * 128 * 4
+                total = n3 * per_face + nl3 * 128 * 4 + max(0, fixed2)
+                # From scratch: k-means ~ sample x nlist ~ nlist^2 and assignment ~ N x nlist (both
+                # measured in the M16 build), OPQ + PQ training fixed (a capped sample), adding the
+                # faces (encoding / copying) and calibration ~ N.
+                own = r2["seconds"]
+                kmeans = sec2["kmeans"] * (nl3 / nl2) ** 2
+                assign = sec2["assign"] * (n3 * nl3) / (n2 * nl2)
+                fixed = own.get("opq", 0.0) + own.get("pq", 0.0)
+                per_n = (own.get("add", 0.0) - own.get("assign", 0.0) + own.get("calibrate", 0.0)) * n3 / n2
+                build = f"{kmeans + assign + fixed + per_n:,.0f}"
+            fits = "index > 24 GB RAM" if total > 20e9 else "index fits"
+            rows.append([f"{n3:,} EXTRAPOLATED", name, build, "-", f"{code}", f"{total / n3:.1f}", fmt_gb(total),
+                         "-", f"{nl3}/?" if name != "exact flat" else "-", "?", "?",
+                         f"{power(r1['gallery_s'], r2['gallery_s']):.2f}", f"{power(r1['find_s'], r2['find_s']):.2f}",
+                         "?", "?", "?", fits])
+
+    print()
+    print(f"end: {load_line()}; total {time.perf_counter() - t_start:.0f} s; process peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.1f} GB")
+    print()
+    print_table(["faces", "method", "build s", "own s", "code B", "total B", "GB", "load s", "nlist/nprobe",
+                 f"recall@{args.k}", f"rescored@{args.k}", "gallery s", "find s", "range recall", "own recall",
+                 "precision", "peak RSS GB"], rows, right=[False, False] + [True] * 15)
+    if sweep_rows:
+        print()
+        print(f"IVF-PQ M16 at the largest N: recall@{args.k} over nprobe and the re-scored shortlist "
+              f"(shortlist {args.k} = the index's own top {args.k}, no re-scoring)")
+        print()
+        print_table(["faces", "nprobe", "shortlist", f"recall@{args.k}", "search s", "rescore s"], sweep_rows)
+
+
+if __name__ == "__main__":
+    main()
