@@ -5,6 +5,7 @@ exit codes are for scripts (0 ok, 1 negative answer, 2 error). The only module i
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -276,6 +277,28 @@ def verify_cmd(
     raise typer.Exit(EXIT_OK if all_matched else EXIT_NO)
 
 
+def _start_ray_engine(engine: str, address: Optional[str], workers: int, gpus_per_worker: float, no_index: bool):
+    """None for the local engine; a connected RayEngine for --engine ray (before anything is written)."""
+    if engine not in ("local", "ray"):
+        _fail(f"--engine must be local or ray, got {engine!r}")
+    if engine == "local":
+        if address is not None or gpus_per_worker:
+            _fail("--address and --gpus-per-worker need --engine ray")
+        return None
+    if no_index:
+        _fail("--engine ray writes the library index; drop --no-index")
+    from .scan.ray_engine import RayEngine, RayEngineError, RayOptions
+
+    try:
+        ray_engine = RayEngine(RayOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker))
+    except RayEngineError as e:
+        _fail(str(e))
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # Ray Data logs each execution at INFO
+        for name in ("ray.data", "ray.data._internal.execution.streaming_executor", "ray.data.context"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    return ray_engine
+
+
 @app.command()
 def scan(
     folders: Annotated[list[Path], typer.Argument(help="Folders to scan recursively.")],
@@ -296,6 +319,9 @@ def scan(
     runtime: RuntimeOpt = "auto",
     min_face: MinFaceOpt = 20,
     min_prob: MinProbOpt = 0.9,
+    engine: Annotated[str, typer.Option("--engine", help="local: this machine's worker processes; ray: Ray Data actors (pip install 'faceverify[ray]'), a local Ray instance or the cluster at --address.")] = "local",
+    address: Annotated[Optional[str], typer.Option("--address", help="With --engine ray: join this Ray cluster (auto, HOST:PORT, ray://HOST:PORT) instead of starting a local instance. Photos must be at the same path on every node.")] = None,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="With --engine ray: GPUs per actor (0: CPU actors).")] = 0.0,
 ) -> None:
     """Which of these photos contain me? One report row per face, per face-less image, per unreadable file.
 
@@ -316,7 +342,8 @@ def scan(
         chosen = choose_runtime(runtime, device)
     except (RuntimeError, ValueError) as e:
         _fail(str(e))
-    if workers > 0 and not device.startswith("cuda"):  # face workers run on the CPU only
+    ray_engine = _start_ray_engine(engine, address, workers, gpus_per_worker, no_index)
+    if ray_engine is None and workers > 0 and not device.startswith("cuda"):  # face workers run on the CPU only
         prestart_face_workers(chosen)  # its imports overlap with loading the model here
 
     embedder = _load_embedder(model, device, chosen)
@@ -335,12 +362,18 @@ def scan(
 
             summary = run_indexed_scan(folders, library=lib, embedder=embedder, matcher=build_matcher(g, embedder),
                                        out=out, workers=workers, batch_size=batch_size, html=html, page=page,
-                                       detector_config=detector_config, wait=wait)
-    except (ScanError, LibraryError, OSError, ValueError) as e:
+                                       detector_config=detector_config, wait=wait, engine=ray_engine,
+                                       model_path=str(model.absolute()) if model else None)
+    except (ScanError, LibraryError, OSError, ValueError, RuntimeError) as e:
         _fail(str(e))
     finally:
         if lib is not None:
             lib.close()
+        if ray_engine is not None:
+            ray_engine.close()
+    if summary.engine and summary.engine["nodes"]:
+        e = summary.engine
+        typer.echo(f"ray: {len(e['nodes'])} nodes, {e['actor_pids']} actor processes, start-up {e['startup_s']:.1f} s")
     if summary.index:
         c = summary.index
         typer.echo(f"index {lib.path}: {c['walked']} files walked, {c['analysed']} analysed, {c['reused']} unchanged, "

@@ -43,6 +43,7 @@ from .workers import (
 
 if TYPE_CHECKING:
     from verify.faces import FaceDetector
+    from .ray_engine import RayEngine
     from verify.model_file import Embedder
 
 log = logging.getLogger(__name__)
@@ -175,10 +176,15 @@ def run_indexed_scan(
     html: str | os.PathLike | None = None,
     page: PageOptions | None = None,
     wait: float = 0.0,
+    engine: "RayEngine | None" = None,
+    model_path: str | None = None,
 ) -> ScanSummary:
     """Bring `library` up to date with `folders` (see the module doc), then write the report `out`
     (and the page `html`) from it. Raises LibraryBusy when another scan writes the index (after
-    `wait` seconds), LibraryError when it cannot be written, ScanError for a missing folder."""
+    `wait` seconds), LibraryError when it cannot be written, ScanError for a missing folder.
+
+    `engine`: a connected RayEngine analyses the files to analyse on its actors (`model_path`: the
+    model GPU actors load); everything else (walk, plan, index writes, re-embedding, report) stays here."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if workers < 0:
@@ -195,6 +201,8 @@ def run_indexed_scan(
     model = embedder.fingerprint
     counts = IndexCounts()
 
+    if engine is not None:
+        summary.face_workers = engine.options.workers
     library.acquire(wait)
     try:
         library.ensure_model(model, embedder.dim)
@@ -220,7 +228,8 @@ def run_indexed_scan(
         failed: dict[str, str] = {}  # this run's re-embedding failures: reported, the index keeps the faces
         if todo or reembed:
             detector_or_config = detector if detector is not None else config
-            work = plan_face_work(detector_or_config, embedder, workers, face_workers)
+            work = plan_face_work(detector_or_config, embedder, workers if engine is None or reembed else 0,
+                                  face_workers if engine is None else None)
             summary.face_workers = workers if work is not None else 0
             main_detector = detector if detector is not None else (lambda: _detector(config))
             pipeline = FacePipeline(main_detector, embedder=embedder)
@@ -229,7 +238,12 @@ def run_indexed_scan(
             bar = tqdm(total=len(todo) + len(reembed), unit="file", desc="index", disable=not progress,
                        dynamic_ncols=True, smoothing=0.1)
             try:
-                if todo:
+                if todo and engine is not None:
+                    stream = engine.analyse([e.fs_path for e in todo], config, embedder, max_pixels, model_path)
+                    _record_stream(todo, stream, library, pipeline, batch_size, det_key, model, run_id, timers,
+                                   summary, bar)
+                    counts.analysed = len(todo)
+                elif todo:
                     _analyse(todo, library, pipeline, work, workers, batch_size, max_pixels, config, det_key, model,
                              run_id, timers, summary, bar)
                     counts.analysed = len(todo)
@@ -259,6 +273,8 @@ def run_indexed_scan(
     finally:
         library.release()
     summary.index = vars(counts)
+    if engine is not None:
+        summary.engine = vars(engine.stats)
     return _finish(summary, timers, t_start, n_rows)
 
 
@@ -290,6 +306,31 @@ def _analyse(todo: list[WalkEntry], library: Library, pipeline: FacePipeline, wo
     finally:
         stream.close()
         pool.close()
+
+
+def _record_stream(todo: list[WalkEntry], stream: Iterator[tuple[str, DecodedFile]], library: Library,
+                   pipeline: FacePipeline, batch_size: int, det_key: str, model: str, run_id: int, timers: dict,
+                   summary: ScanSummary, bar) -> None:
+    """Store results that arrive in any order (the Ray engine): `batch_size` files per transaction."""
+    by_path = {e.fs_path: e for e in todo}
+    try:
+        for batch in _batches(stream, batch_size):
+            pairs = [(by_path[path], d) for path, d in batch]
+            for _, d in pairs:
+                timers["decode"] = timers.get("decode", 0.0) + d.seconds
+                for stage, seconds in d.stage_seconds.items():
+                    timers[stage] = timers.get(stage, 0.0) + seconds
+            analyse_decoded(pipeline, [d for _, d in pairs], timers)  # nothing left, unless an actor only decoded
+            t = time.perf_counter()
+            library.record([_record(e, d, det_key) for e, d in pairs], model, run_id)  # one transaction
+            timers["write"] += time.perf_counter() - t
+            summary.processed += len(pairs)
+            summary.images_processed += sum(d.decoded for _, d in pairs)
+            bar.update(len(pairs))
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
 
 
 def _reembed(files: list[StoredFile], library: Library, pipeline: FacePipeline, work, workers: int, batch_size: int,

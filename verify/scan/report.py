@@ -58,6 +58,7 @@ class ScanSummary:
     images_per_s: float = 0.0  # images_processed / seconds
     stage_seconds: dict[str, float] = field(default_factory=dict)  # work done in workers: summed worker time
     index: dict[str, int] | None = None  # with the library index: files walked, analysed, reused, moved, ...
+    engine: dict[str, Any] | None = None  # the Ray engine: start-up seconds, files per node, actor processes
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
