@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_search_scale.py [--sizes 1e6 1e7] [--people 100] [--per-person 10] [--k 10]
         [--persons 5] [--person-queries 100] [--bound 0.5] [--rescore 100] [--no-sweep]
+        [--json OUT.json] [--prior EARLIER.json ...] [--extrapolate 1e8]
 
 The question: which FAISS index `FaceSearch.build(kind="auto")` should pick for a library of 1e6-1e8
 faces (IVF_MIN_FACES, IVFPQ_MIN_FACES), what IVF-PQ costs in recall, and what it saves in memory.
@@ -14,18 +15,22 @@ identities = centre + noise, 20 faces per identity on average) and method:
   skips k-means and the assignment pass), so the 1e7 run fits in ~20 minutes on 2 cores; their
   "build s" = their own seconds + the shared k-means + assignment seconds of the M16 build (what a
   build from scratch would cost), and "own s" is what they took here.
-- code B: bytes kept per face for the vector itself (float32: 512; PQ: M bytes);
-  total B: size of the saved index file / N (vectors or codes + the 8-byte int64 id every IVF list
-  and IDMap keeps + centroids, OPQ matrix, PQ tables, header).
+- code+id B/face: bytes kept in RAM per face: the vector itself (float32: 512; PQ: M bytes) + the
+  8-byte int64 id every IVF list and IDMap keeps. index B/face, index GB: size of the saved index
+  file / N and in all (per-face parts + the fixed ones: centroids nlist x D x 4 B, OPQ matrix, PQ
+  codebooks, list sizes, header); `load` allocates each list at its exact size, so this is also what
+  the loaded index holds in RAM.
 - load s: `FaceSearch.load` of that file (page cache warm: it was just written).
 - nprobe: calibrated (IVF-Flat: range recall 0.99 at similarity 0.5; IVF-PQ: 0.99 of those pairs in
   the probed cells, see index/facesearch.py).
 - recall@10: of `--people` x `--per-person` fresh faces of library identities (a gallery of 100 people
   x 10 vectors), the fraction of the exact 10 nearest (flat search) found in the returned 10.
   rescored@10: the same after re-scoring the index's top `--rescore` exactly (what a caller gets that
-  re-reads those candidates' float32 embeddings, e.g. from the catalogue's SQLite; here they are read
-  from RAM, so "rescore s" is a lower bound).
+  re-reads those candidates' float32 embeddings, e.g. from the catalogue's SQLite; what
+  `FaceSearch.search(q, k, rescore=ids -> vectors)` does; here they are read from RAM, so the
+  re-score time is a lower bound).
 - gallery s: that batch of 1,000 queries (k=10) against the N library faces, median of 3.
+  gallery+rescore s: the same batch with k = `--rescore` (median of 3) + the exact re-score.
 - find s / range recall / own recall / precision: a `find` = range search of one person's
   `--person-queries` pooled vectors (fresh faces of one library identity) at similarity >= `--bound`,
   median time over `--persons` people; range recall = found / exact pairs; own recall = the same
@@ -34,18 +39,26 @@ identities = centre + noise, 20 faces per identity on average) and method:
 - peak RSS GB: the largest resident memory of this process while building and saving the index (it
   includes the N x 512-byte input vectors, which the catalogue hands over).
 
+The table is printed after every N (so a long run that is stopped still shows its finished sizes), and
+`--json` writes the measured rows after every N; `--prior` reads such files back so that sizes
+measured in earlier runs join the table (marked "earlier run") and the extrapolation. A last block
+states the issue's goal (recall@10 >= 0.95 with <= 16 B/face in RAM) per IVF-PQ variant at the largest
+measured N.
+
 The 1e8 rows are not built (51 GB of float32 input does not fit in 24 GB): they are EXTRAPOLATED from
-the 1e6 and 1e7 rows. Memory from its parts: codes or vectors + 8-byte ids per face, centroids for
+the two largest measured sizes (1e6 and 1e7 by default) and say so in their "faces" cell. Memory from its parts: codes or vectors + 8-byte ids per face, centroids for
 nlist(1e8), the fixed tables as measured. Build s from its parts: k-means ~ nlist^2 (its sample is
 39 x nlist), assignment ~ N x nlist, OPQ + PQ training fixed, encoding and calibration ~ N. Search
-times by the power law through the two measured points (exponent clamped at >= 0). Recall is not
-extrapolated. A sweep table shows what recall@10 costs at the largest N: IVF-PQ M16 over
-nprobe and re-score shortlist. Nothing is written outside a temp folder.
+times by the power law through the two measured points (exponent clamped to [0, 1]). Recall is not
+extrapolated ("?"), nor load time; "peak RSS GB" shows the input alone. A sweep table shows what
+recall@10 costs at the largest N: IVF-PQ M16 and M8 over nprobe (calibrated, 1/2, 1/4) and re-score
+shortlist (10 = none, 50, 100, 200), with the gallery's search + re-score seconds. Nothing is written outside a temp folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import resource
@@ -137,6 +150,9 @@ def main() -> None:
     ap.add_argument("--rescore", type=int, default=100, help="IVF-PQ candidates re-scored exactly")
     ap.add_argument("--no-sweep", action="store_true", help="skip the nprobe x shortlist sweep")
     ap.add_argument("--extrapolate", type=float, default=1e8)
+    ap.add_argument("--json", type=Path, help="write the measured rows (per N) here, after every N")
+    ap.add_argument("--prior", type=Path, nargs="*", default=[],
+                    help="--json files of earlier runs: their sizes join the extrapolation")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -149,7 +165,8 @@ def main() -> None:
           f"{facesearch.IVFPQ_MIN_FACES:,}", flush=True)
 
     rng = np.random.default_rng(args.seed)
-    rows, sweep_rows, measured = [], [], {}
+    sweep_rows, measured = [], {}
+    prior = {n: m for n, m in load_prior(args.prior).items() if n not in {int(v) for v in args.sizes}}
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             n = int(size)
@@ -209,9 +226,10 @@ def main() -> None:
                 (_, got), t_gal = median_time(lambda: fs.search(gallery, args.k))
                 r.update(gallery_s=t_gal, recall=knn_recall(got, ex_ids))
                 if fs.kind == "ivfpq":
-                    (_, cand), _ = timed(lambda: fs.search(gallery, args.rescore))
+                    (_, cand), t_short = median_time(lambda: fs.search(gallery, args.rescore))
                     best, t_rs = timed(lambda: rescore(x, gallery, cand, args.k))
-                    r.update(rescored=knn_recall(best, ex_ids), rescore_s=t_rs)
+                    r.update(rescored=knn_recall(best, ex_ids), rescore_s=t_rs, shortlist_s=t_short,
+                             gallery_rescored_s=t_short + t_rs)
                 finds, recalls, own, prec = [], [], [], []
                 for p, q, (ex_lims, ex_found, _) in zip(finders, person_q, ex_range):
                     (lims, found, _), t = median_time(lambda: fs.range_search(q, args.bound))
@@ -230,7 +248,8 @@ def main() -> None:
                     prec.append(true_ret / max(1, lims[-1]))
                 r.update(find_s=float(np.median(finds)), range_recall=float(np.mean(recalls)),
                          own_recall=float(np.mean(own)), precision=float(np.mean(prec)))
-                extra = (f", rescored@{args.k} from {args.rescore}: {r['rescored']:.3f} ({r['rescore_s']:.2f} s)"
+                extra = (f", rescored@{args.k} from {args.rescore}: {r['rescored']:.3f} (gallery top-{args.rescore} "
+                         f"{r['shortlist_s']:.3f} s + rescore {r['rescore_s']:.3f} s)"
                          if "rescored" in r else "")
                 print(f"    {name}: recall@{args.k} {r['recall']:.3f}{extra}, gallery {t_gal:.3f} s; find "
                       f"{r['find_s']:.3f} s, range recall {r['range_recall']:.3f}, own {r['own_recall']:.3f}, "
@@ -247,17 +266,23 @@ def main() -> None:
             assignment[rows_of(cell_ids)] = cells
             del cell_ids, cells
 
-            if not args.no_sweep and size == max(args.sizes):
-                base = pq16.nprobe
-                probes = sorted({max(1, base // 4), max(1, base // 2), base, min(pq16.nlist, 2 * base)})
+            def sweep(name: str, fs: FaceSearch) -> None:
+                """recall@k over nprobe x re-scored shortlist, at the largest N only."""
+                if args.no_sweep or size != max(args.sizes):
+                    return
+                base = fs.nprobe
+                probes = sorted({max(1, base // 4), max(1, base // 2), base})
                 for p in probes:
                     for shortlist in (args.k, 50, 100, 200):
-                        (_, cand), t_s = median_time(lambda: pq16.search(gallery, shortlist, nprobe=p), 1)
+                        (_, cand), t_s = median_time(lambda: fs.search(gallery, shortlist, nprobe=p), 1)
                         best, t_r = timed(lambda: rescore(x, gallery, cand, args.k))
-                        sweep_rows.append([f"{n:,}", f"{p}" + (" (calibrated)" if p == base else ""),
+                        sweep_rows.append([f"{n:,}", name, f"{p}" + (" (calibrated)" if p == base else ""),
                                            f"{shortlist}" + (" (none)" if shortlist == args.k else ""),
-                                           f"{knn_recall(best, ex_ids):.3f}", f"{t_s:.3f}", f"{t_r:.3f}"])
-                        print(f"    sweep nprobe {p} shortlist {shortlist}: {sweep_rows[-1][3]}", flush=True)
+                                           f"{knn_recall(best, ex_ids):.3f}", f"{t_s:.3f}", f"{t_r:.3f}",
+                                           f"{t_s + t_r:.3f}"])
+                        print(f"    sweep {name} nprobe {p} shortlist {shortlist}: {sweep_rows[-1][4]}", flush=True)
+
+            sweep("IVF-PQ M16", pq16)
             results["IVF-PQ M16"]["fs"] = None
             del pq16
 
@@ -269,78 +294,153 @@ def main() -> None:
             build("IVF-PQ M8", lambda: FaceSearch.build(x, ids, "ivfpq", pq_m=8, centroids=centroids,
                                                          assignment=assignment), shared)
             measure("IVF-PQ M8")
+            sweep("IVF-PQ M8", results["IVF-PQ M8"]["fs"])
             results["IVF-PQ M8"]["fs"] = None
 
-            nlist = facesearch.ivf_nlist(n)
-            for name in ("exact flat", "IVF-Flat", "IVF-PQ M16", "IVF-PQ M8"):
-                r = results[name]
-                code = {"exact flat": 512, "IVF-Flat": 512, "IVF-PQ M16": 16, "IVF-PQ M8": 8}[name]
-                nprobe = {"exact flat": "-"}.get(name, f"{nlist}/{r.get('nprobe', '')}")
-                rows.append([f"{n:,}", name, f"{r['build']:.1f}", f"{r['own']:.1f}", f"{code}",
-                             f"{r['bytes'] / n:.1f}", fmt_gb(r["bytes"]), f"{r['load']:.2f}", nprobe,
-                             f"{r['recall']:.3f}", f"{r['rescored']:.3f}" if "rescored" in r else "-",
-                             f"{r['gallery_s']:.3f}", f"{r['find_s']:.3f}", f"{r['range_recall']:.3f}",
-                             f"{r['own_recall']:.3f}", f"{r['precision']:.3f}", f"{r['rss'] / 1e9:.1f}"])
             measured[n] = {name: {k: v for k, v in r.items() if k != "fs"} for name, r in results.items()}
             measured[n]["seconds"] = sec
-            measured[n]["nlist"] = nlist
+            measured[n]["nlist"] = facesearch.ivf_nlist(n)
             del x, labels, gen, gallery, person_q, centroids, assignment, ex_range
             print(f"  done N {n:,} at {time.perf_counter() - t_start:.0f} s; {load_line()}", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({str(k): v for k, v in measured.items()}, indent=1))
+            print(f"\nmeasured so far (N {n:,} done):\n", flush=True)
+            print_main_table(args, measured, prior, [])
+            sys.stdout.flush()
 
-    # ---- the extrapolated row(s)
-    sizes = sorted(measured)
-    if len(sizes) >= 2:
-        n1, n2 = sizes[-2], sizes[-1]
-        n3 = int(args.extrapolate)
-        nl3 = facesearch.ivf_nlist(n3)
-        nl2 = measured[n2]["nlist"]
-
-        def power(a: float, b: float) -> float:
-            """Value at n3 on the line through (n1, a), (n2, b) in log-log; never decreasing with N
-            (a measured decrease is noise: the exponent is clamped at 0)."""
-            if a <= 0 or b <= 0:
-                return float("nan")
-            return b * (n3 / n2) ** max(0.0, math.log(b / a) / math.log(n2 / n1))
-
-        sec2 = measured[n2]["seconds"]
-        for name, code in (("exact flat", 512), ("IVF-Flat", 512), ("IVF-PQ M16", 16), ("IVF-PQ M8", 8)):
-            r1, r2 = measured[n1][name], measured[n2][name]
-            if name == "exact flat":
-                total = n3 * (512 + 8)
-                build = "-"
-            else:
-                # Fixed parts measured at n2 (file size - per-face parts), centroids scaled to nlist(n3).
-                per_face = code + 8
-                fixed2 = r2["bytes"] - n2 * per_face - nl2 * 128 * 4
-                total = n3 * per_face + nl3 * 128 * 4 + max(0, fixed2)
-                # From scratch: k-means ~ sample x nlist ~ nlist^2 and assignment ~ N x nlist (both
-                # measured in the M16 build), OPQ + PQ training fixed (a capped sample), adding the
-                # faces (encoding / copying) and calibration ~ N.
-                own = r2["seconds"]
-                kmeans = sec2["kmeans"] * (nl3 / nl2) ** 2
-                assign = sec2["assign"] * (n3 * nl3) / (n2 * nl2)
-                fixed = own.get("opq", 0.0) + own.get("pq", 0.0)
-                per_n = (own.get("add", 0.0) - own.get("assign", 0.0) + own.get("calibrate", 0.0)) * n3 / n2
-                build = f"{kmeans + assign + fixed + per_n:,.0f}"
-            fits = "index > 24 GB RAM" if total > 20e9 else "index fits"
-            rows.append([f"{n3:,} EXTRAPOLATED", name, build, "-", f"{code}", f"{total / n3:.1f}", fmt_gb(total),
-                         "-", f"{nl3}/?" if name != "exact flat" else "-", "?", "?",
-                         f"{power(r1['gallery_s'], r2['gallery_s']):.2f}", f"{power(r1['find_s'], r2['find_s']):.2f}",
-                         "?", "?", "?", fits])
-
+    extrapolated = extrapolate(args, {**prior, **measured})
     print()
     print(f"end: {load_line()}; total {time.perf_counter() - t_start:.0f} s; process peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.1f} GB")
     print()
-    print_table(["faces", "method", "build s", "own s", "code B", "total B", "GB", "load s", "nlist/nprobe",
-                 f"recall@{args.k}", f"rescored@{args.k}", "gallery s", "find s", "range recall", "own recall",
-                 "precision", "peak RSS GB"], rows, right=[False, False] + [True] * 15)
+    print_main_table(args, measured, prior, extrapolated)
+    if extrapolated:
+        print(f"\nRows marked EXTRAPOLATED were NOT measured: computed from the two largest measured sizes "
+              f"({', '.join(f'{m:,}' for m in sorted({**prior, **measured})[-2:])}) as the module doc says; "
+              f"recall is not extrapolated ('?').")
     if sweep_rows:
         print()
-        print(f"IVF-PQ M16 at the largest N: recall@{args.k} over nprobe and the re-scored shortlist "
-              f"(shortlist {args.k} = the index's own top {args.k}, no re-scoring)")
+        print(f"IVF-PQ at the largest N: recall@{args.k} over nprobe and the re-scored shortlist "
+              f"(shortlist {args.k} = the index's own top {args.k}, no re-scoring); the gallery = "
+              f"{args.people} people x {args.per_person} vectors")
         print()
-        print_table(["faces", "nprobe", "shortlist", f"recall@{args.k}", "search s", "rescore s"], sweep_rows)
+        print_table(["faces", "method", "nprobe", "shortlist", f"recall@{args.k}", "search s", "rescore s",
+                     "gallery s (search + rescore)"], sweep_rows, right=[False, False] + [True] * 6)
+    print_goal(args, {**prior, **measured})
+
+
+CODE_B = {"exact flat": 512, "IVF-Flat": 512, "IVF-PQ M16": 16, "IVF-PQ M8": 8}
+ID_B = 8  # the int64 id IndexIDMap and every IVF list keep per face
+HEADERS = ["faces", "method", "build s", "own s", "code+id B/face", "index B/face", "index GB", "load s",
+           "nlist/nprobe", "recall@{k}", "rescored@{k}", "gallery s", "gallery+rescore s", "find s",
+           "range recall", "own recall", "precision", "peak RSS GB"]
+
+
+def measured_rows(n: int, m: dict, label: str) -> list[list[str]]:
+    rows = []
+    for name in CODE_B:
+        r = m[name]
+        rows.append([label, name, f"{r['build']:.1f}", f"{r['own']:.1f}", f"{CODE_B[name]}+{ID_B}",
+                     f"{r['bytes'] / n:.1f}", fmt_gb(r["bytes"]), f"{r['load']:.2f}",
+                     "-" if name == "exact flat" else f"{m['nlist']}/{r.get('nprobe', '')}",
+                     f"{r['recall']:.3f}", f"{r['rescored']:.3f}" if "rescored" in r else "-",
+                     f"{r['gallery_s']:.3f}",
+                     f"{r['gallery_rescored_s']:.3f}" if "gallery_rescored_s" in r else "-",
+                     f"{r['find_s']:.3f}", f"{r['range_recall']:.3f}", f"{r['own_recall']:.3f}",
+                     f"{r['precision']:.3f}", f"{r['rss'] / 1e9:.1f}"])
+    return rows
+
+
+def print_main_table(args, measured: dict, prior: dict, extrapolated: list[list[str]]) -> None:
+    rows = []
+    for n in sorted({**prior, **measured}):
+        if n in measured:
+            rows += measured_rows(n, measured[n], f"{n:,}")
+        else:
+            rows += measured_rows(n, prior[n], f"{n:,} (earlier run)")
+    rows += extrapolated
+    print_table([h.format(k=args.k) for h in HEADERS], rows, right=[False, False] + [True] * (len(HEADERS) - 2))
+
+
+def extrapolate(args, measured: dict) -> list[list[str]]:
+    """Rows at --extrapolate faces from the two largest measured sizes (see the module doc); [] if < 2."""
+    sizes = sorted(measured)
+    n3 = int(args.extrapolate)
+    if len(sizes) < 2 or n3 <= sizes[-1]:
+        return []
+    n1, n2 = sizes[-2], sizes[-1]
+    nl3 = facesearch.ivf_nlist(n3)
+    nl2 = measured[n2]["nlist"]
+    dim = args.dim
+
+    def power(a: float, b: float) -> float:
+        """Value at n3 on the line through (n1, a), (n2, b) in log-log, the exponent clamped to [0, 1]:
+        no search here costs more than linear in N (flat scans N vectors; IVF scans nprobe/nlist of N
+        codes, the calibrated fraction not growing with N; range results grow at most ~N), and a
+        measured decrease is noise."""
+        if a <= 0 or b <= 0:
+            return float("nan")
+        return b * (n3 / n2) ** min(1.0, max(0.0, math.log(b / a) / math.log(n2 / n1)))
+
+    sec2 = measured[n2]["seconds"]  # the M16 build's parts (k-means and assignment shared by the others)
+    input_gb = n3 * dim * 4 / 1e9
+    rows = []
+    for name, code in CODE_B.items():
+        r1, r2 = measured[n1][name], measured[n2][name]
+        per_face = code + ID_B
+        if name == "exact flat":
+            total = n3 * per_face + max(0, r2["bytes"] - n2 * per_face)
+            build = f"{r2['own'] * n3 / n2:,.0f}"  # copying the vectors: ~N
+        else:
+            # Fixed parts measured at n2 (file size - per-face parts - centroids), centroids at nlist(n3).
+            fixed2 = r2["bytes"] - n2 * per_face - nl2 * dim * 4
+            total = n3 * per_face + nl3 * dim * 4 + max(0, fixed2)
+            # From scratch: k-means ~ sample x nlist ~ nlist^2 and assignment ~ N x nlist (both
+            # measured in the M16 build), OPQ + PQ training fixed (a capped sample), adding the
+            # faces (encoding / copying, the assignment taken out) and calibration ~ N.
+            own = r2["seconds"]
+            kmeans = sec2["kmeans"] * (nl3 / nl2) ** 2
+            assign = sec2["assign"] * (n3 * nl3) / (n2 * nl2)
+            fixed = own.get("opq", 0.0) + own.get("pq", 0.0)
+            per_n = (own.get("add", 0.0) - own.get("assign", 0.0) + own.get("calibrate", 0.0)) * n3 / n2
+            build = f"{kmeans + assign + fixed + per_n:,.0f}"
+        g_rs = (f"{power(r1['gallery_rescored_s'], r2['gallery_rescored_s']):.2f}"
+                if "gallery_rescored_s" in r1 and "gallery_rescored_s" in r2 else "-")
+        rows.append([f"{n3:,} EXTRAPOLATED", name, build, "-", f"{code}+{ID_B}", f"{total / n3:.1f}",
+                     fmt_gb(total), "-", "-" if name == "exact flat" else f"{nl3}/?", "?",
+                     "?" if code < 512 else "-", f"{power(r1['gallery_s'], r2['gallery_s']):.2f}", g_rs,
+                     f"{power(r1['find_s'], r2['find_s']):.2f}", "?", "?", "?",
+                     f"> {input_gb:.0f} (input)"])
+    return rows
+
+
+def print_goal(args, measured: dict) -> None:
+    """The issue's goal at the largest measured N: recall@k >= 0.95 with <= 16 bytes per face in RAM."""
+    n = max(measured)
+    m = measured[n]
+    print()
+    print(f"Goal (issue 19): recall@{args.k} >= 0.95 with <= 16 B/face in RAM, at the largest measured N = {n:,}:")
+    for name in ("IVF-PQ M16", "IVF-PQ M8"):
+        r = m[name]
+        per_face = CODE_B[name] + ID_B
+        total = r["bytes"] / n
+        raw_ok, rs_ok = r["recall"] >= 0.95, r.get("rescored", 0.0) >= 0.95
+        print(f"  {name}: {CODE_B[name]} B code + {ID_B} B id = {per_face} B/face "
+              f"({'<=' if per_face <= 16 else '>'} 16), {total:.2f} B/face with the fixed tables (centroids "
+              f"{m['nlist']} x {args.dim} x 4 B, OPQ, PQ codebooks: {(r['bytes'] - n * per_face) / 1e6:.1f} MB); "
+              f"recall@{args.k} {r['recall']:.3f} raw ({'>=' if raw_ok else '<'} 0.95), {r.get('rescored', 0):.3f} "
+              f"after re-scoring the top {args.rescore} exactly ({'>=' if rs_ok else '<'} 0.95) from the float32 "
+              f"embeddings (kept on disk in the catalogue, not in RAM); gallery of {args.people} people x "
+              f"{args.per_person} vectors: {r['gallery_s']:.3f} s raw, {r.get('gallery_rescored_s', float('nan')):.3f} s "
+              f"with the re-score (vectors read from RAM here: a lower bound)")
+
+
+def load_prior(paths: list[Path]) -> dict:
+    prior: dict = {}
+    for path in paths:
+        for k, v in json.loads(path.read_text()).items():
+            prior[int(k)] = v
+    return prior
 
 
 if __name__ == "__main__":
