@@ -30,7 +30,9 @@ kind="ivfpq": `IndexPreTransform(OPQMatrix, IndexIVFPQ)` (inner product), for 1e
              `range_search` keeps a face whose *estimated* similarity is >= the bound, so it can miss a
              face just above the bound and return one just below; `search` can order close neighbours
              wrongly. A caller that needs exact answers re-scores the candidates from the stored
-             embeddings (the library's SQLite) with a lowered bound / a larger k. Memory: pq_m bytes of
+             embeddings (the library's SQLite) with a lowered bound / a larger k: `search(q, k,
+             rescore=ids -> vectors)` does that for k-NN (the index's top 10 k re-ranked exactly), so
+             RAM keeps only the codes (range search is not re-scored here). Memory: pq_m bytes of
              code + 8 bytes of int64 id per face in the inverted lists, plus the centroids (nlist x D x 4).
 
 kind="auto" picks by size (`choose_kind`): flat below IVF_MIN_FACES, IVF from there, IVF-PQ from
@@ -75,7 +77,7 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import faiss
 import numpy as np
@@ -125,6 +127,9 @@ OPQ_ITERATIONS = 25  # FAISS default 50; measured: no recall gain past ~20 on th
 ADD_CHUNK = 1 << 20  # rows assigned + encoded per step: 512 MB of float32 temporaries at 128-d
 PQ_TRAIN_ROWS = 65_536  # PQ training rows (FAISS itself takes <= 256 per sub-quantiser centroid = 65,536)
 OPQ_TRAIN_ROWS = 65_536  # residuals the OPQ rotation is learnt on
+
+RESCORE_SHORTLIST_PER_K = 10  # search(rescore=): candidates re-scored per neighbour wanted (top 100 for k=10)
+_RESCORE_BLOCK = 1024  # queries per gathered (B, K', D) block when re-scoring
 
 NORM_TOLERANCE = 1e-4  # |norm - 1| allowed; float32 normalisation leaves ~1e-7
 _EXACT_BLOCK = 65_536  # library rows per matrix product in the exact calibration search
@@ -678,19 +683,49 @@ class FaceSearch:
         order = np.lexsort((ids, -sims, qidx))
         return lims, ids[order], sims[order]
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        *,
+        rescore: Callable[[np.ndarray], np.ndarray] | None = None,
+        shortlist: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The k most similar library faces per query (Q, D): (similarities (Q, k) float32, ids (Q, k)
-        int64), best first; where fewer than k are found, id -1 and similarity -inf."""
+        int64), best first; where fewer than k are found, id -1 and similarity -inf.
+
+        `rescore`: a callable that takes catalogue ids (M,) int64 (unique, ascending) and returns their
+        stored embeddings (M, D) unit float32 rows in that order (e.g. read from the library's SQLite).
+        The index's top `shortlist` (default RESCORE_SHORTLIST_PER_K * k) per query are then re-ranked by
+        their exact similarities, which are what is returned: for IVF-PQ, whose codes order close
+        neighbours wrongly, this recovers the recall the codes lose (bench/bench_search_scale.py: 8-byte
+        codes, recall@10 ~0.6 raw, ~0.99 re-scored from the top 100) while RAM holds only the codes.
+        """
         q = self._queries(queries)  # (Q, D)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
+        k = int(k)
+        if rescore is None:
+            if shortlist is not None:
+                raise ValueError("shortlist only applies with rescore")
+            kk = k
+        else:
+            if not callable(rescore):
+                raise ValueError(f"rescore must be a callable ids -> vectors, got {type(rescore).__name__}")
+            kk = RESCORE_SHORTLIST_PER_K * k if shortlist is None else shortlist
+            if isinstance(kk, bool) or not isinstance(kk, (int, np.integer)) or kk < k:
+                raise ValueError(f"shortlist must be an int >= k={k}, got {shortlist!r}")
+            kk = int(kk)
         params = self._params(nprobe)
         if self.n == 0 or len(q) == 0:
-            return np.full((len(q), int(k)), -np.inf, np.float32), np.full((len(q), int(k)), -1, np.int64)
-        sims, ids = self._index.search(q, int(k), params=params)  # (Q, k) each
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        sims, ids = self._index.search(q, kk, params=params)  # (Q, kk) each
         ids = ids.astype(np.int64, copy=False)
         sims = np.where(ids >= 0, sims, np.float32(-np.inf)).astype(np.float32)
-        return sims, ids
+        if rescore is None:
+            return sims, ids
+        return _rescored(q, ids, rescore, k)
 
     # ---------------------------------------------------------------- persistence
 
@@ -881,6 +916,29 @@ def _check_index(index: faiss.Index, header: IndexHeader, path: Path) -> None:
     if not ok or index.d != header.dim or index.ntotal != header.n or index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise FaceSearchError(f"{path}: face-search index does not match its header ({type(index).__name__}, "
                               f"{index.ntotal} x {index.d}; header says {header.kind}, {header.n} x {header.dim})")
+
+
+def _rescored(q: np.ndarray, cand: np.ndarray, rescore: Callable[[np.ndarray], np.ndarray],
+              k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank candidate ids (Q, K') by exact similarity to q (Q, D) with the vectors `rescore(ids)`
+    returns: (similarities (Q, k), ids (Q, k)), best first, -inf / -1 where fewer than k candidates."""
+    uniq = np.unique(cand[cand >= 0])  # (M,) ascending
+    vec = _unit_matrix(np.asarray(rescore(uniq.copy())), "rescore vectors", q.shape[1])
+    if len(vec) != len(uniq):
+        raise ValueError(f"rescore vectors: expected {len(uniq)} rows, one per id asked for, got {len(vec)}")
+    valid = cand >= 0
+    pos = np.searchsorted(uniq, np.where(valid, cand, uniq[0] if len(uniq) else 0))  # (Q, K')
+    out_s = np.full((len(q), k), -np.inf, np.float32)
+    out_i = np.full((len(q), k), -1, np.int64)
+    for start in range(0, len(q), _RESCORE_BLOCK):
+        b = slice(start, start + _RESCORE_BLOCK)
+        sims = np.einsum("qd,qkd->qk", q[b], vec[pos[b]]) if len(uniq) else np.zeros(cand[b].shape, np.float32)
+        sims = np.where(valid[b], sims, np.float32(-np.inf)).astype(np.float32)  # (B, K')
+        top = np.lexsort((cand[b], -sims), axis=-1)[:, :k] if sims.shape[1] else sims.astype(np.int64)
+        s = np.take_along_axis(sims, top, 1)
+        i = np.where(np.isfinite(s), np.take_along_axis(cand[b], top, 1), -1)
+        out_s[b, : s.shape[1]], out_i[b, : i.shape[1]] = s, i
+    return out_s, out_i
 
 
 # ------------------------------------------------------------------------------------------------
