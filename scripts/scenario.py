@@ -63,6 +63,16 @@ class ModelVectors:
         return (queries @ enrolled.T).max(1) >= self.emb.similarity_threshold
 
 
+def model_and_cohort(model: Path | None) -> tuple[ModelVectors, np.ndarray] | None:
+    """The model's vectors and its impostor cohort (C, D), or None (with a message) when it has none."""
+    emb = Embedder.load(model)
+    cohort = (emb.meta.get("extra") or {}).get("cohort")
+    if cohort is None:
+        print("the model has no impostor cohort: run faceverify calibrate first", file=sys.stderr)
+        return None
+    return ModelVectors(emb), cohort.float().numpy()
+
+
 class PeerVectors:
     """Precomputed vectors of another embedder, looked up by path; no augmented views."""
 
@@ -150,13 +160,10 @@ def main() -> int:
         source = PeerVectors(args.peer_vectors)
         cohort = source.cohort(lfw_people_images(args.lfw / "pairsDevTrain.txt", args.lfw / "lfw-deepfunneled"))
     else:
-        emb = Embedder.load(args.model)
-        cohort = (emb.meta.get("extra") or {}).get("cohort")
-        if cohort is None:
-            print("the model has no impostor cohort: run faceverify calibrate first", file=sys.stderr)
+        loaded = model_and_cohort(args.model)
+        if loaded is None:
             return 2
-        cohort = cohort.float().numpy()
-        source = ModelVectors(emb)
+        source, cohort = loaded
     s_vec, s_failed = source.photos(strangers)
     gen = np.random.default_rng(0)
     rows = []

@@ -296,16 +296,22 @@ def _analyse(todo: list[WalkEntry], library: Library, pipeline: FacePipeline, wo
                 if path != entry.fs_path:  # cannot happen: the stream keeps input order
                     raise RuntimeError(f"decode stream out of order: {path} for {entry.fs_path}")
                 pairs.append((entry, d))
-            analyse_decoded(pipeline, [d for _, d in pairs], timers)  # what the workers only decoded
-            t = time.perf_counter()
-            library.record([_record(e, d, det_key) for e, d in pairs], model, run_id)  # one transaction
-            timers["write"] += time.perf_counter() - t
-            summary.processed += len(pairs)
-            summary.images_processed += sum(d.decoded for _, d in pairs)
-            bar.update(len(pairs))
+            _store(pairs, library, pipeline, det_key, model, run_id, timers, summary, bar)
     finally:
         stream.close()
         pool.close()
+
+
+def _store(pairs: list[tuple[WalkEntry, DecodedFile]], library: Library, pipeline: FacePipeline, det_key: str,
+           model: str, run_id: int, timers: dict, summary: ScanSummary, bar) -> None:
+    """Analyse what was only decoded, then write the batch in one transaction."""
+    analyse_decoded(pipeline, [d for _, d in pairs], timers)
+    t = time.perf_counter()
+    library.record([_record(e, d, det_key) for e, d in pairs], model, run_id)
+    timers["write"] += time.perf_counter() - t
+    summary.processed += len(pairs)
+    summary.images_processed += sum(d.decoded for _, d in pairs)
+    bar.update(len(pairs))
 
 
 def _record_stream(todo: list[WalkEntry], stream: Iterator[tuple[str, DecodedFile]], library: Library,
@@ -320,13 +326,7 @@ def _record_stream(todo: list[WalkEntry], stream: Iterator[tuple[str, DecodedFil
                 timers["decode"] = timers.get("decode", 0.0) + d.seconds
                 for stage, seconds in d.stage_seconds.items():
                     timers[stage] = timers.get(stage, 0.0) + seconds
-            analyse_decoded(pipeline, [d for _, d in pairs], timers)  # nothing left, unless an actor only decoded
-            t = time.perf_counter()
-            library.record([_record(e, d, det_key) for e, d in pairs], model, run_id)  # one transaction
-            timers["write"] += time.perf_counter() - t
-            summary.processed += len(pairs)
-            summary.images_processed += sum(d.decoded for _, d in pairs)
-            bar.update(len(pairs))
+            _store(pairs, library, pipeline, det_key, model, run_id, timers, summary, bar)
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
