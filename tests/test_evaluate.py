@@ -15,6 +15,7 @@ from PIL import Image
 from verify.evaluate import (
     FAILED_SCORE,
     build_cohort,
+    cohort_sources,
     choose_face,
     embed_images,
     evaluate_pairs,
@@ -343,3 +344,48 @@ def test_view1_train_and_test_people_are_disjoint(lfw_root):
         lfw_root / "pairsDevTest.txt", root)
     assert (len(train_imgs), len(test_imgs)) == (3443, 1549)
     assert all(p.is_file() for p in train_imgs + test_imgs)
+
+
+def test_cohort_sources_keep_celeba_training_identities_out(celeba_root, lfw_set, tmp_path):
+    """CelebA roots give their partition 1-2 photos only (partition 0 holds the training identities);
+    unlabelled folders give every image as its own person; LFW people keep their names."""
+    from verify.celeba import read_partition
+
+    faces = tmp_path / "faces"
+    (faces / "sub").mkdir(parents=True)
+    for i, p in enumerate(sorted((celeba_root / "img_align_celeba").glob("*.jpg"))[:3]):
+        (faces / ("sub" if i else "") / p.name).write_bytes(p.read_bytes())
+    (faces / "notes.txt").write_text("not an image\n")
+    images, ids, parts = cohort_sources(lfw_set["view1"], lfw_set["root"], [celeba_root], [faces])
+    partition = read_partition(celeba_root / "Anno" / "list_eval_partition.txt")
+    celeba = [p for p, i in zip(images, ids) if i.startswith("celeba:")]
+    assert len(celeba) == 780 + 660  # the sample's partition 1 and 2 photos (README of the data)
+    assert set(partition.loc[[p.name for p in celeba]]) == {1, 2}
+    lfw = [i for i in ids if i.startswith("lfw:")]
+    assert len(lfw) == 25 and len(set(lfw)) == 13
+    solo = [i for i in ids if i.startswith("face:")]
+    assert len(solo) == len(set(solo)) == 3
+    assert len(parts) == 3 and "partitions 1-2" in parts[1]
+    with pytest.raises(ValueError, match="no cohort source"):
+        cohort_sources()
+    with pytest.raises(ValueError, match="together"):
+        cohort_sources(lfw_set["view1"])
+    with pytest.raises(ValueError, match="no images for the cohort"):
+        cohort_sources(face_dirs=[tmp_path / "faces" / "nothing"])
+
+
+def test_calibrate_command_mixes_sources_and_caps(lfw_set, model_path, celeba_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from verify.cli import app
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(model_path.read_bytes())
+    r = CliRunner().invoke(app, ["calibrate", "--model", str(path), "--pairs", str(lfw_set["view1"]),
+                                 "--images", str(lfw_set["root"]), "--celeba", str(celeba_root),
+                                 "--max-faces", "12", "--device", "cpu"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    n = blob["extra"]["cohort"].shape[0]
+    assert 1 <= n <= 12 and f"cohort of {n} faces attached" in r.output
+    assert "LFW people of" in blob["extra"]["cohort_source"] and "CelebA partitions 1-2" in blob["extra"]["cohort_source"]

@@ -595,19 +595,25 @@ def evaluate(
 
 @app.command()
 def calibrate(
-    pairs: Annotated[Path, typer.Option("--pairs", help="LFW pair file whose people form the impostor cohort (use pairsDevTrain.txt).")],
-    images: Annotated[Path, typer.Option("--images", help="Images root: NAME/NAME_0001.jpg.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Model file to attach the cohort to (rewritten atomically).")],
-    per_person: Annotated[int, typer.Option("--per-person", help="Faces per person in the cohort.")] = 1,
+    pairs: Annotated[Optional[Path], typer.Option("--pairs", help="LFW pair file whose people join the impostor cohort (use pairsDevTrain.txt).")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="With --pairs: images root, NAME/NAME_0001.jpg.")] = None,
+    celeba: Annotated[Optional[list[Path]], typer.Option("--celeba", help="CelebA root whose partition 1-2 photos join the cohort (repeat; labels from its Anno/ or the next root's).")] = None,
+    faces: Annotated[Optional[list[Path]], typer.Option("--faces", help="Folder of unlabelled face photos that join the cohort, each its own person (repeat).")] = None,
+    per_person: Annotated[int, typer.Option("--per-person", help="Faces per labelled person in the cohort.")] = 1,
+    max_faces: Annotated[Optional[int], typer.Option("--max-faces", help="At most this many cohort images (a seeded sample).")] = None,
     device: DevOpt = "auto",
     min_face: MinFaceOpt = 40,
 ) -> None:
-    """Attach an impostor cohort to a model: enrollment sets each person's threshold at a target FAR on it."""
+    """Attach an impostor cohort to a model: enrollment sets each person's threshold at a target FAR on it.
+
+    Its people must be disjoint from the people you evaluate on and from the training identities."""
     from .evaluate import calibrate_model
     from .faces import DetectorConfig
 
     try:
-        r = calibrate_model(model, pairs, images, max_per_identity=per_person, device=device,
+        r = calibrate_model(model, pairs, images, celeba_roots=celeba or (), face_dirs=faces or (),
+                            max_per_identity=per_person, max_faces=max_faces, device=device,
                             detector_config=DetectorConfig(min_face_size=min_face, device=device))
     except (OSError, ValueError) as e:
         _fail(str(e))

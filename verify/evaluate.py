@@ -515,33 +515,84 @@ def build_cohort(
     return np.stack(cohort).astype(np.float32)  # (C, D)
 
 
+def cohort_sources(pairs_file: Path | None = None, images_root: Path | None = None, celeba_roots: Sequence[Path] = (),
+                   face_dirs: Sequence[Path] = ()) -> tuple[list[Path], list[str], list[str]]:
+    """The cohort's candidate images, one person key per image, and a description per source (see
+    `calibrate_model`)."""
+    if (pairs_file is None) != (images_root is None):
+        raise ValueError("give the LFW pair file and its images root together")
+    images: list[Path] = []
+    identities: list[str] = []
+    parts: list[str] = []
+    if pairs_file is not None:
+        lfw = lfw_people_images(Path(pairs_file), Path(images_root))
+        images += lfw
+        identities += [f"lfw:{p.parent.name}" for p in lfw]
+        parts.append(f"LFW people of {Path(pairs_file).name}")
+    if celeba_roots:
+        from .celeba import load_celeba
+
+        table = load_celeba([Path(r) for r in celeba_roots], need_attributes=False).table
+        held = table[table["partition"].isin([1, 2])]
+        images += [Path(p) for p in held["path"]]
+        identities += [f"celeba:{int(i)}" for i in held["identity"]]
+        parts.append(f"CelebA partitions 1-2 of {', '.join(str(r) for r in celeba_roots)}")
+    for d in face_dirs:
+        found = sorted(p for p in Path(d).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if not found:
+            raise ValueError(f"{d}: no images for the cohort")
+        images += found
+        identities += [f"face:{p}" for p in found]
+        parts.append(f"every face under {d}")
+    if not images:
+        raise ValueError("no cohort source: give --pairs/--images, --celeba or --faces")
+    return images, identities, parts
+
+
 def calibrate_model(
     model_path: Path,
-    pairs_file: Path,
-    images_root: Path,
+    pairs_file: Path | None = None,
+    images_root: Path | None = None,
     *,
+    celeba_roots: Sequence[Path] = (),
+    face_dirs: Sequence[Path] = (),
     max_per_identity: int | None = 1,
+    max_faces: int | None = None,
+    seed: int = 0,
     device: str = "auto",
     detector_config: DetectorConfig | None = None,
     progress: bool = True,
     embedder_loader: Callable[..., Embedder] = Embedder.load,
 ) -> dict:
-    """Build the impostor cohort from the people of an LFW pair file (use pairsDevTrain.txt: its
-    people are disjoint from pairsDevTest.txt's, so a DevTest evaluation stays clean) and attach it."""
-    model_path, pairs_file = Path(model_path), Path(pairs_file)
+    """Build the impostor cohort and attach it to the model file. Its people must be disjoint from
+    the people the model is evaluated or used on, and from its training identities:
+
+    - `pairs_file` + `images_root`: the people of an LFW pair file (use pairsDevTrain.txt: disjoint from
+      pairsDevTest.txt's, so a DevTest evaluation stays clean);
+    - `celeba_roots`: the CelebA partition 1 and 2 photos of these roots (labels from their Anno/;
+      partition 0 holds the training identities);
+    - `face_dirs`: every image below these folders, each its own person (unlabelled sets, filtered
+      against LFW when they were prepared).
+
+    `max_per_identity` faces per labelled person; `max_faces` caps the cohort (a seeded sample of the
+    images, drawn before embedding)."""
+    model_path = Path(model_path)
+    images, identities, parts = cohort_sources(pairs_file, images_root, celeba_roots, face_dirs)
+    if max_faces is not None and len(images) > max_faces:
+        keep = np.sort(np.random.default_rng(seed).choice(len(images), max_faces, replace=False))
+        images, identities = [images[i] for i in keep], [identities[i] for i in keep]
     embedder = embedder_loader(model_path, device=resolve_device(device))  # "auto" -> cuda or cpu
-    images = lfw_people_images(pairs_file, images_root)
-    cohort = build_cohort(images, embedder, max_per_identity=max_per_identity, detector_config=detector_config,
-                          progress=progress)
-    people = len({p.parent.name for p in images})
+    cohort = build_cohort(images, embedder, identities=identities, max_per_identity=max_per_identity,
+                          detector_config=detector_config, progress=progress)
+    people = len(set(identities))
     per = "all" if max_per_identity is None else str(max_per_identity)
-    source = f"LFW people of {pairs_file.name}: {len(cohort)} faces, at most {per} per person, of {people} people"
+    source = f"{' + '.join(parts)}: {len(cohort)} faces, at most {per} per labelled person, of {people} people"
     attach_cohort(model_path, cohort, source)
     return {"model": str(model_path), "fingerprint": embedder.fingerprint, "cohort_size": int(len(cohort)),
             "people": people, "images": len(images), "source": source}
 
 
 __all__ = [
-    "FAILED_SCORE", "build_cohort", "calibrate_model", "choose_face", "embed_images",
+    "FAILED_SCORE", "build_cohort", "calibrate_model", "cohort_sources", "choose_face", "embed_images",
     "evaluate_pairs", "fallback_landmarks", "lfw_people_images", "pair_scores", "roc_plot",
 ]
