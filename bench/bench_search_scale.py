@@ -149,6 +149,10 @@ def main() -> None:
     ap.add_argument("--bound", type=float, default=0.5, help="find: similarity >= bound")
     ap.add_argument("--rescore", type=int, default=100, help="IVF-PQ candidates re-scored exactly")
     ap.add_argument("--no-sweep", action="store_true", help="skip the nprobe x shortlist sweep")
+    ap.add_argument("--shortlists", type=int, nargs="+", default=[10, 50, 100, 200],
+                    help="sweep: IVF-PQ candidates re-scored (k = none)")
+    ap.add_argument("--methods", nargs="+", choices=["M16", "ivf", "M8"], default=["M16", "ivf", "M8"],
+                    help="indexes besides exact flat; without M16, IVF-Flat and M8 run their own k-means")
     ap.add_argument("--extrapolate", type=float, default=1e8)
     ap.add_argument("--json", type=Path, help="write the measured rows (per N) here, after every N")
     ap.add_argument("--prior", type=Path, nargs="*", default=[],
@@ -255,17 +259,6 @@ def main() -> None:
                       f"{r['find_s']:.3f} s, range recall {r['range_recall']:.3f}, own {r['own_recall']:.3f}, "
                       f"precision {r['precision']:.3f}", flush=True)
 
-            # ---- IVF-PQ M16: the product path, k-means and assignment included
-            pq16 = build("IVF-PQ M16", lambda: FaceSearch.build(x, ids, "ivfpq", key=f"bench:{n}"))
-            measure("IVF-PQ M16")
-            sec = pq16.header.calibration["seconds"]
-            shared = sec["kmeans"] + sec["assign"]
-            centroids = pq16.centroids()
-            cell_ids, cells = pq16.cells()
-            assignment = np.empty(n, np.int64)
-            assignment[rows_of(cell_ids)] = cells
-            del cell_ids, cells
-
             def sweep(name: str, fs: FaceSearch) -> None:
                 """recall@k over nprobe x re-scored shortlist, at the largest N only."""
                 if args.no_sweep or size != max(args.sizes):
@@ -273,7 +266,7 @@ def main() -> None:
                 base = fs.nprobe
                 probes = sorted({max(1, base // 4), max(1, base // 2), base})
                 for p in probes:
-                    for shortlist in (args.k, 50, 100, 200):
+                    for shortlist in args.shortlists:
                         (_, cand), t_s = median_time(lambda: fs.search(gallery, shortlist, nprobe=p), 1)
                         best, t_r = timed(lambda: rescore(x, gallery, cand, args.k))
                         sweep_rows.append([f"{n:,}", name, f"{p}" + (" (calibrated)" if p == base else ""),
@@ -282,23 +275,40 @@ def main() -> None:
                                            f"{t_s + t_r:.3f}"])
                         print(f"    sweep {name} nprobe {p} shortlist {shortlist}: {sweep_rows[-1][4]}", flush=True)
 
-            sweep("IVF-PQ M16", pq16)
-            results["IVF-PQ M16"]["fs"] = None
-            del pq16
+            # ---- IVF-PQ M16: the product path, k-means and assignment included
+            centroids = assignment = None
+            shared = 0.0
+            if "M16" in args.methods:
+                pq16 = build("IVF-PQ M16", lambda: FaceSearch.build(x, ids, "ivfpq", key=f"bench:{n}"))
+                measure("IVF-PQ M16")
+                sec = pq16.header.calibration["seconds"]
+                shared = sec["kmeans"] + sec["assign"]
+                centroids = pq16.centroids()
+                cell_ids, cells = pq16.cells()
+                assignment = np.empty(n, np.int64)
+                assignment[rows_of(cell_ids)] = cells
+                del cell_ids, cells
+                sweep("IVF-PQ M16", pq16)
+                results["IVF-PQ M16"]["fs"] = None
+                del pq16
 
-            # ---- IVF-Flat and IVF-PQ M8 on the same coarse quantiser
-            build("IVF-Flat", lambda: FaceSearch.build(x, ids, "ivf", centroids=centroids, assignment=assignment),
-                  shared)
-            measure("IVF-Flat")
-            results["IVF-Flat"]["fs"] = None
-            build("IVF-PQ M8", lambda: FaceSearch.build(x, ids, "ivfpq", pq_m=8, centroids=centroids,
-                                                         assignment=assignment), shared)
-            measure("IVF-PQ M8")
-            sweep("IVF-PQ M8", results["IVF-PQ M8"]["fs"])
-            results["IVF-PQ M8"]["fs"] = None
+            # ---- IVF-Flat and IVF-PQ M8 on the same coarse quantiser (from scratch without M16)
+            if "ivf" in args.methods:
+                build("IVF-Flat", lambda: FaceSearch.build(x, ids, "ivf", centroids=centroids,
+                                                           assignment=assignment), shared)
+                measure("IVF-Flat")
+                results["IVF-Flat"]["fs"] = None
+            if "M8" in args.methods:
+                build("IVF-PQ M8", lambda: FaceSearch.build(x, ids, "ivfpq", pq_m=8, centroids=centroids,
+                                                             assignment=assignment), shared)
+                measure("IVF-PQ M8")
+                if "M16" not in args.methods:
+                    sec = results["IVF-PQ M8"]["seconds"]  # its own k-means and assignment
+                sweep("IVF-PQ M8", results["IVF-PQ M8"]["fs"])
+                results["IVF-PQ M8"]["fs"] = None
 
             measured[n] = {name: {k: v for k, v in r.items() if k != "fs"} for name, r in results.items()}
-            measured[n]["seconds"] = sec
+            measured[n]["seconds"] = sec if any(m in args.methods for m in ("M16", "M8")) else {}
             measured[n]["nlist"] = facesearch.ivf_nlist(n)
             del x, labels, gen, gallery, person_q, centroids, assignment, ex_range
             print(f"  done N {n:,} at {time.perf_counter() - t_start:.0f} s; {load_line()}", flush=True)
@@ -338,7 +348,7 @@ HEADERS = ["faces", "method", "build s", "own s", "code+id B/face", "index B/fac
 
 def measured_rows(n: int, m: dict, label: str) -> list[list[str]]:
     rows = []
-    for name in CODE_B:
+    for name in (name for name in CODE_B if name in m):
         r = m[name]
         rows.append([label, name, f"{r['build']:.1f}", f"{r['own']:.1f}", f"{CODE_B[name]}+{ID_B}",
                      f"{r['bytes'] / n:.1f}", fmt_gb(r["bytes"]), f"{r['load']:.2f}",
@@ -386,6 +396,8 @@ def extrapolate(args, measured: dict) -> list[list[str]]:
     input_gb = n3 * dim * 4 / 1e9
     rows = []
     for name, code in CODE_B.items():
+        if name not in measured[n1] or name not in measured[n2]:
+            continue
         r1, r2 = measured[n1][name], measured[n2][name]
         per_face = code + ID_B
         if name == "exact flat":
@@ -399,8 +411,8 @@ def extrapolate(args, measured: dict) -> list[list[str]]:
             # measured in the M16 build), OPQ + PQ training fixed (a capped sample), adding the
             # faces (encoding / copying, the assignment taken out) and calibration ~ N.
             own = r2["seconds"]
-            kmeans = sec2["kmeans"] * (nl3 / nl2) ** 2
-            assign = sec2["assign"] * (n3 * nl3) / (n2 * nl2)
+            kmeans = sec2.get("kmeans", float("nan")) * (nl3 / nl2) ** 2
+            assign = sec2.get("assign", float("nan")) * (n3 * nl3) / (n2 * nl2)
             fixed = own.get("opq", 0.0) + own.get("pq", 0.0)
             per_n = (own.get("add", 0.0) - own.get("assign", 0.0) + own.get("calibrate", 0.0)) * n3 / n2
             build = f"{kmeans + assign + fixed + per_n:,.0f}"
@@ -420,7 +432,7 @@ def print_goal(args, measured: dict) -> None:
     m = measured[n]
     print()
     print(f"Goal (issue 19): recall@{args.k} >= 0.95 with <= 16 B/face in RAM, at the largest measured N = {n:,}:")
-    for name in ("IVF-PQ M16", "IVF-PQ M8"):
+    for name in (name for name in ("IVF-PQ M16", "IVF-PQ M8") if name in m):
         r = m[name]
         per_face = CODE_B[name] + ID_B
         total = r["bytes"] / n
