@@ -41,7 +41,8 @@ identities = centre + noise, 20 faces per identity on average) and method:
 
 The table is printed after every N (so a long run that is stopped still shows its finished sizes), and
 `--json` writes the measured rows after every N; `--prior` reads such files back so that sizes
-measured in earlier runs join the table (marked "earlier run") and the extrapolation. A last block
+measured in earlier runs join the table (marked "earlier run") and the extrapolation; `--sizes` with
+no value and `--prior FILE` only prints the tables of FILE (measuring nothing). A last block
 states the issue's goal (recall@10 >= 0.95 with <= 16 B/face in RAM) per IVF-PQ variant at the largest
 measured N.
 
@@ -49,7 +50,9 @@ The 1e8 rows are not built (51 GB of float32 input does not fit in 24 GB): they 
 the two largest measured sizes (1e6 and 1e7 by default) and say so in their "faces" cell. Memory from its parts: codes or vectors + 8-byte ids per face, centroids for
 nlist(1e8), the fixed tables as measured. Build s from its parts: k-means ~ nlist^2 (its sample is
 39 x nlist), assignment ~ N x nlist, OPQ + PQ training fixed, encoding and calibration ~ N. Search
-times by the power law through the two measured points (exponent clamped to [0, 1]). Recall is not
+times: exact flat's linearly in N (it scans every vector; one measurement under a busy CPU would
+otherwise bend the line), the others by the power law through the two measured points (exponent
+clamped to [0, 1]). Recall is not
 extrapolated ("?"), nor load time; "peak RSS GB" shows the input alone. A sweep table shows what
 recall@10 costs at the largest N: IVF-PQ M16 and M8 over nprobe (calibrated, 1/2, 1/4) and re-score
 shortlist (10 = none, 50, 100, 200), with the gallery's search + re-score seconds. Nothing is written outside a temp folder.
@@ -138,7 +141,8 @@ def fmt_gb(b: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7])
+    ap.add_argument("--sizes", type=float, nargs="*", default=[1e6, 1e7],
+                    help="faces to measure; none (--sizes with --prior) = print the tables of earlier runs")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--per-identity", type=int, default=20, help="library faces per identity (mean)")
     ap.add_argument("--people", type=int, default=100, help="gallery people (k-NN queries)")
@@ -367,7 +371,7 @@ def print_main_table(args, measured: dict, prior: dict, extrapolated: list[list[
         if n in measured:
             rows += measured_rows(n, measured[n], f"{n:,}")
         else:
-            rows += measured_rows(n, prior[n], f"{n:,} (earlier run)")
+            rows += measured_rows(n, prior[n], f"{n:,} (earlier run)" if args.sizes else f"{n:,}")
     rows += extrapolated
     print_table([h.format(k=args.k) for h in HEADERS], rows, right=[False, False] + [True] * (len(HEADERS) - 2))
 
@@ -382,6 +386,9 @@ def extrapolate(args, measured: dict) -> list[list[str]]:
     nl3 = facesearch.ivf_nlist(n3)
     nl2 = measured[n2]["nlist"]
     dim = args.dim
+
+    def linear(b: float) -> float:
+        return b * n3 / n2
 
     def power(a: float, b: float) -> float:
         """Value at n3 on the line through (n1, a), (n2, b) in log-log, the exponent clamped to [0, 1]:
@@ -420,8 +427,11 @@ def extrapolate(args, measured: dict) -> list[list[str]]:
                 if "gallery_rescored_s" in r1 and "gallery_rescored_s" in r2 else "-")
         rows.append([f"{n3:,} EXTRAPOLATED", name, build, "-", f"{code}+{ID_B}", f"{total / n3:.1f}",
                      fmt_gb(total), "-", "-" if name == "exact flat" else f"{nl3}/?", "?",
-                     "?" if code < 512 else "-", f"{power(r1['gallery_s'], r2['gallery_s']):.2f}", g_rs,
-                     f"{power(r1['find_s'], r2['find_s']):.2f}", "?", "?", "?",
+                     "?" if code < 512 else "-",
+                     f"{(linear(r2['gallery_s']) if name == 'exact flat' else power(r1['gallery_s'], r2['gallery_s'])):.2f}",
+                     g_rs,
+                     f"{(linear(r2['find_s']) if name == 'exact flat' else power(r1['find_s'], r2['find_s'])):.2f}",
+                     "?", "?", "?",
                      f"> {input_gb:.0f} (input)"])
     return rows
 
