@@ -31,7 +31,7 @@ kind="ivfpq": `IndexPreTransform(OPQMatrix, IndexIVFPQ)` (inner product), for 1e
              face just above the bound and return one just below; `search` can order close neighbours
              wrongly. A caller that needs exact answers re-scores the candidates from the stored
              embeddings (the library's SQLite) with a lowered bound / a larger k: `search(q, k,
-             rescore=ids -> vectors)` does that for k-NN (the index's top 10 k re-ranked exactly), so
+             rescore=ids -> vectors)` does that for k-NN (the index's top 20 k re-ranked exactly), so
              RAM keeps only the codes (range search is not re-scored here). Memory: pq_m bytes of
              code + 8 bytes of int64 id per face in the inverted lists, plus the centroids (nlist x D x 4).
 
@@ -99,13 +99,13 @@ IVF_KINDS = ("ivf", "ivfpq")
 IVF_MIN_FACES = 1_000_000
 # Measured by bench/bench_search_scale.py (2 cores, 128-d clustered faces; README "Search at scale"):
 # IVF-Flat keeps 520 bytes per face (float32 vector + int64 id): 5.2 GB at 1e7 faces, and building it
-# from the catalogue's N x 512-byte embeddings peaks at ~1 KB per face (10.6 GB at 1e7, measured);
-# 2e7 faces (1e7 photos) would need ~21 GB: not on a 24 GB machine, let alone a 16 GB laptop. IVF-PQ
-# (OPQ, 16 one-byte codes + 8-byte id) keeps 24 B/face (0.25 GB at 1e7, 2.4 GB at 1e8) and loads in a
-# fraction of a second, but its similarities are approximate: range recall at 0.5 drops from 0.99 to
-# ~0.9 and recall@10 from 0.99 to ~0.5 on the synthetic faces (whose 10 nearest are near-ties). So
-# IVF-Flat stays up to where its build stops fitting comfortably (under half of a 24 GB machine), and
-# IVF-PQ takes over from 1e7 faces.
+# from the catalogue's N x 512-byte embeddings peaked at 13.3 GB at 1e7 (measured); 2e7 faces (1e7
+# photos) would need ~26 GB: not on a 24 GB machine, let alone a 16 GB laptop. IVF-PQ (OPQ, 16
+# one-byte codes + 8-byte id) keeps 24.7 B/face at 1e7 (0.25 GB; 2.4 GB at 1e8, extrapolated) and
+# loads in 0.2 s, but its similarities are estimates (error sd 0.036): at 1e7, range recall at 0.5 is
+# 0.71 (a person's own faces: 1.000) and recall@10 0.54 on the synthetic faces, whose 10 nearest are
+# near-ties; `search(rescore=)` re-ranks the top 200 exactly from the stored embeddings: 0.97.
+# So IVF-Flat stays up to where its build stops fitting comfortably, and IVF-PQ takes over from 1e7.
 IVFPQ_MIN_FACES = 10_000_000
 
 # ---- IVF parameters -----------------------------------------------------------------------------
@@ -128,7 +128,9 @@ ADD_CHUNK = 1 << 20  # rows assigned + encoded per step: 512 MB of float32 tempo
 PQ_TRAIN_ROWS = 65_536  # PQ training rows (FAISS itself takes <= 256 per sub-quantiser centroid = 65,536)
 OPQ_TRAIN_ROWS = 65_536  # residuals the OPQ rotation is learnt on
 
-RESCORE_SHORTLIST_PER_K = 10  # search(rescore=): candidates re-scored per neighbour wanted (top 100 for k=10)
+# search(rescore=): candidates re-scored per neighbour wanted. Top 200 for k=10: at 1e7 faces the 16-byte
+# codes give recall@10 0.54 raw, 0.94 re-scored from the top 100, 0.97 from the top 200 (the bench's sweep).
+RESCORE_SHORTLIST_PER_K = 20
 _RESCORE_BLOCK = 1024  # queries per gathered (B, K', D) block when re-scoring
 
 NORM_TOLERANCE = 1e-4  # |norm - 1| allowed; float32 normalisation leaves ~1e-7
@@ -699,8 +701,9 @@ class FaceSearch:
         stored embeddings (M, D) unit float32 rows in that order (e.g. read from the library's SQLite).
         The index's top `shortlist` (default RESCORE_SHORTLIST_PER_K * k) per query are then re-ranked by
         their exact similarities, which are what is returned: for IVF-PQ, whose codes order close
-        neighbours wrongly, this recovers the recall the codes lose (bench/bench_search_scale.py: 8-byte
-        codes, recall@10 ~0.6 raw, ~0.99 re-scored from the top 100) while RAM holds only the codes.
+        neighbours wrongly, this recovers the recall the codes lose (bench/bench_search_scale.py at 1e7
+        faces, 16-byte codes: recall@10 0.54 raw, 0.97 re-scored from the top 200) while RAM holds only
+        the codes and ids; the caller's reads of shortlist x Q vectors (fewer: each id once) are the cost.
         """
         q = self._queries(queries)  # (Q, D)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:

@@ -551,7 +551,7 @@ def test_search_rescore_recovers_recall_from_stored_vectors(scale_data, scale_in
     exact = ids[np.argsort(-(q @ x.T), axis=1)[:, :10]]  # (Q, 10)
     pq8 = scale_indexes["ivfpq8"]
     raw = _recall_at(pq8.search(q, 10)[1], exact)
-    sims, got = pq8.search(q, 10, rescore=vectors)  # shortlist 10 x 10 = 100
+    sims, got = pq8.search(q, 10, rescore=vectors)  # default shortlist 20 x 10 = 200
     assert got.shape == sims.shape == (len(q), 10)
     assert _recall_at(got, exact) >= 0.98 > raw
     # one call, each id once, ascending; the similarities returned are the exact ones, best first
