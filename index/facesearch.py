@@ -197,6 +197,18 @@ class IndexHeader:
 # ------------------------------------------------------------------------------------------------
 
 
+def _check_ivf_args(kind: str, n: int, nlist: int | None, nprobe: int | None, target_recall: float) -> int:
+    """The cell count (default `ivf_nlist(n)`) after checking the IVF arguments; ValueError otherwise."""
+    nlist = ivf_nlist(n) if nlist is None else int(nlist)
+    if n < 1 or nlist < 1 or nlist > n:
+        raise ValueError(f"{kind}: need 1 <= nlist <= N, got nlist={nlist} for N={n}")
+    if nprobe is not None and not 1 <= int(nprobe) <= nlist:
+        raise ValueError(f"{kind}: need 1 <= nprobe <= nlist={nlist}, got {nprobe}")
+    if not 0.0 < target_recall <= 1.0:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+    return nlist
+
+
 def kind_table() -> tuple[tuple[int, str], ...]:
     """(smallest N, kind) rows, ascending: flat, IVF-Flat from IVF_MIN_FACES, IVF-PQ from
     IVFPQ_MIN_FACES. Built at call time from the constants so tests can patch them."""
@@ -416,13 +428,7 @@ class FaceSearch:
         coarse: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
     ) -> FaceSearch:
         n, dim = x.shape
-        nlist = ivf_nlist(n) if nlist is None else int(nlist)
-        if n < 1 or nlist < 1 or nlist > n:
-            raise ValueError(f"ivf: need 1 <= nlist <= N, got nlist={nlist} for N={n}")
-        if nprobe is not None and not 1 <= int(nprobe) <= nlist:
-            raise ValueError(f"ivf: need 1 <= nprobe <= nlist={nlist}, got {nprobe}")
-        if not 0.0 < target_recall <= 1.0:
-            raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+        nlist = _check_ivf_args("ivf", n, nlist, nprobe, target_recall)
         rng = np.random.default_rng(seed)
         centroids, assignment = coarse
         if centroids is not None:  # a given coarse quantiser: no k-means
@@ -510,13 +516,7 @@ class FaceSearch:
             raise ValueError(f"ivfpq: pq_bits must be in 1..16, got {bits}")
         if not isinstance(use_opq, (bool, np.bool_)):
             raise ValueError(f"ivfpq: opq must be a bool, got {opq!r}")
-        nlist = ivf_nlist(n) if nlist is None else int(nlist)
-        if n < 1 or nlist < 1 or nlist > n:
-            raise ValueError(f"ivfpq: need 1 <= nlist <= N, got nlist={nlist} for N={n}")
-        if nprobe is not None and not 1 <= int(nprobe) <= nlist:
-            raise ValueError(f"ivfpq: need 1 <= nprobe <= nlist={nlist}, got {nprobe}")
-        if not 0.0 < target_recall <= 1.0:
-            raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+        nlist = _check_ivf_args("ivfpq", n, nlist, nprobe, target_recall)
         ksub = 1 << bits
         if n < ksub:
             raise ValueError(f"ivfpq: {bits}-bit codes need at least {ksub} vectors to train on, got {n}")
