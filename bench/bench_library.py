@@ -37,10 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SHARED_DATA, print_table, ratio, resolve_model, run_measured, write_random_model  # noqa: E402
+from common import FACEVERIFY, LFW, REPO, SHARED_DATA, print_table, ratio, resolve_model, run_measured, write_random_model  # noqa: E402
 
-FACEVERIFY = REPO / ".venv" / "bin" / "faceverify"
-LFW = SHARED_DATA / "lfw" / "lfw-deepfunneled"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -74,12 +74,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_facesearch import face_stats, synthetic_faces  # noqa: E402
-from common import REPO, Measured, TreeMemorySampler, _tree_rss_kb, print_table, ratio  # noqa: E402
+from common import FACEVERIFY, Measured, REPO, TreeMemorySampler, _tree_rss_kb, print_table, ratio  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from index.library import FaceRecord, FileRecord, Library  # noqa: E402
 
-FACEVERIFY = REPO / ".venv" / "bin" / "faceverify"
 FINGERPRINT = "5e7a1c0000000128"  # the synthetic model (16 hex digits, like a real fingerprint)
 ALICE = 0  # identity index of alice
 WRITE_FILES = 32  # one scan batch

@@ -28,10 +28,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scan import LFW, pick_photos  # noqa: E402
-from common import REPO, print_table, resolve_model, run_measured  # noqa: E402
+from bench_scan import pick_photos  # noqa: E402
+from common import FACEVERIFY, LFW, REPO, print_table, resolve_model, run_measured  # noqa: E402
 
-FACEVERIFY = REPO / ".venv" / "bin" / "faceverify"
 
 
 def summary_of(stdout: str) -> dict:

@@ -38,10 +38,8 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SHARED_DATA, parse_size, print_table, resolve_model, run_measured  # noqa: E402
+from common import FACEVERIFY, LFW, REPO, SHARED_DATA, parse_size, print_table, resolve_model, run_measured  # noqa: E402
 
-LFW = SHARED_DATA / "lfw" / "lfw-deepfunneled"
-FACEVERIFY = REPO / ".venv" / "bin" / "faceverify"
 STAGE_ORDER = ("walk", "start", "decode", "decode_wait", "detect", "align", "embed", "thumbs", "match", "write",
                "report", "html")
 FR_NOT_INSTALLED = "face_recognition: not installed (see bench/README.md)"

@@ -18,6 +18,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+LFW = SHARED_DATA / "lfw" / "lfw-deepfunneled"
+FACEVERIFY = REPO / ".venv" / "bin" / "faceverify"  # the CLI every command-line bench runs
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
