@@ -29,6 +29,9 @@ class DataConfig:
     cache_dir: str = ".cache/faceverify"
     cache_workers: int = 2
     min_images_per_identity: int = 2  # stage 2: identities with fewer images are skipped
+    # Folders of faces aligned to the CelebA frame without identity labels (scripts/prepare_faces.py):
+    # stage 2 draws `identity.unlabelled_per_batch` of them into each batch, for distillation only.
+    unlabelled_roots: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class IdentityConfig:
     teacher_center: bool = True  # subtract the mean teacher vector before it teaches (dlib's sit in a cone)
     distill_weight: float = 1.0  # 1 - cos(student, teacher) per image
     distill_rel_weight: float = 0.0  # squared difference of the batch's similarity matrices
+    unlabelled_per_batch: int = 0  # faces of data.unlabelled_roots added to each P x K batch (teacher only)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,14 @@
-"""Training data: CelebA's table of images mapped onto a decoded uint8 cache, and its three partitions."""
+"""Training data: CelebA's table of images mapped onto a decoded uint8 cache, and its three partitions.
+
+Unlabelled roots (faces aligned to the CelebA frame with no identity, `data.unlabelled_roots`) join the
+table with identity -1 and partition -1 and the column `unlabelled` set: they are in no partition, so
+no identity loss, evaluation or selection ever sees them; stage 2 draws them for distillation only.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -10,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..celeba import ATTRIBUTES, load_celeba
+from ..celeba import ATTRIBUTES, IMAGE_DIR, IMAGE_SUFFIXES, load_celeba
 from ..config import TrainConfig
 from ..geometry import CropGeometry
 from .cache import ImageCache
@@ -38,6 +44,12 @@ class FaceData:
     def rows(self, partition: int) -> np.ndarray:
         return np.flatnonzero(self.table["partition"].to_numpy() == partition)
 
+    def unlabelled_rows(self) -> np.ndarray:
+        """Table rows of the unlabelled roots (no identity, no partition)."""
+        if "unlabelled" not in self.table:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(self.table["unlabelled"].to_numpy())
+
     def attributes(self) -> np.ndarray | None:
         """(N, 40) float32 attribute targets of every table row, or None without annotations."""
         if ATTRIBUTES[0] not in self.table:
@@ -64,9 +76,32 @@ def split_rows(data: FaceData, roots: Sequence[str]) -> Splits:
     return splits
 
 
-def dataset_name(roots: Sequence[str]) -> str:
+def dataset_name(roots: Sequence[str], unlabelled_roots: Sequence[str] = ()) -> str:
     """The name caches of these data roots are filed under (their folder names, joined)."""
-    return "+".join(Path(r).resolve().name for r in roots)
+    name = "+".join(Path(r).resolve().name for r in roots)
+    return name + "".join(f"+u-{Path(r).resolve().name}" for r in unlabelled_roots)
+
+
+def load_unlabelled(roots: Sequence[str]):
+    """One table row per image of each unlabelled root (its `img_align_celeba/`, else the folder itself):
+    image (root folder name/file name, so two roots never collide), path, root, identity -1,
+    partition -1, unlabelled True. Sorted by root, then name."""
+    import pandas as pd
+
+    frames = []
+    for r in roots:
+        root = Path(r).expanduser().resolve()
+        if not root.is_dir():
+            raise FileNotFoundError(f"unlabelled root {root} does not exist or is not a folder")
+        folder = root / IMAGE_DIR if (root / IMAGE_DIR).is_dir() else root
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
+        if not names:
+            raise ValueError(f"unlabelled root {root}: no images in {folder}")
+        log.info("%s: %d unlabelled images (distillation only)", root, len(names))
+        frames.append(pd.DataFrame({"image": [f"{root.name}/{n}" for n in names],
+                                    "path": [str(folder / n) for n in names], "root": str(root),
+                                    "identity": np.int64(-1), "partition": np.int64(-1), "unlabelled": True}))
+    return pd.concat(frames, ignore_index=True)
 
 
 def subset(table, n: int):
@@ -93,7 +128,14 @@ def prepare_data(cfg: TrainConfig, dist: Dist) -> FaceData:
         list(cfg.data.roots), need_attributes=cfg.task == "attributes" or cfg.identity.aux_attr_weight > 0
     )
     table = subset(celeba.table, cfg.data.max_images) if cfg.data.max_images else celeba.table
-    name = dataset_name(cfg.data.roots)
+    if cfg.data.unlabelled_roots:
+        import pandas as pd
+
+        extra = load_unlabelled(cfg.data.unlabelled_roots)
+        if cfg.data.max_images:  # the same fraction of them as of the labelled images
+            extra = extra.iloc[: max(1, round(len(extra) * len(table) / len(celeba.table)))]
+        table = pd.concat([table.assign(unlabelled=False), extra], ignore_index=True)
+    name = dataset_name(cfg.data.roots, cfg.data.unlabelled_roots)
 
     def build() -> ImageCache:
         return ImageCache.build_or_load(

@@ -181,7 +181,7 @@ def prepare_teacher(cfg: TrainConfig, data: FaceData, rows: np.ndarray, device: 
     if teacher.dim != cfg.model.embedding_dim:
         raise ValueError(f"identity.teacher {ic.teacher} gives {teacher.dim}-d vectors, the student "
                          f"{cfg.model.embedding_dim}-d (set model.embedding_dim to match)")
-    name = dataset_name(cfg.data.roots)
+    name = dataset_name(cfg.data.roots, cfg.data.unlabelled_roots)
     augment = BatchAugment.from_config(cfg.augment)
     key = targets_key(teacher.fingerprint, name, cfg.data.box, tgeo.size, len(rows), ic.teacher_views, augment, cfg.seed)
     path = Path(cfg.data.cache_dir) / f"teacher-{name}-{key}.npz"

@@ -209,6 +209,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None, p
 
     data = prepare_data(cfg, dist)
     provenance: dict = {"data": list(cfg.data.roots), "commit": git_commit(), "images": len(data.table)}
+    if cfg.data.unlabelled_roots:
+        provenance.update(unlabelled_data=list(cfg.data.unlabelled_roots),
+                          unlabelled_images=int(len(data.unlabelled_rows())))
     task = make_task(cfg, data, split_rows(data, cfg.data.roots), dist, device, resume=resume, progress=progress)
     provenance.update(task.provenance)
     module = task.module.to(device)

@@ -67,9 +67,12 @@ class IdentityModule(nn.Module):
         emb = self.net.forward_head(feats)  # (B, D), unit norm
         loss = emb.new_zeros((), dtype=torch.float32)
         logs: dict = {}
+        # Unlabelled faces (label -1) are in the batch for the teacher only: the identity losses see the rest.
+        labelled = labels >= 0  # (B,)
+        emb_id, labels_id = (emb, labels) if bool(labelled.all()) else (emb[labelled], labels[labelled])
         if self.ic.triplet_weight > 0:
-            a, p, n = self.miner(emb.detach().float(), labels)
-            tl = self.triplet(emb.float(), a, p, n)
+            a, p, n = self.miner(emb_id.detach().float(), labels_id)
+            tl = self.triplet(emb_id.float(), a, p, n)
             loss = loss + self.ic.triplet_weight * tl
             logs.update(triplet=tl.detach(), active=torch.tensor(self.triplet.last_active_fraction))
         if teacher is not None:
@@ -81,7 +84,7 @@ class IdentityModule(nn.Module):
                 loss = loss + self.ic.distill_rel_weight * rl
                 logs["relational"] = rl.detach()
         if self.cls is not None:
-            cl = self.cls(emb.float(), labels)
+            cl = self.cls(emb_id.float(), labels_id)
             loss = loss + self.ic.cls_weight * cl
             logs["cls"] = cl.detach()
         if self.attr is not None and attrs is not None:
@@ -236,8 +239,19 @@ class IdentityTask(Task):
             rank=dist.rank, world_size=dist.world,
         )
         self.batches_per_epoch = len(self.sampler)
+        self.unlabelled = data.unlabelled_rows()
+        if ic.unlabelled_per_batch > 0 and (not ic.teacher or len(self.unlabelled) == 0):
+            raise ValueError("identity.unlabelled_per_batch > 0 needs identity.teacher and data.unlabelled_roots")
+        if len(self.unlabelled) and ic.unlabelled_per_batch == 0:
+            log.warning("%d unlabelled images are loaded but identity.unlabelled_per_batch is 0: unused",
+                        len(self.unlabelled))
+        if ic.unlabelled_per_batch > 0 and ic.aux_attr_weight > 0:
+            raise ValueError("identity.aux_attr_weight needs attributes, which unlabelled images lack")
         if ic.teacher:
-            self.teacher = prepare_teacher(cfg, data, self._drawable_rows(num_classes), self.device, dist, progress)
+            rows = self._drawable_rows(num_classes)
+            if ic.unlabelled_per_batch > 0:
+                rows = np.concatenate([rows, self.unlabelled])
+            self.teacher = prepare_teacher(cfg, data, rows, self.device, dist, progress)
             self.provenance["teacher"] = {"model": str(ic.teacher), "fingerprint": self.teacher.teacher,
                                           "views": self.teacher.views, "centred": self.teacher.center}
 
@@ -250,7 +264,11 @@ class IdentityTask(Task):
     def batches(self, epoch: int) -> Iterable[np.ndarray]:
         self.sampler.set_epoch(epoch)  # now, not when the first batch is drawn
         train = np.asarray(self.splits.train)
-        return (train[np.asarray(b)] for b in self.sampler)
+        u = self.cfg.identity.unlabelled_per_batch
+        if u == 0:
+            return (train[np.asarray(b)] for b in self.sampler)
+        extra = unlabelled_batches(self.unlabelled, u, self.batches_per_epoch, self.cfg.seed, epoch, self.dist.rank)
+        return (np.concatenate([train[np.asarray(b)], e]) for b, e in zip(self.sampler, extra))
 
     def evaluate(self, net: nn.Module, rows: np.ndarray) -> dict:
         return evaluate_identity_configured(self.cfg, net, self.data, rows, self.device)
@@ -304,6 +322,16 @@ def attribute_batches(rows: np.ndarray, batch_size: int, seed: int, epoch: int, 
     mine = perm[dist.rank * per_rank : (dist.rank + 1) * per_rank]  # equal share on every rank
     batches = [np.sort(mine[i : i + batch_size]) for i in range(0, len(mine) - batch_size + 1, batch_size)]
     return batches[:limit] if limit else batches
+
+
+def unlabelled_batches(rows: np.ndarray, per_batch: int, n_batches: int, seed: int, epoch: int, rank: int
+                       ) -> list[np.ndarray]:
+    """`n_batches` blocks of `per_batch` of `rows`: a seeded shuffle per (epoch, rank), continued into
+    the next shuffle when the epoch needs more than one pass."""
+    rng = np.random.default_rng([seed, epoch, rank, 1])
+    need = per_batch * n_batches
+    order = np.concatenate([rng.permutation(rows) for _ in range(-(-need // max(1, len(rows))))])
+    return [order[i * per_batch : (i + 1) * per_batch] for i in range(n_batches)]
 
 
 def dense_labels(ids: np.ndarray, train_rows: np.ndarray) -> tuple[np.ndarray, int]:
