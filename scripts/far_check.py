@@ -10,7 +10,8 @@ stranger photo against each of them: photos of people who are neither enrolled n
 Enrolled: the CelebA identities of partitions 1 and 2 in `--celeba` with >= max(counts) photos (never
 trained on). Strangers, one decision per (enrolled person, stranger photo): the photos of LFW
 pairsDevTest's people (disjoint from pairsDevTrain's, whose faces form the shipped cohort), the
-partition 1-2 photos of `--celeba-wild` and `--celeba-half` whose identity is not enrolled, and every
+partition 1-2 photos of `--celeba-wild`, `--celeba-half` and each `--celeba-strangers` root whose identity
+is not enrolled, and every
 image under each `--strangers-dir` (e.g. a prepared set's root; its people must not be enrolled or in
 the cohort). Each photo goes through the product's pipeline (MTCNN, alignment, the model); photos
 without a face are counted and left out.
@@ -68,6 +69,9 @@ def main() -> int:
     ap.add_argument("--celeba-half", type=Path, default=DATA / "celeba_half")
     ap.add_argument("--lfw", type=Path, default=DATA / "lfw")
     ap.add_argument("--strangers-dir", type=Path, action="append", default=[])
+    ap.add_argument("--celeba-strangers", type=Path, action="append", default=[],
+                    help="a root with CelebA names (e.g. a prepared CelebA_Samples): its partition 1-2 photos "
+                         "of people not enrolled are strangers (repeatable)")
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 5, 30])
     ap.add_argument("--people", type=int, default=0, help="enroll at most this many people (0: all)")
     ap.add_argument("--views", type=int, default=8)
@@ -95,7 +99,7 @@ def main() -> int:
 
     stranger_paths = list(lfw_people_images(args.lfw / "pairsDevTest.txt", args.lfw / "lfw-deepfunneled"))
     exclude = set(people)
-    for root in (args.celeba_wild, args.celeba_half):
+    for root in (args.celeba_wild, args.celeba_half, *args.celeba_strangers):
         stranger_paths += celeba_strangers(args.celeba, root, exclude)
     for d in args.strangers_dir:
         stranger_paths += sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -95,3 +95,15 @@ def test_unlabelled_per_batch_needs_a_teacher_and_roots(tmp_path, celeba_root):
     cfg = tiny_cfg(tmp_path, celeba_root, task="identity", **{"identity.unlabelled_per_batch": 4})
     with pytest.raises(ValueError, match="needs identity.teacher and data.unlabelled_roots"):
         fit(cfg, progress=False)
+
+
+def test_identity_subset_keeps_whole_identities():
+    from verify.training.tasks import identity_subset
+
+    ids = np.repeat(np.arange(50), 7)  # 350 rows, 7 per identity
+    rows = np.arange(0, 350)
+    sub = identity_subset(rows, ids, 100, seed=0)
+    kept = np.unique(ids[sub])
+    assert 100 <= len(sub) < 107 and len(sub) == 7 * len(kept)
+    assert np.array_equal(sub, identity_subset(rows, ids, 100, seed=0))
+    assert not np.array_equal(sub, identity_subset(rows, ids, 100, seed=1))

@@ -86,6 +86,7 @@ class IdentityConfig:
     freeze_stages: int = 0  # freeze the first N backbone stages (the original transfer plan)
     init: str | None = None  # stage-1 run folder or checkpoint
     val_pairs: int = 3000  # genuine and as many impostor pairs from partition-1 identities
+    eval_max_images: int | None = None  # per-epoch evaluation on a seeded subset of whole identities (None: all)
     target_far: float = 1e-3
     tta_flip: bool = True  # embedding = normalise(f(x) + f(flip(x)))
     triplet_weight: float = 1.0  # 0: no triplet term (e.g. teacher only)
