@@ -37,6 +37,7 @@ from scenario import DATA, model_and_cohort  # noqa: E402
 
 from verify.celeba import load_celeba  # noqa: E402
 from verify.evaluate import lfw_people_images  # noqa: E402
+from verify.model_file import Embedder  # noqa: E402
 from verify.scoring import calibrate_identity, identity_scores, pool_photos  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -72,6 +73,8 @@ def main() -> int:
     ap.add_argument("--celeba-strangers", type=Path, action="append", default=[],
                     help="a root with CelebA names (e.g. a prepared CelebA_Samples): its partition 1-2 photos "
                          "of people not enrolled are strangers (repeatable)")
+    ap.add_argument("--compare-cohort", type=Path, action="append", default=[],
+                    help="another model file with the same weights: its cohort is scored on the same photos")
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 5, 30])
     ap.add_argument("--people", type=int, default=0, help="enroll at most this many people (0: all)")
     ap.add_argument("--views", type=int, default=8)
@@ -86,6 +89,18 @@ def main() -> int:
         return 2
     source, cohort = loaded
     emb = source.emb
+    cohorts = {"model's cohort": cohort}  # name -> (C, D): thresholds differ, the photos and views do not
+    for other in args.compare_cohort:
+        alt = Embedder.load(other)
+        if alt.fingerprint != emb.fingerprint:
+            print(f"{other}: weights {alt.fingerprint}, not {emb.fingerprint}: only cohorts can be compared",
+                  file=sys.stderr)
+            return 2
+        c = (alt.meta.get("extra") or {}).get("cohort")
+        if c is None:
+            print(f"{other}: no cohort", file=sys.stderr)
+            return 2
+        cohorts[str(other)] = c.float().numpy()
 
     table = load_celeba([args.celeba], need_attributes=False).table
     held = table[table["partition"].isin([1, 2])]
@@ -109,7 +124,7 @@ def main() -> int:
           f"cohort {len(cohort)} faces; {time.time() - t0:.0f} s", file=sys.stderr)
 
     gen = np.random.default_rng(0)
-    per_count: dict[int, dict] = {c: {"fa": 0, "n": 0, "est": [], "thr": []} for c in args.counts}
+    per_count = {(name, c): {"fa": 0, "n": 0, "est": [], "thr": []} for name in cohorts for c in args.counts}
     for i, ident in enumerate(people):
         g = held[held["identity"] == ident].sort_values("image")
         ok, _ = source.photos([Path(p) for p in g["path"]], keep_crops=True)
@@ -120,32 +135,34 @@ def main() -> int:
             vecs = np.concatenate(views[:c])
             keys = np.repeat(np.arange(c), [len(v) for v in views[:c]])
             _, pooled = pool_photos(vecs, keys)
-            cal = calibrate_identity(pooled, cohort, target_far=args.target_far, top_k=args.top_k)
-            acc = identity_scores(s_vec, pooled, args.top_k) >= cal.similarity_threshold
-            r = per_count[c]
-            r["fa"] += int(acc.sum())
-            r["n"] += len(acc)
-            r["est"].append(cal.far)
-            r["thr"].append(cal.similarity_threshold)
+            scores = identity_scores(s_vec, pooled, args.top_k)
+            for name, coh in cohorts.items():
+                cal = calibrate_identity(pooled, coh, target_far=args.target_far, top_k=args.top_k)
+                acc = scores >= cal.similarity_threshold
+                r = per_count[(name, c)]
+                r["fa"] += int(acc.sum())
+                r["n"] += len(acc)
+                r["est"].append(cal.far)
+                r["thr"].append(cal.similarity_threshold)
         print(f"# {i + 1}/{len(people)} people enrolled; {time.time() - t0:.0f} s", file=sys.stderr)
 
     rows = []
-    print(f"\nmodel {emb.fingerprint}, cohort {len(cohort)} faces, target FAR {args.target_far:g}, {len(people)} "
-          f"people x {len(s_vec)} stranger faces\n")
-    print("| enrolled photos | people | decisions | promised FAR | cohort estimate | measured FAR (95% CI) | "
+    print(f"\nmodel {emb.fingerprint}, target FAR {args.target_far:g}, {len(people)} people x {len(s_vec)} "
+          f"stranger faces\n")
+    print("| cohort | enrolled photos | people | decisions | promised FAR | cohort estimate | measured FAR (95% CI) | "
           "measured / promised |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for c in args.counts:
-        r = per_count[c]
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (name, c), r in per_count.items():
         if not r["n"]:
             continue
         far = r["fa"] / r["n"]
         lo, hi = wilson(r["fa"], r["n"])
-        rows.append({"count": c, "people": len(r["est"]), "decisions": r["n"], "false_accepts": r["fa"],
-                     "measured_far": far, "ci95": [lo, hi], "cohort_estimate": float(np.mean(r["est"])),
-                     "mean_threshold": float(np.mean(r["thr"])), "ratio": far / args.target_far})
-        print(f"| {c} | {len(r['est'])} | {r['n']:,} | {args.target_far:.0e} | {np.mean(r['est']):.1e} | "
-              f"{far:.1e} ({lo:.1e}-{hi:.1e}) | {far / args.target_far:.1f}x |")
+        rows.append({"cohort": name, "cohort_faces": len(cohorts[name]), "count": c, "people": len(r["est"]),
+                     "decisions": r["n"], "false_accepts": r["fa"], "measured_far": far, "ci95": [lo, hi],
+                     "cohort_estimate": float(np.mean(r["est"])), "mean_threshold": float(np.mean(r["thr"])),
+                     "ratio": far / args.target_far})
+        print(f"| {name} ({len(cohorts[name]):,} faces) | {c} | {len(r['est'])} | {r['n']:,} | {args.target_far:.0e} | "
+              f"{np.mean(r['est']):.1e} | {far:.1e} ({lo:.1e}-{hi:.1e}) | {far / args.target_far:.1f}x |")
     summary = {"model": emb.fingerprint, "cohort": len(cohort), "strangers": len(s_vec),
                "stranger_photos_without_face": s_failed, "people": len(people), "target_far": args.target_far,
                "views": args.views, "top_k": args.top_k, "rows": rows, "seconds": round(time.time() - t0, 1)}
