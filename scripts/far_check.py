@@ -7,10 +7,10 @@ stranger photo against each of them: photos of people who are neither enrolled n
 
     .venv/bin/python scripts/far_check.py [--model M] [--counts 1 5 30] [--strangers-dir DIR ...]
 
-Enrolled: the CelebA identities of partitions 1 and 2 in `--celeba` with >= max(counts) photos (never
+Enrolled: the CelebA identities of `--celeba-partitions` (1 and 2) in `--celeba` with >= max(counts) photos (never
 trained on). Strangers, one decision per (enrolled person, stranger photo): the photos of LFW
 pairsDevTest's people (disjoint from pairsDevTrain's, whose faces form the shipped cohort), the
-partition 1-2 photos of `--celeba-wild`, `--celeba-half` and each `--celeba-strangers` root whose identity
+`--celeba-partitions` photos of `--celeba-wild`, `--celeba-half` and each `--celeba-strangers` root whose identity
 is not enrolled, and every
 image under each `--strangers-dir` (e.g. a prepared set's root; its people must not be enrolled or in
 the cohort). Each photo goes through the product's pipeline (MTCNN, alignment, the model); photos
@@ -53,12 +53,12 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, c - h), min(1.0, c + h)
 
 
-def celeba_strangers(annotated: Path, root: Path, exclude: set[int]) -> list[Path]:
-    """Partition 1-2 photos under `root` (labels from `annotated`'s Anno/) of identities not in `exclude`."""
+def celeba_strangers(annotated: Path, root: Path, exclude: set[int], partitions: tuple[int, ...] = (1, 2)) -> list[Path]:
+    """`partitions` photos under `root` (labels from `annotated`'s Anno/) of identities not in `exclude`."""
     if not root.is_dir():
         return []
     table = load_celeba([root, annotated], need_attributes=False).table
-    t = table[table["partition"].isin([1, 2]) & ~table["identity"].isin(exclude)]
+    t = table[table["partition"].isin(list(partitions)) & ~table["identity"].isin(exclude)]
     return [Path(p) for p in t["path"] if Path(p).is_relative_to(root)]
 
 
@@ -71,8 +71,11 @@ def main() -> int:
     ap.add_argument("--lfw", type=Path, default=DATA / "lfw")
     ap.add_argument("--strangers-dir", type=Path, action="append", default=[])
     ap.add_argument("--celeba-strangers", type=Path, action="append", default=[],
-                    help="a root with CelebA names (e.g. a prepared CelebA_Samples): its partition 1-2 photos "
+                    help="a root with CelebA names (e.g. a prepared CelebA_Samples): its held-out photos "
                          "of people not enrolled are strangers (repeatable)")
+    ap.add_argument("--celeba-partitions", type=int, nargs="+", default=[1, 2], choices=(1, 2),
+                    help="CelebA partitions that give enrolled people and CelebA strangers (e.g. 2 when the "
+                         "cohort holds partition 1)")
     ap.add_argument("--compare-cohort", type=Path, action="append", default=[],
                     help="another model file with the same weights: its cohort is scored on the same photos")
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 5, 30])
@@ -103,19 +106,19 @@ def main() -> int:
         cohorts[str(other)] = c.float().numpy()
 
     table = load_celeba([args.celeba], need_attributes=False).table
-    held = table[table["partition"].isin([1, 2])]
+    held = table[table["partition"].isin(args.celeba_partitions)]
     sizes = held.groupby("identity").size()
     people = sorted(int(i) for i in sizes[sizes >= max(args.counts)].index)
     if args.people:
         people = people[: args.people]
     if not people:
-        print(f"{args.celeba}: no partition 1-2 identity with {max(args.counts)} photos", file=sys.stderr)
+        print(f"{args.celeba}: no partition {args.celeba_partitions} identity with {max(args.counts)} photos", file=sys.stderr)
         return 2
 
     stranger_paths = list(lfw_people_images(args.lfw / "pairsDevTest.txt", args.lfw / "lfw-deepfunneled"))
     exclude = set(people)
     for root in (args.celeba_wild, args.celeba_half, *args.celeba_strangers):
-        stranger_paths += celeba_strangers(args.celeba, root, exclude)
+        stranger_paths += celeba_strangers(args.celeba, root, exclude, tuple(args.celeba_partitions))
     for d in args.strangers_dir:
         stranger_paths += sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     stranger_paths = list(dict.fromkeys(stranger_paths))

@@ -365,7 +365,11 @@ def test_cohort_sources_keep_celeba_training_identities_out(celeba_root, lfw_set
     assert len(lfw) == 25 and len(set(lfw)) == 13
     solo = [i for i in ids if i.startswith("face:")]
     assert len(solo) == len(set(solo)) == 3
-    assert len(parts) == 3 and "partitions 1-2" in parts[1]
+    assert len(parts) == 3 and "partition 1-2" in parts[1]
+    p1, ids1, parts1 = cohort_sources(celeba_roots=[celeba_root], celeba_partitions=(1,))
+    assert len(p1) == 780 and set(partition.loc[[p.name for p in p1]]) == {1} and "partition 1 of" in parts1[0]
+    with pytest.raises(ValueError, match="partitions must be 1 and/or 2"):
+        cohort_sources(celeba_roots=[celeba_root], celeba_partitions=(0, 1))
     with pytest.raises(ValueError, match="no cohort source"):
         cohort_sources()
     with pytest.raises(ValueError, match="together"):
@@ -388,4 +392,9 @@ def test_calibrate_command_mixes_sources_and_caps(lfw_set, model_path, celeba_ro
     blob = torch.load(path, map_location="cpu", weights_only=True)
     n = blob["extra"]["cohort"].shape[0]
     assert 1 <= n <= 12 and f"cohort of {n} faces attached" in r.output
-    assert "LFW people of" in blob["extra"]["cohort_source"] and "CelebA partitions 1-2" in blob["extra"]["cohort_source"]
+    assert "LFW people of" in blob["extra"]["cohort_source"] and "CelebA partition 1-2" in blob["extra"]["cohort_source"]
+    r = CliRunner().invoke(app, ["calibrate", "--model", str(path), "--celeba", str(celeba_root), "--celeba-partition",
+                                 "1", "--per-person", "2", "--max-faces", "30", "--device", "cpu"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    source = torch.load(path, map_location="cpu", weights_only=True)["extra"]["cohort_source"]
+    assert source.startswith("CelebA partition 1 of") and "at most 2 per labelled person" in source

@@ -600,6 +600,7 @@ def calibrate(
     images: Annotated[Optional[Path], typer.Option("--images", help="With --pairs: images root, NAME/NAME_0001.jpg.")] = None,
     celeba: Annotated[Optional[list[Path]], typer.Option("--celeba", help="CelebA root whose partition 1-2 photos join the cohort (repeat; labels from its Anno/ or the next root's).")] = None,
     faces: Annotated[Optional[list[Path]], typer.Option("--faces", help="Folder of unlabelled face photos that join the cohort, each its own person (repeat).")] = None,
+    celeba_partition: Annotated[Optional[list[int]], typer.Option("--celeba-partition", help="CelebA partitions that --celeba gives (repeat; default 1 and 2).")] = None,
     per_person: Annotated[int, typer.Option("--per-person", help="Faces per labelled person in the cohort.")] = 1,
     max_faces: Annotated[Optional[int], typer.Option("--max-faces", help="At most this many cohort images (a seeded sample).")] = None,
     device: DevOpt = "auto",
@@ -613,6 +614,7 @@ def calibrate(
 
     try:
         r = calibrate_model(model, pairs, images, celeba_roots=celeba or (), face_dirs=faces or (),
+                            celeba_partitions=tuple(celeba_partition or (1, 2)),
                             max_per_identity=per_person, max_faces=max_faces, device=device,
                             detector_config=DetectorConfig(min_face_size=min_face, device=device))
     except (OSError, ValueError) as e:

@@ -516,7 +516,8 @@ def build_cohort(
 
 
 def cohort_sources(pairs_file: Path | None = None, images_root: Path | None = None, celeba_roots: Sequence[Path] = (),
-                   face_dirs: Sequence[Path] = ()) -> tuple[list[Path], list[str], list[str]]:
+                   face_dirs: Sequence[Path] = (), celeba_partitions: Sequence[int] = (1, 2)
+                   ) -> tuple[list[Path], list[str], list[str]]:
     """The cohort's candidate images, one person key per image, and a description per source (see
     `calibrate_model`)."""
     if (pairs_file is None) != (images_root is None):
@@ -533,10 +534,13 @@ def cohort_sources(pairs_file: Path | None = None, images_root: Path | None = No
         from .celeba import load_celeba
 
         table = load_celeba([Path(r) for r in celeba_roots], need_attributes=False).table
-        held = table[table["partition"].isin([1, 2])]
+        if not celeba_partitions or not set(celeba_partitions) <= {1, 2}:
+            raise ValueError(f"cohort CelebA partitions must be 1 and/or 2 (0 trains), got {list(celeba_partitions)}")
+        held = table[table["partition"].isin(list(celeba_partitions))]
         images += [Path(p) for p in held["path"]]
         identities += [f"celeba:{int(i)}" for i in held["identity"]]
-        parts.append(f"CelebA partitions 1-2 of {', '.join(str(r) for r in celeba_roots)}")
+        parts.append(f"CelebA partition {'-'.join(map(str, sorted(celeba_partitions)))} of "
+                     f"{', '.join(str(r) for r in celeba_roots)}")
     for d in face_dirs:
         found = sorted(p for p in Path(d).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         if not found:
@@ -556,6 +560,7 @@ def calibrate_model(
     *,
     celeba_roots: Sequence[Path] = (),
     face_dirs: Sequence[Path] = (),
+    celeba_partitions: Sequence[int] = (1, 2),
     max_per_identity: int | None = 1,
     max_faces: int | None = None,
     seed: int = 0,
@@ -569,15 +574,15 @@ def calibrate_model(
 
     - `pairs_file` + `images_root`: the people of an LFW pair file (use pairsDevTrain.txt: disjoint from
       pairsDevTest.txt's, so a DevTest evaluation stays clean);
-    - `celeba_roots`: the CelebA partition 1 and 2 photos of these roots (labels from their Anno/;
-      partition 0 holds the training identities);
+    - `celeba_roots`: the CelebA `celeba_partitions` (1 and 2 by default) photos of these roots (labels
+      from their Anno/; partition 0 holds the training identities);
     - `face_dirs`: every image below these folders, each its own person (unlabelled sets, filtered
       against LFW when they were prepared).
 
     `max_per_identity` faces per labelled person; `max_faces` caps the cohort (a seeded sample of the
     images, drawn before embedding)."""
     model_path = Path(model_path)
-    images, identities, parts = cohort_sources(pairs_file, images_root, celeba_roots, face_dirs)
+    images, identities, parts = cohort_sources(pairs_file, images_root, celeba_roots, face_dirs, celeba_partitions)
     if max_faces is not None and len(images) > max_faces:
         keep = np.sort(np.random.default_rng(seed).choice(len(images), max_faces, replace=False))
         images, identities = [images[i] for i in keep], [identities[i] for i in keep]
