@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduces the shipped model verify/models/default.pt from scratch on ../shared/data, CPU only.
+# Trains a default model verify/models/default.pt from scratch, CPU only: the shipped one needs EXTRA (below);
+# without it, the previous one (4d05e07fae98a4ce) on ../shared/data alone.
 # Resumable: run it again after an interruption. Each training stage continues from its last
 # checkpoint (a finished stage resumes as a no-op), the dlib import and the teacher's views (cached in
 # .cache/faceverify) are made once. On an idle 2-core machine: stage 1 ~5 min, dlib import ~3 min,

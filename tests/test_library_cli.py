@@ -148,7 +148,11 @@ def test_people_then_enroll_group_then_find(tmp_path, lfw_root):
 
     # enrolled now: Blix is no longer an unknown group
     r = invoke("people", "--gallery", g, "--index", db, "--min-faces", 3, "--out", tmp_path / "people2.csv")
-    assert not any("Hans_Blix" in p for p in pd.read_csv(tmp_path / "people2.csv")["path"])
+    # no unknown group is his any more; one photo the enrolled identity does not reach at FAR 1e-3 may
+    # still sit in someone else's group
+    left = label_faces(pd.read_csv(tmp_path / "people2.csv"))
+    assert not (left.groupby("group")["person"].agg(lambda s: s.value_counts().index[0]) == "Hans_Blix").any()
+    assert (left["person"] == "Hans_Blix").sum() <= 1
     # a group id that does not exist: one line, exit 2
     r = runner.invoke(app, ["enroll", "x", "--group", "999", "--gallery", str(g), "--index", str(db)])
     assert r.exit_code == 2 and "no group 999" in r.output
