@@ -15,13 +15,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
+from scenario import DATA  # noqa: E402
 from verify.augment import NORMALISATION  # noqa: E402
 from verify.config import load_config  # noqa: E402
 from verify.model_file import Embedder  # noqa: E402
 from verify.training import Dist, evaluate_identity, prepare_data  # noqa: E402
 
-SHARED = ["../shared/data/celeba", "../shared/data/celeba_wild", "../shared/data/celeba_half"]
+# the shared roots, wherever this is run from (scenario.DATA: next to the repository)
+SHARED = [str(DATA / name) for name in ("celeba", "celeba_wild", "celeba_half")]
 
 
 def main() -> int:

@@ -141,7 +141,8 @@ def main() -> int:
 
     gen = np.random.default_rng(0)
     per_count = {(name, c): {"fa": 0, "n": 0, "est": [], "thr": []} for name in cohorts for c in args.counts}
-    by_group = {(name, g): [0, 0] for name in cohorts for g in dict.fromkeys(group_of)}  # largest count only
+    group_masks = {g: group_of == g for g in dict.fromkeys(group_of)}  # source -> (S,) bool
+    by_group = {(name, g): [0, 0] for name in cohorts for g in group_masks}  # largest count only
     for i, ident in enumerate(people):
         g = held[held["identity"] == ident].sort_values("image")
         ok, _ = source.photos([Path(p) for p in g["path"]], keep_crops=True)
@@ -162,8 +163,7 @@ def main() -> int:
                 r["est"].append(cal.far)
                 r["thr"].append(cal.similarity_threshold)
                 if c == max(args.counts):
-                    for g in dict.fromkeys(group_of):
-                        mine = group_of == g
+                    for g, mine in group_masks.items():
                         by_group[(name, g)][0] += int(acc[mine].sum())
                         by_group[(name, g)][1] += int(mine.sum())
         print(f"# {i + 1}/{len(people)} people enrolled; {time.time() - t0:.0f} s", file=sys.stderr)
@@ -193,7 +193,7 @@ def main() -> int:
         if not n:
             continue
         lo, hi = wilson(fa, n)
-        faces = int((group_of == g).sum())
+        faces = int(group_masks[g].sum())
         group_rows.append({"cohort": name, "source": g, "faces": faces, "decisions": n, "false_accepts": fa,
                            "measured_far": fa / n, "ci95": [lo, hi]})
         print(f"| {name} | {g} | {faces:,} | {n:,} | {fa / n:.1e} ({lo:.1e}-{hi:.1e}) | {fa / n / args.target_far:.1f}x |")

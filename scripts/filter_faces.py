@@ -38,12 +38,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from verify.atomic import atomic_path, atomic_write_text  # noqa: E402
+from verify.celeba import IMAGE_DIR  # noqa: E402
 from verify.evaluate import embed_images  # noqa: E402
 from verify.model_file import Embedder  # noqa: E402
 
 log = logging.getLogger("filter_faces")
 
-IMAGE_DIR = "img_align_celeba"
 REMOVED_DIR = "removed"
 # Chosen on data with dlib's network (README, Data): the same CelebA photo aligned twice (celeba and
 # celeba_wild) scores >= 0.985 in 95% of 180 cases; 1 of 17.9M CelebA pairs of different identities does.
@@ -143,13 +143,14 @@ def near_duplicates(vectors: np.ndarray, threshold: float, n_fixed: int = 0, blo
     for s in range(0, n, block):
         e = min(n, s + block)
         sim = v[s:e] @ v[:e].T  # (b, e): against every row up to the block's end
-        for i in range(s, e):
-            if i < n_fixed:
-                continue
-            row = sim[i - s, :i]
-            hits = np.flatnonzero((row >= threshold) & kept[:i])
-            if len(hits):
-                of[i] = hits[0]
+        # Only the close pairs need the greedy pass: (row, earlier column), row-major, so ascending rows
+        # and, per row, ascending columns; an earlier row's decision is final when a later one reads it.
+        rows, cols = np.nonzero(sim >= threshold)
+        rows += s
+        earlier = (cols < rows) & (rows >= n_fixed)
+        for i, j in zip(rows[earlier].tolist(), cols[earlier].tolist()):
+            if kept[i] and kept[j]:
+                of[i] = j
                 kept[i] = False
     return of
 
