@@ -8,9 +8,9 @@
 #
 # With EXTRA=<folder of prepared sets> (scripts/prepare_extra_data.sh's $OUT/prepared: CelebA_Samples,
 # UTKFace, AllAgeFaces, SCUT-FBP5500, GENKI-4K), stage 2 is configs/identity-extra-cpu.yaml (the same
-# step budget on ~51k labelled + ~17k unlabelled faces; teacher views ~25 min for 3 per image, stage 2
-# ~75 min) and the cohort is the ~24,600-face one of issue 18 (LFW DevTrain people, CelebA partition 1,
-# the sets' held-out cohort/ faces; ~8 min).
+# step budget on ~51k labelled + ~17k unlabelled faces; measured with other jobs sharing the cores part
+# of the time: teacher views 36 min for 3 per image, stage 2 62 min) and the cohort is the 24,595-face
+# one of issue 18 (LFW DevTrain people, CelebA partition 1, the sets' held-out cohort/ faces; 4 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${FACEVERIFY_DATA:-../shared/data}
