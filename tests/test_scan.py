@@ -24,6 +24,7 @@ from verify.geometry import CropGeometry
 from verify.scan import (
     COLUMNS,
     CRASH_ERROR,
+    FACE_CHUNK,
     ScanError,
     WorkerPool,
     decode_file,
@@ -31,6 +32,7 @@ from verify.scan import (
     journal_path,
     run_scan,
 )
+from verify.scan.workers import _chunks
 from verify.scoring import Match
 
 from conftest import make_tiny_model
@@ -674,7 +676,7 @@ def test_worker_crash_costs_only_the_crashing_file(tmp_path):
     for n in names:
         Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / n)
     timers = {"decode": 0.0, "decode_wait": 0.0}
-    # chunks of 2: the crashing file's chunk partner (b.png) is retried alone and comes through
+    # chunks of at most 2 (a+b, crash+c, d, e): the crashing file's chunk partner (c.png) is retried alone
     got = list(WorkerPool(1, 4, (10**7, 1600), timers, task=_crash_on_marker, chunk=2)
                .stream([str(tmp_path / n) for n in names]))
     assert [os.path.basename(p) for p, _ in got] == names  # every file once, in order
@@ -683,3 +685,20 @@ def test_worker_crash_costs_only_the_crashing_file(tmp_path):
             assert d.image is None and d.status == "error" and d.error == CRASH_ERROR
         else:
             assert d.image is not None and d.image.shape == (32, 32, 3), (p, d.error)
+
+
+@pytest.mark.parametrize("n_files, workers", [(40, 2), (41, 2), (1000, 2), (7, 3), (1, 4)])
+def test_chunks_of_a_list_shrink_so_workers_finish_together(n_files, workers):
+    """Workers that take the next chunk when free (equal cost per file) end within one file of each other."""
+    paths = [f"p{i}.jpg" for i in range(n_files)]
+    chunks = list(_chunks(paths, FACE_CHUNK, workers))
+    assert [p for c in chunks for p in c] == paths  # every path once, in order
+    assert all(1 <= len(c) <= FACE_CHUNK for c in chunks)
+    busy_until = [0] * workers
+    for c in chunks:  # each chunk goes to the worker that is free first
+        w = busy_until.index(min(busy_until))
+        busy_until[w] += len(c)
+    assert max(busy_until) - min(busy_until) <= 1, busy_until
+    # an iterator (length unknown) keeps fixed chunks: 40 files in 5 chunks of 8 load 2 workers 24 / 16
+    fixed = [len(c) for c in _chunks(iter(paths), FACE_CHUNK, workers)]
+    assert fixed[: n_files // FACE_CHUNK] == [FACE_CHUNK] * (n_files // FACE_CHUNK)

@@ -288,7 +288,7 @@ def _analyse(todo: list[WalkEntry], library: Library, pipeline: FacePipeline, wo
                           chunk=FACE_CHUNK, work=work)
     else:
         pool = WorkerPool(workers, batch_size + 2 * workers, args, timers)
-    stream = pool.stream(e.fs_path for e in todo)
+    stream = pool.stream([e.fs_path for e in todo])
     try:
         for batch in _batches(zip(todo, stream), batch_size):
             pairs = []

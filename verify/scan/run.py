@@ -29,7 +29,7 @@ STAGES = ("walk", "start", "decode", "decode_wait", "detect", "align", "embed", 
 
 def _entries_with_pixels(todo: list[WalkEntry], pool: WorkerPool) -> Iterator[tuple[WalkEntry, DecodedFile]]:
     """Each entry with its decoded file, in walk order; entries the walk decided are not decoded."""
-    stream = pool.stream(e.fs_path for e in todo if e.status is None)
+    stream = pool.stream([e.fs_path for e in todo if e.status is None])
     try:
         for entry in todo:
             if entry.status is not None:  # decided by the walk (skipped / error)

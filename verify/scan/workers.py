@@ -20,11 +20,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import multiprocessing as mp
 import os
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -276,7 +278,17 @@ def prestart_face_workers(runtime: str = "torch") -> None:
         log.debug("fork server not started early (%s)", error_summary(exc))
 
 
-def _chunks(paths: Iterable[str], n: int) -> Iterator[list[str]]:
+def _chunks(paths: Iterable[str], n: int, workers: int = 1) -> Iterator[list[str]]:
+    """Consecutive chunks of at most `n` paths. Of a list, the chunks shrink towards its end (guided
+    scheduling: at most 1/(2 x workers) of what remains), so that the workers finish together: with
+    fixed chunks, 40 phone photos in chunks of 8 gave one worker 24 photos and the other 16."""
+    if isinstance(paths, Sequence):
+        start, total = 0, len(paths)
+        while start < total:
+            size = max(1, min(n, math.ceil((total - start) / (2 * max(1, workers)))))
+            yield list(paths[start : start + size])
+            start += size
+        return
     chunk: list[str] = []
     for p in paths:
         chunk.append(p)
@@ -356,13 +368,14 @@ class WorkerPool:
             yield q, d
 
     def stream(self, paths: Iterable[str]) -> Iterator[tuple[str, DecodedFile]]:
-        """(path, decoded) in input order. Closing the generator shuts the pool down."""
+        """(path, decoded) in input order. Closing the generator shuts the pool down. A list of paths
+        is cut into chunks that shrink towards its end (`_chunks`): pass one where it is at hand."""
         if self.workers <= 0 or (pool := self._start()) is None:
             yield from self._in_process(paths)
             return
         self._pool = pool
         pending: deque = deque()  # (paths of a chunk, future)
-        source = _chunks(paths, self.chunk)
+        source = _chunks(paths, self.chunk, self.workers)
         in_flight = 0
         try:
             while True:
