@@ -164,6 +164,36 @@ def test_meta_round_trip_with_cohort(tmp_path):
     assert info["cohort"]["shape"] == [37, 32] and COHORT_KEY in props
 
 
+def test_cohort_is_decoded_on_first_use_and_a_corrupt_one_fails_there(tmp_path):
+    """verify and scan never need the cohort: it is decoded when asked for (enrollment), a corrupt one
+    is then one line naming the graph, and a pickled embedder (a scan worker's) does not carry it."""
+    import onnx
+
+    pt = make_tiny_model(tmp_path / "m.pt")
+    cohort = np.random.default_rng(2).normal(size=(20, 32)).astype(np.float32)
+    attach_cohort(pt, cohort, "test cohort")
+    graph = export_runtime_graph(pt)
+    emb = OnnxEmbedder.load(pt)
+    assert "cohort" not in emb.meta["extra"]  # not decoded by loading
+    c = emb.cohort
+    assert c.shape == (20, 32) and "cohort" in emb.meta["extra"]
+    clone = pickle.loads(pickle.dumps(emb))
+    assert "cohort" not in clone.meta["extra"] and "cohort" in emb.meta["extra"]
+    assert np.array_equal(clone.cohort, c)
+
+    model = onnx.load(graph)
+    for prop in model.metadata_props:
+        if prop.key == COHORT_KEY:
+            prop.value = "not base64 !"
+    onnx.save(model, graph)
+    emb = OnnxEmbedder.load(graph)  # the graph itself is fine: it embeds
+    crops = np.zeros((1, emb.geometry.size, emb.geometry.size, 3), dtype=np.uint8)
+    assert emb.embed(crops).shape == (1, 32)
+    with pytest.raises(RuntimeGraphError, match="unreadable cohort") as e:
+        emb.cohort
+    _one_line_naming(e, graph)
+
+
 def test_rewriting_the_model_file_refreshes_its_graph(tmp_path):
     """attach_cohort (like save_model) rewrites the model file; the graph beside it is made again, so it
     is neither stale nor missing the cohort."""

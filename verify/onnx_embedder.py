@@ -37,8 +37,8 @@ def _fix_hint(model_path: Path | None) -> str:
 
 
 def read_graph_meta(session: Any, graph: Path) -> dict:
-    """The model meta stored in an open runtime graph (dict as Embedder.meta, the cohort as a float16
-    array in meta["extra"]["cohort"]), or RuntimeGraphError naming the file."""
+    """The model meta stored in an open runtime graph (dict as Embedder.meta, without the cohort:
+    `read_graph_cohort` decodes it where it is needed), or RuntimeGraphError naming the file."""
     props = session.get_modelmeta().custom_metadata_map
     raw = props.get(META_KEY)
     if raw is None:
@@ -54,18 +54,26 @@ def read_graph_meta(session: Any, graph: Path) -> dict:
         raise RuntimeGraphError(f"{graph}: runtime graph format {version} is newer than this faceverify "
                                 f"({GRAPH_FORMAT}); upgrade faceverify or export the graph again")
     extra = dict(meta.get("extra") or {})
-    c = meta.get("cohort")
-    if c:
-        try:
-            buf = base64.b64decode(props[c.get("key", COHORT_KEY)], validate=True)
-            cohort = np.frombuffer(buf, dtype="<f2").reshape(tuple(int(v) for v in c["shape"]))
-        except (KeyError, ValueError, TypeError) as e:
-            raise RuntimeGraphError(f"{graph}: unreadable cohort in the metadata ({type(e).__name__}: {e})") from None
-        extra["cohort"] = cohort.astype(np.float16)  # a writable native-order copy
     if meta.get("cohort_source") is not None:
         extra["cohort_source"] = meta["cohort_source"]
     meta["extra"] = extra
     return meta
+
+
+def read_graph_cohort(session: Any, graph: Path, meta: dict) -> np.ndarray | None:
+    """The (C, D) float16 impostor cohort stored in an open runtime graph's metadata, None without one,
+    or RuntimeGraphError naming the file. Only enrollment needs it: verify and scan never decode it
+    (the shipped 24,595 faces are 7.7 MB of base64)."""
+    c = meta.get("cohort")
+    if not c:
+        return None
+    try:
+        props = session.get_modelmeta().custom_metadata_map
+        buf = base64.b64decode(props[c.get("key", COHORT_KEY)], validate=True)
+        cohort = np.frombuffer(buf, dtype="<f2").reshape(tuple(int(v) for v in c["shape"]))
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise RuntimeGraphError(f"{graph}: unreadable cohort in the metadata ({type(e).__name__}: {e})") from None
+    return cohort.astype(np.float16)  # a writable native-order copy
 
 
 class OnnxEmbedder(ModelMetaMixin):
@@ -120,6 +128,14 @@ class OnnxEmbedder(ModelMetaMixin):
         cls._check_io(session, graph, meta)
         return cls(session, meta, graph, model_path, threads, device)
 
+    @property
+    def cohort(self) -> np.ndarray | None:
+        """As Embedder.cohort; decoded from the graph's metadata on first use."""
+        extra = self.meta.setdefault("extra", {})
+        if "cohort" not in extra and self.meta.get("cohort"):
+            extra["cohort"] = read_graph_cohort(self._session, self.graph_path, self.meta)
+        return ModelMetaMixin.cohort.fget(self)
+
     def embed(self, crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """(N, S, S, 3) uint8 crops -> (N, D) float32 unit vectors."""
         crops = np.asarray(crops)
@@ -144,6 +160,9 @@ class OnnxEmbedder(ModelMetaMixin):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_session"] = None
+        extra = state["meta"].get("extra") or {}
+        if "cohort" in extra:  # decoded here: a worker reads it again from the graph if it ever needs it
+            state["meta"] = {**state["meta"], "extra": {k: v for k, v in extra.items() if k != "cohort"}}
         return state
 
     def __setstate__(self, state: dict) -> None:
