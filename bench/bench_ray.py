@@ -14,7 +14,8 @@ images/s = photos / wall seconds of the whole command (start-up included). "Ray 
 engine's own line: starting the local instance (ray.init), from the scan's --stats summary; the actor
 pool's start (each actor imports ONNX Runtime and loads the model) is inside the wall time. The goals
 (issue 19): ray x2 >= 0.8x local; ray x2 >= 1.6x ray x1. Memory: the largest process's peak and the
-sampled sum over the command's process tree (Ray's GCS, raylet, agents and actors included).
+sampled sum over the command's process tree (Ray's GCS, raylet, agents and actors included). A second
+table gives the CPU seconds of each kind of process in that tree (where Ray's overhead goes).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def main() -> None:
                 db = tmp / f"lib-{rep}-{len(results[label])}-{label.split()[0]}-{extra[1]}.db"
                 cmd = [str(FACEVERIFY), "scan", str(folder), "--gallery", str(gallery), "--model", str(model),
                        "--runtime", "onnx", "--index", str(db), "--out", str(tmp / "report.csv"), "--stats", *extra]
-                m = run_measured(cmd, env={**os.environ, "TQDM_DISABLE": "1"})
+                m = run_measured(cmd, env={**os.environ, "TQDM_DISABLE": "1"}, cpu=True)
                 if m.returncode not in (0, 1):
                     raise SystemExit(f"{label} failed ({m.returncode}):\n{m.stderr[-3000:]}")
                 s = summary_of(m.stdout)
@@ -97,6 +98,18 @@ def main() -> None:
               f"{os.cpu_count()} CPUs, median of {args.repeats}\n")
         print_table(["engine", "wall s", "images/s", "vs local", "vs 1 actor", "Ray start-up s", "nodes",
                      "largest MB", "tree MB", "faces", "matches"], table)
+        # Where the CPU went: each row's process tree, sampled every 0.2 s (the same runs as above)
+        labels: list[str] = []
+        for label, _ in rows_spec:
+            labels += [k for k in med(label)[0].cpu_by_label if k not in labels]
+        cpu_rows = []
+        for k in labels:
+            cells = [med(label)[0].cpu_by_label.get(k, 0.0) for label, _ in rows_spec]
+            if max(cells) >= 0.1:
+                cpu_rows.append([k, *(f"{c:.1f}" for c in cells)])
+        cpu_rows.append(["all", *(f"{sum(med(label)[0].cpu_by_label.values()):.1f}" for label, _ in rows_spec)])
+        print("\nCPU seconds by process (sampled every 0.2 s; a process that ends loses at most one sample)\n")
+        print_table(["process", *(label for label, _ in rows_spec)], cpu_rows)
 
 
 if __name__ == "__main__":

@@ -141,6 +141,25 @@ def resolve_model(model: str | None, tmp: Path) -> tuple[Path, str]:
 # --------------------------------------------------------------------------------------------
 
 
+def _tree_pids(root: int) -> list[int]:
+    """`root` and all its descendants now, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                    ppid = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
 def _tree_rss_kb(root: int) -> int:
     """Resident memory (kB) of `root` and all its descendants, from /proc (Linux)."""
     children: dict[int, list[int]] = {}
@@ -170,18 +189,71 @@ def _tree_rss_kb(root: int) -> int:
     return total
 
 
-class TreeMemorySampler:
-    """Samples the summed RSS of a process tree every `interval` s in a thread; `peak_mb` after stop."""
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        self.pid, self.interval, self.peak_kb = pid, interval, 0
+
+def process_label(pid: int, root: int) -> str:
+    """A short name for a process of a measured command's tree: "command" (the root), "faceverify CMD",
+    Ray's processes by their title (ray::MapWorker, raylet, gcs_server; an idle Ray worker is
+    default_worker.py), Python helpers by their script, else the executable's name."""
+    if pid == root:
+        return "command"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return "?"
+    if not argv:
+        return "?"
+    if argv[0].startswith("ray::"):
+        return argv[0].split("(")[0].split()[0]
+    if "multiprocessing" in " ".join(argv[1:4]):
+        return "scan workers (multiprocessing)"
+    if len(argv) > 2 and Path(argv[1]).name == "faceverify":
+        return f"faceverify {argv[2]}"
+    scripts = [a for a in argv[1:] if a.endswith(".py")]
+    return Path(scripts[0]).name if scripts else Path(argv[0]).name
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process so far (s), from /proc/PID/stat; None once it has gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class TreeMemorySampler:
+    """Samples the summed RSS of a process tree every `interval` s in a thread; `peak_mb` after stop.
+    With `cpu`, also each process's CPU seconds as last sampled (`cpu_by_label`: summed by
+    `process_label`; a process that ends between two samples loses at most one interval)."""
+
+    def __init__(self, pid: int, interval: float = 0.2, cpu: bool = False) -> None:
+        self.pid, self.interval, self.peak_kb, self.cpu = pid, interval, 0, cpu
+        self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (label, CPU seconds last seen)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak_kb = max(self.peak_kb, _tree_rss_kb(self.pid))
+            if self.cpu:
+                for pid in _tree_pids(self.pid):
+                    if (sec := _cpu_seconds(pid)) is not None:
+                        label = process_label(pid, self.pid)  # every time: Ray retitles its workers
+                        if label == "?" and pid in self._cpu:  # an exiting process (a zombie) has no argv
+                            label = self._cpu[pid][0]
+                        self._cpu[pid] = (label, sec)
             self._stop.wait(self.interval)
+
+    @property
+    def cpu_by_label(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for label, sec in self._cpu.values():
+            out[label] = out.get(label, 0.0) + sec
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def start(self) -> "TreeMemorySampler":
         if os.path.isdir("/proc"):
@@ -207,6 +279,7 @@ class Measured:
         self.argv, self.seconds, self.returncode = argv, seconds, returncode
         self.stdout, self.stderr = stdout, stderr
         self.max_rss_mb, self.tree_peak_mb = max_rss_mb, tree_peak_mb
+        self.cpu_by_label: dict[str, float] = {}  # process label -> CPU seconds (run_measured(cpu=True))
 
     def check(self, what: str) -> "Measured":
         if self.returncode != 0:
@@ -218,8 +291,9 @@ class Measured:
 _MAXRSS = "FACEVERIFY_BENCH_MAXRSS_KB "
 
 
-def run_measured(argv: list[str], env: dict | None = None, cwd: str | Path | None = None) -> Measured:
-    """Run a command to completion; time it and measure its memory."""
+def run_measured(argv: list[str], env: dict | None = None, cwd: str | Path | None = None, cpu: bool = False) -> Measured:
+    """Run a command to completion; time it and measure its memory (with `cpu`, also the CPU seconds of
+    each process of its tree: `Measured.cpu_by_label`)."""
     import tempfile
 
     # The largest process's peak comes from /usr/bin/time where present: wait4's ru_maxrss of a child
@@ -229,7 +303,7 @@ def run_measured(argv: list[str], env: dict | None = None, cwd: str | Path | Non
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:  # no pipe to fill up
         t0 = time.perf_counter()
         proc = subprocess.Popen(run_argv, stdout=out, stderr=err, env=env, cwd=cwd)
-        sampler = TreeMemorySampler(proc.pid).start()
+        sampler = TreeMemorySampler(proc.pid, cpu=cpu).start()
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t0
         sampler.stop()
@@ -241,8 +315,10 @@ def run_measured(argv: list[str], env: dict | None = None, cwd: str | Path | Non
         if timed and _MAXRSS in stderr:
             head, _, tail = stderr.rpartition(_MAXRSS)
             stderr, peak_mb = head.rstrip("\n"), int(tail.split()[0]) / 1024
-        return Measured(argv, seconds, proc.returncode, out.read().decode(errors="replace"), stderr, peak_mb,
-                        max(sampler.peak_mb, peak_mb))  # the tree holds at least its largest process
+        m = Measured(argv, seconds, proc.returncode, out.read().decode(errors="replace"), stderr, peak_mb,
+                     max(sampler.peak_mb, peak_mb))  # the tree holds at least its largest process
+        m.cpu_by_label = sampler.cpu_by_label
+        return m
 
 
 def self_peak_rss_mb() -> float:
