@@ -11,10 +11,12 @@
 # step budget on ~51k labelled + ~17k unlabelled faces; measured with other jobs sharing the cores part
 # of the time: teacher views 36 min for 3 per image, stage 2 62 min) and the cohort is the 24,595-face
 # one of issue 18 (LFW DevTrain people, CelebA partition 1, the sets' held-out cohort/ faces; 4 min).
+# EPOCHS=48 (with EXTRA) runs the longer schedule of the same config in runs/identity-extra-cpu-e48.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${FACEVERIFY_DATA:-../shared/data}
 EXTRA=${EXTRA:-}
+EPOCHS=${EPOCHS:-}  # with EXTRA: stage 2 for this many epochs instead of the config's 24 (its own run folder)
 FV=".venv/bin/faceverify"
 RUNS=${RUNS:-runs}
 resume() { [ -f "$1/ckpt_last.pt" ] && echo --resume || true; }
@@ -30,8 +32,8 @@ if [ -z "$EXTRA" ]; then
       --data "$DATA/celeba_half" --init "$RUNS/attributes-cpu" --out "$RUN" \
       --set identity.teacher="$RUNS/dlib.pt" $(resume "$RUN")
 else
-  RUN="$RUNS/identity-extra-cpu"
-  $FV train identity -c configs/identity-extra-cpu.yaml --data "$DATA/celeba" --data "$DATA/celeba_wild" \
+  RUN="$RUNS/identity-extra-cpu${EPOCHS:+-e$EPOCHS}"
+  $FV train identity -c configs/identity-extra-cpu.yaml ${EPOCHS:+--epochs "$EPOCHS"} --data "$DATA/celeba" --data "$DATA/celeba_wild" \
       --data "$DATA/celeba_half" --data "$EXTRA/CelebA_Samples" --init "$RUNS/attributes-cpu" --out "$RUN" \
       --set "data.unlabelled_roots=[$EXTRA/UTKFace, $EXTRA/AllAgeFaces, $EXTRA/SCUT-FBP5500, $EXTRA/GENKI-4K]" \
       --set identity.teacher="$RUNS/dlib.pt" $(resume "$RUN")
