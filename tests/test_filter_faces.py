@@ -42,14 +42,45 @@ def test_near_duplicates_match_brute_force(rng):
     assert of[50] == 10 and of[120] == 10 and of[121] == 10 and of[7] == -1
 
 
-def test_max_similarity_matches_brute_force(rng):
+def test_person_scores_match_brute_force(rng):
     q, g = _unit(rng, 70), _unit(rng, 33)
+    people = np.sort(rng.integers(0, 9, size=33))  # rows grouped by person
     q[5] = np.nan
-    best, arg = filter_faces.max_similarity(q, g, block=16)
-    sim = q @ g.T
-    ok = np.arange(70) != 5
-    assert np.allclose(best[ok], sim[ok].max(1), atol=1e-6) and np.array_equal(arg[ok], sim[ok].argmax(1))
-    assert best[5] == -np.inf
+    skip = np.full(70, -1)
+    skip[:33] = np.arange(33)  # the first queries may not use one gallery row each
+    best, who, second = filter_faces.person_scores(q, g, people, skip=skip, block=16)
+    for i in range(70):
+        if i == 5:
+            assert best[i] == second[i] == -np.inf
+            continue
+        sim = q[i] @ g.T
+        if skip[i] >= 0:
+            sim[skip[i]] = -np.inf
+        per = {p: sim[people == p].max() for p in np.unique(people)}
+        top = max(per, key=per.get)
+        assert who[i] == top and np.isclose(best[i], per[top], atol=1e-6)
+        assert np.isclose(second[i], max(v for p, v in per.items() if p != top), atol=1e-6)
+    with pytest.raises(ValueError, match="grouped by person"):
+        filter_faces.person_scores(q, g, people[::-1])
+
+
+def test_margin_rule_spares_faces_close_to_many_people(rng):
+    """A face close to one LFW person alone is removed by both rules; a face as close to two people
+    (a crowded part of the teacher's space) only by the absolute one."""
+    base = _unit(rng, 3)
+    lfw = np.stack([base[0], base[0], base[1], base[2]])  # A, A, B, C
+    names = ["A", "A", "B", "C"]
+    lone = base[0] + 0.05 * _unit(rng, 1)[0]
+    crowd = base[1] + base[2]  # halfway between B and C
+    faces = np.stack([lone, crowd, _unit(rng, 1)[0]])
+    faces /= np.linalg.norm(faces, axis=1, keepdims=True)
+    sims = faces @ lfw.T
+    thr = float(min(sims[0].max(), sims[1].max())) - 1e-3  # both close enough for the absolute rule
+    drop, matched, best = filter_faces.lfw_matches(faces, lfw, names, similarity=thr)
+    assert drop[:2].tolist() == [True, True] and matched[0] == "A"
+    drop, matched, best = filter_faces.lfw_matches(faces, lfw, names, similarity=thr, margin=0.05, floor=thr)
+    assert drop.tolist() == [True, False, False] and matched[0] == "A"
+    assert np.allclose(best, sims.max(axis=1), atol=1e-6)
 
 
 def test_name_fraction_splits_stably():
@@ -91,7 +122,7 @@ def test_filter_moves_duplicates_and_lfw_people_and_keeps_the_rest(tmp_path, sha
 
     roots = [filter_faces.teacher_vectors(root, shipped, progress=False)]
     lfw_vec = filter_faces.lfw_vectors(tmp_path / "lfw", shipped, progress=False)
-    sim_bush = filter_faces.max_similarity(roots[0].vectors, lfw_vec[0])[0]
+    sim_bush = (roots[0].vectors @ lfw_vec[0].T).max(axis=1)
     names = roots[0].names
     # thresholds for this stand-in teacher, between what these photos score
     lfw_thr = (sim_bush[names.index("bush.jpg")] + np.delete(sim_bush, names.index("bush.jpg")).max()) / 2
