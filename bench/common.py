@@ -162,30 +162,13 @@ def _tree_pids(root: int) -> list[int]:
 
 def _tree_rss_kb(root: int) -> int:
     """Resident memory (kB) of `root` and all its descendants, from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    total = 0
+    for pid in _tree_pids(root):
         try:
-            with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as f:
-                ppid, kb = None, 0
-                for line in f:
-                    if line.startswith("PPid:"):
-                        ppid = int(line.split()[1])
-                    elif line.startswith("VmRSS:"):
-                        kb = int(line.split()[1])
+            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
         except (OSError, ValueError):
             continue  # the process ended meanwhile
-        pid = int(entry)
-        rss[pid] = kb
-        if ppid is not None:
-            children.setdefault(ppid, []).append(pid)
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo.extend(children.get(pid, []))
     return total
 
 
