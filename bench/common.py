@@ -160,10 +160,10 @@ def _tree_pids(root: int) -> list[int]:
     return out
 
 
-def _tree_rss_kb(root: int) -> int:
-    """Resident memory (kB) of `root` and all its descendants, from /proc (Linux)."""
+def _tree_rss_kb(root: int, pids: list[int] | None = None) -> int:
+    """Resident memory (kB) of `root` and all its descendants (`pids`, when already listed), from /proc (Linux)."""
     total = 0
-    for pid in _tree_pids(root):
+    for pid in _tree_pids(root) if pids is None else pids:
         try:
             with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
                 total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
@@ -221,9 +221,10 @@ class TreeMemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, _tree_rss_kb(self.pid))
+            pids = _tree_pids(self.pid)  # one walk of /proc per sample, for memory and CPU
+            self.peak_kb = max(self.peak_kb, _tree_rss_kb(self.pid, pids))
             if self.cpu:
-                for pid in _tree_pids(self.pid):
+                for pid in pids:
                     if (sec := _cpu_seconds(pid)) is not None:
                         label = process_label(pid, self.pid)  # every time: Ray retitles its workers
                         if label == "?" and pid in self._cpu:  # an exiting process (a zombie) has no argv
