@@ -11,7 +11,8 @@ embeds only new files. Then, in the order the roots are given (a face of an earl
   With `--lfw-margin M`, the rule is relative instead: removed when the best similarity to one LFW
   person is at least `--lfw-floor` and beats the best to any other LFW person by M. The absolute rule
   removes a third of East-Asian faces of people not in LFW (dlib's vectors crowd there); the margin
-  rule at 0.015 catches as many LFW people with 2.6-2.9% of them (scripts/lfw_filter_study.py, README);
+  rule at 0.015 catches as many LFW people and removes 2.6-3.4% of them (scripts/lfw_filter_study.py,
+  README);
 - near duplicates: a face at least `--dup-similarity` from a kept face (of any root given, or of a
   `--reference` root, whose faces are never removed) is removed.
 
@@ -126,8 +127,8 @@ def lfw_vectors(lfw_root: Path, teacher: Embedder, progress: bool = True, cache_
 def person_scores(queries: np.ndarray, gallery: np.ndarray, people: np.ndarray, skip: np.ndarray | None = None,
                   block: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per query: the best cosine similarity to one gallery person (the max over their rows), that
-    person's index, and the best similarity to any other person. `people`: each gallery row's person
-    index, in ascending order (rows grouped by person; with one person, the second is -inf). `skip[i]`: a gallery row
+    person's index, and the best similarity to any other person (-inf with one person). `people`: each
+    gallery row's person index, in ascending order (rows grouped by person). `skip[i]`: a gallery row
     query i must not use (itself), or -1. NaN queries: -inf."""
     people = np.asarray(people)
     if np.any(np.diff(people) < 0):

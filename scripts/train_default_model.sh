@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains a default model verify/models/default.pt from scratch, CPU only: the shipped one (d343b44910567940)
-# needs EXTRA and EPOCHS=48 (below); EXTRA alone gives d64e83efb9f9aba0, neither 4d05e07fae98a4ce.
+# needs EXTRA and EPOCHS=48 (below); EXTRA alone gives d64e83efb9f9aba0; without EXTRA, 4d05e07fae98a4ce.
 # Resumable: run it again after an interruption. Each training stage continues from its last
 # checkpoint (a finished stage resumes as a no-op), the dlib import and the teacher's views (cached in
 # .cache/faceverify) are made once. On an idle 2-core machine: stage 1 ~5 min, dlib import ~3 min,
