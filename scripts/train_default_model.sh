@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Trains a default model verify/models/default.pt from scratch, CPU only: the shipped one (d343b44910567940)
-# needs EXTRA and EPOCHS=48 (below); EXTRA alone gives d64e83efb9f9aba0; without EXTRA, 4d05e07fae98a4ce.
+# Trains a default model verify/models/default.pt from scratch, CPU only: the shipped one (5b0a9a5fb95c742b)
+# needs EXTRA and EPOCHS="48 72" (below); EPOCHS=48 gives d343b44910567940, EXTRA alone d64e83efb9f9aba0;
+# without EXTRA, 4d05e07fae98a4ce.
 # Resumable: run it again after an interruption. Each training stage continues from its last
 # checkpoint (a finished stage resumes as a no-op), the dlib import and the teacher's views (cached in
 # .cache/faceverify) are made once. On an idle 2-core machine: stage 1 ~5 min, dlib import ~3 min,
@@ -11,12 +12,13 @@
 # step budget on ~51k labelled + ~17k unlabelled faces; measured with other jobs sharing the cores part
 # of the time: teacher views 36 min for 3 per image, stage 2 62 min) and the cohort is the 24,595-face
 # one of issue 18 (LFW DevTrain people, CelebA partition 1, the sets' held-out cohort/ faces; 4 min).
-# EPOCHS=48 (with EXTRA) runs the longer schedule of the same config in runs/identity-extra-cpu-e48.
+# EPOCHS=48 (with EXTRA) runs the longer schedule of the same config in runs/identity-extra-cpu-e48;
+# EPOCHS="48 72" then continues a copy of it to 72 epochs in runs/identity-extra-cpu-e72 (55 min more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${FACEVERIFY_DATA:-../shared/data}
 EXTRA=${EXTRA:-}
-EPOCHS=${EPOCHS:-}  # with EXTRA: stage 2 for this many epochs instead of the config's 24 (its own run folder)
+EPOCHS=${EPOCHS:-}  # with EXTRA: stage 2 for this many epochs instead of the config's 24 (its own run folder); a list continues
 FV=".venv/bin/faceverify"
 RUNS=${RUNS:-runs}
 resume() { [ -f "$1/ckpt_last.pt" ] && echo --resume || true; }
@@ -32,11 +34,24 @@ if [ -z "$EXTRA" ]; then
       --data "$DATA/celeba_half" --init "$RUNS/attributes-cpu" --out "$RUN" \
       --set identity.teacher="$RUNS/dlib.pt" $(resume "$RUN")
 else
-  RUN="$RUNS/identity-extra-cpu${EPOCHS:+-e$EPOCHS}"
-  $FV train identity -c configs/identity-extra-cpu.yaml ${EPOCHS:+--epochs "$EPOCHS"} --data "$DATA/celeba" --data "$DATA/celeba_wild" \
-      --data "$DATA/celeba_half" --data "$EXTRA/CelebA_Samples" --init "$RUNS/attributes-cpu" --out "$RUN" \
-      --set "data.unlabelled_roots=[$EXTRA/UTKFace, $EXTRA/AllAgeFaces, $EXTRA/SCUT-FBP5500, $EXTRA/GENKI-4K]" \
-      --set identity.teacher="$RUNS/dlib.pt" $(resume "$RUN")
+  # EPOCHS="48 72": a 48-epoch run, then a copy of it resumed to 72 epochs (its cosine schedule restarts
+  # at the 72-epoch curve's learning rate for epoch 49); each stop keeps its own run folder.
+  read -r -a STOPS <<< "$EPOCHS"
+  [ ${#STOPS[@]} -gt 0 ] || STOPS=("")
+  PREV=""
+  for E in "${STOPS[@]}"; do
+    RUN="$RUNS/identity-extra-cpu${E:+-e$E}"
+    if [ -n "$PREV" ] && [ ! -f "$RUN/ckpt_last.pt" ]; then
+      mkdir -p "$RUN"
+      cp "$PREV/ckpt_best.pt" "$PREV/metrics.json" "$RUN/"
+      cp "$PREV/ckpt_last.pt" "$RUN/ckpt_last.pt.tmp" && mv "$RUN/ckpt_last.pt.tmp" "$RUN/ckpt_last.pt"
+    fi
+    $FV train identity -c configs/identity-extra-cpu.yaml ${E:+--epochs "$E"} --data "$DATA/celeba" --data "$DATA/celeba_wild" \
+        --data "$DATA/celeba_half" --data "$EXTRA/CelebA_Samples" --init "$RUNS/attributes-cpu" --out "$RUN" \
+        --set "data.unlabelled_roots=[$EXTRA/UTKFace, $EXTRA/AllAgeFaces, $EXTRA/SCUT-FBP5500, $EXTRA/GENKI-4K]" \
+        --set identity.teacher="$RUNS/dlib.pt" $(resume "$RUN")
+    PREV="$RUN"
+  done
 fi
 # 4. impostor cohort, ship, and report LFW View 1 DevTest
 COHORT=(--pairs "$DATA/lfw/pairsDevTrain.txt" --images "$DATA/lfw/lfw-deepfunneled")

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from verify.config import load_config
 from verify.training import CKPT_LAST, Dist, Hooks, TrainingDiverged, evaluate_identity, fit, prepare_data
+from verify.training.loop import warmup_cosine
 from verify.backbones import backbone_from_config
 
 
@@ -98,6 +99,23 @@ def test_resume_equals_uninterrupted(tmp_path, celeba_root, ema):
     # With EMA the evaluated and saved model is the average, not the last step's weights.
     assert torch.equal(ck["model"][w], raw[w]) == (ema == 0.0)
     assert ("ema" in ck) == (ema > 0)
+
+
+def test_resume_with_more_epochs_restarts_on_the_longer_schedule(tmp_path, celeba_root):
+    # The shipped model's recipe (scripts/train_default_model.sh, EPOCHS="48 72") relies on this.
+    short = tiny_cfg(tmp_path, celeba_root, **{"optim.epochs": 2})
+    first = fit(short, progress=False).history
+    longer = tiny_cfg(tmp_path, celeba_root, **{"optim.epochs": 4})
+    hist = fit(longer, resume=True, progress=False).history
+
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    assert [h["train"]["loss"] for h in hist[:2]] == [h["train"]["loss"] for h in first]
+    steps = longer.optim.batches_per_epoch  # 6 per epoch
+    f = warmup_cosine(4 * steps, int(longer.optim.warmup_epochs * steps))
+    assert hist[1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the 2-epoch schedule ended at 0
+    assert hist[2]["lr"] == pytest.approx(longer.optim.lr * f(3 * steps))  # then the 4-epoch curve's value
+    assert hist[2]["lr"] > 0.1 * longer.optim.lr
+    assert torch.load(Path(longer.out) / CKPT_LAST, weights_only=True)["epoch"] == 4
 
 
 def test_ema_decay_is_validated(tmp_path, celeba_root):
