@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Trains a default model verify/models/default.pt from scratch, CPU only: the shipped one (5b0a9a5fb95c742b)
-# needs EXTRA and EPOCHS="48 72" (below); EPOCHS=48 gives d343b44910567940, EXTRA alone d64e83efb9f9aba0;
+# Trains a default model verify/models/default.pt from scratch, CPU only: the shipped one (b22a5359a93bfd59)
+# needs EXTRA and EPOCHS="48 72 96" (below); EPOCHS=48 gives d343b44910567940, EXTRA alone d64e83efb9f9aba0;
 # without EXTRA, 4d05e07fae98a4ce.
 # Resumable: run it again after an interruption. Each training stage continues from its last
 # checkpoint (a finished stage resumes as a no-op), the dlib import and the teacher's views (cached in
@@ -13,7 +13,8 @@
 # of the time: teacher views 36 min for 3 per image, stage 2 62 min) and the cohort is the 24,595-face
 # one of issue 18 (LFW DevTrain people, CelebA partition 1, the sets' held-out cohort/ faces; 4 min).
 # EPOCHS=48 (with EXTRA) runs the longer schedule of the same config in runs/identity-extra-cpu-e48;
-# EPOCHS="48 72" then continues a copy of it to 72 epochs in runs/identity-extra-cpu-e72 (55 min more).
+# EPOCHS="48 72 96" then continues a copy of it to 72 epochs in runs/identity-extra-cpu-e72, and a copy of
+# that to 96 in runs/identity-extra-cpu-e96 (55 and 67 min here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${FACEVERIFY_DATA:-../shared/data}

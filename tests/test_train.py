@@ -102,7 +102,7 @@ def test_resume_equals_uninterrupted(tmp_path, celeba_root, ema):
 
 
 def test_resume_with_more_epochs_restarts_on_the_longer_schedule(tmp_path, celeba_root):
-    # The shipped model's recipe (scripts/train_default_model.sh, EPOCHS="48 72") relies on this.
+    # The shipped model's recipe (scripts/train_default_model.sh, EPOCHS="48 72 96") relies on this.
     short = tiny_cfg(tmp_path, celeba_root, **{"optim.epochs": 2})
     first = fit(short, progress=False).history
     longer = tiny_cfg(tmp_path, celeba_root, **{"optim.epochs": 4})
