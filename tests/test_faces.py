@@ -120,7 +120,9 @@ def test_exif_orientation_is_applied(corpus):
         loaded = load_image(folder / name)
         k = 1 if name == "exif_6.jpg" else -1  # the corpus stored rot90(k) of the upright picture
         assert _mad(raw, np.rot90(ref, k)) < 4, name
-        assert _mad(loaded, ref) < 4 < _mad(raw, ref), name
+        assert _mad(loaded, ref) < 4, name
+        # the stored pixels are not the upright picture: another shape (the synthetic stand-in is not square)
+        assert raw.shape != ref.shape or _mad(raw, ref) > 4, name
 
 
 def test_alpha_is_composited_on_white(corpus):
