@@ -1,4 +1,4 @@
-"""Embedding speed: the faceverify model (verify.model_file.Embedder) vs facenet-pytorch's
+"""Embedding speed: the faceverify model (verify.model.file.Embedder) vs facenet-pytorch's
 InceptionResnetV1 at its 160 px input, with and without flip test-time augmentation.
 
     .venv/bin/python bench/bench_embed.py [--model PATH] [--images 256] [--batch 64] [--repeats 3] [--threads 2]
@@ -10,7 +10,7 @@ in eval mode under no_grad, `--batch` crops per forward pass, on the CPU:
   facenet      InceptionResnetV1(pretrained=None) (random init: weights need internet; speed is the
                same), input (x - 127.5) / 128 as facenet-pytorch's fixed_image_standardization,
                flip TTA = a second forward pass on the mirrored batch, summed, then L2-normalised
-Model: --model, else the shipped verify/models/default.pt, else a random-init model of
+Model: --model, else the shipped verify/model/shipped/default.pt, else a random-init model of
 configs/identity-cpu.yaml's architecture (the output says which). Figures: images/s of the median
 of --repeats passes over all --images crops, after one warm-up batch, all in one process.
 """
@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import face_crops, median_rate, print_table, ratio, resolve_model  # noqa: E402
 
-from verify.backbones import count_parameters  # noqa: E402
-from verify.model_file import Embedder  # noqa: E402
+from verify.model.backbones import count_parameters  # noqa: E402
+from verify.model.file import Embedder  # noqa: E402
 
 FACENET_SIZE = 160
 

@@ -6,7 +6,7 @@
 Report set: the LFW deep-funneled photos of the people with 2 or more photos (name = folder name),
 one face per photo (the largest). Models: the shipped one and dlib's network imported into faceverify
 (`faceverify model import-dlib --no-calibrate`, made when missing), both behind faceverify's pipeline
-(MTCNN, `verify.people.face_pipeline(embedder, min_face=40)`). Rows, all scored on the same photos (a
+(MTCNN, `verify.identity.enroll.face_pipeline(embedder, min_face=40)`). Rows, all scored on the same photos (a
 photo where a pipeline finds no face is an ungrouped item, its own singleton, in that row):
 
 - baseline, face_recognition's way: `dlib.chinese_whispers_clustering(descriptors, 0.5)` on
@@ -123,15 +123,15 @@ def model_vectors(model: Path | None, paths: list[Path], min_face: int, cache: P
                   tag: str) -> tuple[np.ndarray, str, float]:
     """((N, D) float32 unit vectors of the largest face per photo, NaN rows where none, the model's
     fingerprint, seconds spent embedding (0 when cached))."""
-    from verify.model_file import Embedder, read_model_file
+    from verify.model.file import Embedder, read_model_file
 
-    fp = read_model_file(model or REPO / "verify" / "models" / "default.pt")["fingerprint"]
+    fp = read_model_file(model or REPO / "verify" / "model" / "shipped" / "default.pt")["fingerprint"]
     out = cache / f"{tag}-{fp}-{list_key(paths, min_face)}.npz"
     if out.is_file() and not refresh:
         return np.load(out)["vectors"], fp, 0.0
     import torch
 
-    from verify.people import face_pipeline
+    from verify.identity.enroll import face_pipeline
 
     torch.set_num_threads(2)
     embedder = Embedder.load(model)

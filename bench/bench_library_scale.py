@@ -47,7 +47,7 @@ Tables (a one-line note under each says what was measured):
     The gallery: `Gallery.create(G, dim=128, fingerprint=<synthetic>, threshold=--threshold)` + one
     `add` of alice's vectors with sources and sha256s. With `--full-report`: `faceverify find
     --gallery G --index DB --out ALL.csv` (every file, everyone), killed after 600 s.
-3b. The body of `verify.library.candidate_faces` per kind, each row in a fresh Python process:
+3b. The body of `verify.queries.find.candidate_faces` per kind, each row in a fresh Python process:
     `library_search(lib, model, kind=...)` (read the embeddings from SQLite + build the FAISS index;
     IVF also saves it beside the database) then one `range_search` of alice's pooled vectors at her
     threshold: seconds, file size, candidates, alice recall, recall vs the flat (exact) candidates,
@@ -415,7 +415,7 @@ sys.path.insert(0, job["repo"])
 import numpy as np
 import index.facesearch  # imported before the clock, as `find` has by then
 from index.library import Library
-from verify.library import library_search
+from verify.queries.find import library_search
 
 def mb(key):
     with open("/proc/self/status") as f:
@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     import faiss
 
     from index import facesearch
-    from verify.library import library_search, search_cache_path
+    from verify.queries.find import library_search, search_cache_path
 
     t_start = time.perf_counter()
     n, dim, fpf = int(args.faces), args.dim, args.faces_per_file
@@ -734,7 +734,7 @@ def main(argv: list[str] | None = None) -> None:
         # ---------------------------------------------------------------- 3b. flat vs IVF, one process each
         log("flat vs IVF, one fresh process per row ...")
         from index.gallery import Gallery
-        from verify.galleries import build_matcher
+        from verify.identity.galleries import build_matcher
 
         matcher = build_matcher(Gallery.open(gallery))
         pooled = np.asarray(matcher.pooled["alice"], np.float32)  # (m, D)
@@ -783,7 +783,7 @@ def main(argv: list[str] | None = None) -> None:
                      "recall vs flat", "peak RSS MB", "RSS before MB", "note"], search_rows,
                     right=[False, False, True, True, True, True, True, True, True, True, False])
         print("\nmeasured: each row in a fresh Python process (imports and the opened index before the clock): "
-              "the body of verify.library.candidate_faces for one person; candidates = faces with a similarity >= "
+              "the body of verify.queries.find.candidate_faces for one person; candidates = faces with a similarity >= "
               "the bound to one pooled vector (the matcher then decides on those); peak RSS = the process's "
               "VmHWM after the search, RSS before = its VmRSS before library_search.\n")
         print(f"total run time {time.perf_counter() - t_start:,.0f} s")

@@ -31,18 +31,18 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from verify.augment import BatchAugment, batch_to_tensor, to_float  # noqa: E402
+from verify.training.augment import BatchAugment, batch_to_tensor, to_float  # noqa: E402
 from verify.training.cache import ImageCache, decode_crop  # noqa: E402
-from verify.celeba import ATTRIBUTES, load_celeba  # noqa: E402
-from verify.geometry import CropGeometry  # noqa: E402
-from verify.runtime import resolve_device  # noqa: E402
+from verify.data.celeba import ATTRIBUTES, load_celeba  # noqa: E402
+from verify.model.geometry import CropGeometry  # noqa: E402
+from verify.model.device import resolve_device  # noqa: E402
 
 AUG = dict(hflip=True, rotation=20.0, zoom=0.2, shift=0.1)
 
 
 def make_model(name: str, size: int) -> nn.Module:
     try:
-        from verify.backbones import create_backbone
+        from verify.model.backbones import create_backbone
     except ImportError:  # the backbones module is optional for this benchmark
         import torchvision
 

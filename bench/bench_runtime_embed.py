@@ -4,7 +4,7 @@ speed per thread count and batch size, int8 quantised graphs (report only), and 
     .venv/bin/python bench/bench_runtime_embed.py [--model runs/dlib.pt] [--images 128] [--repeats 5]
         [--calib 200] [--eval 100] [--no-quant] [--no-variants] [--no-cold]
 
-Models: the shipped verify/models/default.pt, and --model too when given (e.g. dlib's network imported
+Models: the shipped verify/model/shipped/default.pt, and --model too when given (e.g. dlib's network imported
 by `faceverify model import-dlib`), each with its own flip TTA setting. The runtime graph is the one beside
 the model file when it is current, else one exported into a temp folder.
 
@@ -14,7 +14,7 @@ the model file when it is current, else one exported into a temp folder.
    round (--repeats), and the median pass is reported, so that a burst of other work on a shared machine
    hits all of them alike.
 2. ONNX Runtime variants (1 thread, batch 1 and 64): the graph exported without the PReLU / padded-add
-   rewrites (verify/runtime_graph.py), lower graph optimisation levels, IO binding with preallocated
+   rewrites (verify/model/graph.py), lower graph optimisation levels, IO binding with preallocated
    output, denormals as zero.
 3. int8 (onnxruntime.quantization, per-channel int8 weights, from the float runtime graph after
    quant_pre_process): dynamic (ConvInteger / MatMulInteger), and static with --calib CelebA crops as
@@ -50,10 +50,10 @@ from common import REPO, SHARED_DATA, print_table, ratio, run_measured  # noqa: 
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from verify.model_file import DEFAULT_MODEL, Embedder  # noqa: E402
-from verify.onnx_embedder import OnnxEmbedder  # noqa: E402
-from verify.onnx_runtime import RuntimeGraphError  # noqa: E402
-from verify.runtime_graph import INPUT_NAME, OUTPUT_NAME, export_runtime_graph  # noqa: E402
+from verify.model.file import DEFAULT_MODEL, Embedder  # noqa: E402
+from verify.model.onnx_embedder import OnnxEmbedder  # noqa: E402
+from verify.model.onnx_session import RuntimeGraphError  # noqa: E402
+from verify.model.graph import INPUT_NAME, OUTPUT_NAME, export_runtime_graph  # noqa: E402
 
 BATCHES = (1, 8, 64)
 
@@ -311,14 +311,14 @@ COLD = {
     "torch": """
         import time; t0 = time.perf_counter()
         import numpy as np
-        from verify.model_file import Embedder
+        from verify.model.file import Embedder
         t1 = time.perf_counter(); e = Embedder.load({path!r}, "cpu"); t2 = time.perf_counter()
         v = e.embed(np.zeros((1, {size}, {size}, 3), dtype=np.uint8)); t3 = time.perf_counter()
     """,
     "onnx": """
         import time; t0 = time.perf_counter()
         import numpy as np
-        from verify.onnx_embedder import OnnxEmbedder
+        from verify.model.onnx_embedder import OnnxEmbedder
         t1 = time.perf_counter(); e = OnnxEmbedder.load({path!r}, threads=1); t2 = time.perf_counter()
         v = e.embed(np.zeros((1, {size}, {size}, 3), dtype=np.uint8)); t3 = time.perf_counter()
     """,

@@ -100,9 +100,9 @@ def parse_face_workers(text: str) -> int:
 
 def in_process_breakdown(folder: Path, gallery: Path, model: Path, workers: int, out: Path):
     """The ScanSummary of verify.scan.run_scan on `folder`, matcher built as the CLI
-    builds it (verify.people.build_matcher), DetectorConfig defaults."""
-    from verify.model_file import Embedder
-    from verify.people import build_matcher, open_gallery
+    builds it (verify.identity.enroll.build_matcher), DetectorConfig defaults."""
+    from verify.model.file import Embedder
+    from verify.identity.enroll import build_matcher, open_gallery
     from verify.scan import run_scan
 
     embedder = Embedder.load(model)

@@ -6,7 +6,7 @@
 Backbones (name@pixels; the pixel size may be changed, e.g. irv1@112):
   seed-cnn     the student project's 6-conv network at 192 px (the original; the baseline)
   resnet-cpu   resnet, width 24, layers (1,2,2,1), feature_dim 256 (configs/identity-cpu.yaml's model)
-  resnet       resnet with the defaults of verify.backbones.create_backbone (width 32, 112 px)
+  resnet       resnet with the defaults of verify.model.backbones.create_backbone (width 32, 112 px)
   irv1         facenet-pytorch's InceptionResnetV1 (random init)
 Each model gets the 40-attribute head (stage 1; stage 2's embedding head costs the same), BCE loss on
 random targets, AdamW. Input: the same batch of real CelebA crops (verify.training.cache.decode_crop, i.e.
@@ -29,7 +29,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import face_crops, median_rate, print_table, ratio  # noqa: E402
 
-from verify.backbones import count_parameters, create_backbone  # noqa: E402
+from verify.model.backbones import count_parameters, create_backbone  # noqa: E402
 
 N_ATTRIBUTES = 40
 # label -> (create_backbone name, default pixels, extra create_backbone arguments)

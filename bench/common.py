@@ -80,7 +80,7 @@ def face_crops(n: int, size: int, data_root: Path = SHARED_DATA, seed: int = 0) 
     absent; and a line saying which. Speed does not depend on the pixels, but real crops keep any
     data-dependent path (e.g. denormal numbers) honest."""
     from verify.training.cache import decode_crop
-    from verify.geometry import CropGeometry
+    from verify.model.geometry import CropGeometry
 
     folder = Path(data_root) / "celeba" / "img_align_celeba"
     files = sorted(folder.glob("*.jpg"))[:n] if folder.is_dir() else []
@@ -107,10 +107,10 @@ def write_random_model(path: Path, config: Path = CPU_CONFIG) -> Path:
     is trained."""
     import torch
 
-    from verify.backbones import backbone_from_config
+    from verify.model.backbones import backbone_from_config
     from verify.config import load_config
-    from verify.geometry import CropGeometry
-    from verify.model_file import save_model
+    from verify.model.geometry import CropGeometry
+    from verify.model.write import save_model
 
     cfg = load_config(config)
     arch = cfg.to_dict()["model"]
@@ -125,7 +125,7 @@ def write_random_model(path: Path, config: Path = CPU_CONFIG) -> Path:
 def resolve_model(model: str | None, tmp: Path) -> tuple[Path, str]:
     """(model file, a line describing it): --model, else the shipped model, else a random-init
     stand-in of configs/identity-cpu.yaml's architecture written into `tmp`."""
-    from verify.model_file import DEFAULT_MODEL
+    from verify.model.file import DEFAULT_MODEL
 
     if model:
         return Path(model), f"model {model}"

@@ -3,7 +3,7 @@
 Never imports torch or `verify`, so it can be used (and tested) without the model stack.
 """
 
-from .gallery import Gallery, SearchResult
-from .store import GalleryError
+from index.gallery import Gallery, SearchResult
+from index.store import GalleryError
 
 __all__ = ["Gallery", "GalleryError", "SearchResult"]

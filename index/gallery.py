@@ -42,7 +42,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from .store import (
+from index.store import (
     IDENTITIES_FILE,
     INDEX_FILE,
     JOURNAL_FILE,

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from verify.config import load_config
-from verify.evaluate import choose_face, pair_scores
+from verify.evaluation.evaluate import choose_face, pair_scores
 from verify.faces import DetectorConfig, FaceDetector, FacePipeline
-from verify.metrics import best_accuracy_threshold, summarise_verification
-from verify.model_file import Embedder
-from verify.pairs import lfw_image_path, read_lfw_pairs
+from verify.evaluation.metrics import best_accuracy_threshold, summarise_verification
+from verify.model.file import Embedder
+from verify.data.pairs import lfw_image_path, read_lfw_pairs
 from verify.training import fit
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,9 +18,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from scenario import DATA  # noqa: E402
-from verify.augment import NORMALISATION  # noqa: E402
+from verify.training.augment import NORMALISATION  # noqa: E402
 from verify.config import load_config  # noqa: E402
-from verify.model_file import Embedder  # noqa: E402
+from verify.model.file import Embedder  # noqa: E402
 from verify.training import Dist, evaluate_identity, prepare_data  # noqa: E402
 
 # the shared roots, wherever this is run from (scenario.DATA: next to the repository)

@@ -14,7 +14,7 @@ export FACEVERIFY_HOME="$WORK/home"
 # One held-out identity (partition 2) and its 30 photos, in file-name order.
 mapfile -t PHOTOS < <(.venv/bin/python - "$DATA/celeba" <<'PY'
 import sys
-from verify.celeba import load_celeba
+from verify.data.celeba import load_celeba
 t = load_celeba([sys.argv[1]], need_attributes=False).table
 t = t[t["partition"] == 2]
 ident = sorted(t["identity"].unique())[0]

@@ -1,6 +1,6 @@
 """Export facenet-pytorch's MTCNN networks (P-, R-, O-net, its bundled weights) to ONNX runtime graphs.
 
-    .venv/bin/python scripts/export_mtcnn.py [--out verify/models/mtcnn] [--opset 17] [--check 5]
+    .venv/bin/python scripts/export_mtcnn.py [--out verify/model/shipped/mtcnn] [--opset 17] [--check 5]
 
 Writes pnet.onnx (dynamic batch, height and width), rnet.onnx and onet.onnx (dynamic batch) for
 verify/faces/mtcnn_onnx.py, atomically (temp file + rename). Each graph records in its metadata where
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-DEFAULT_OUT = REPO / "verify" / "models" / "mtcnn"
+DEFAULT_OUT = REPO / "verify" / "model" / "shipped" / "mtcnn"
 LICENCE = ("MIT (facenet-pytorch, Copyright (c) 2019 Timothy Esler); the MTCNN weights are those facenet-pytorch "
            "ships, ported from davidsandberg/facenet (MIT, Copyright (c) 2016 David Sandberg)")
 
@@ -176,7 +176,7 @@ def check(paths: dict[str, Path], trials: int = 5, tol: float = 1e-4) -> float:
     import torch
     from facenet_pytorch.models import mtcnn as fm
 
-    from verify.onnx_runtime import open_session
+    from verify.model.onnx_session import open_session
 
     import onnxruntime as ort
 

@@ -25,13 +25,13 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from verify.evaluate import choose_face  # noqa: E402
+from verify.evaluation.evaluate import choose_face  # noqa: E402
 from verify.faces.detect import DetectorConfig, FaceDetector  # noqa: E402
 from verify.faces.load import load_image  # noqa: E402
 from verify.faces.pipeline import FacePipeline  # noqa: E402
-from verify.inference import load_embedder  # noqa: E402
-from verify.metrics import auc, roc_curve  # noqa: E402
-from verify.pairs import lfw_image_path, read_lfw_pairs  # noqa: E402
+from verify.model.runtimes import load_embedder  # noqa: E402
+from verify.evaluation.metrics import auc, roc_curve  # noqa: E402
+from verify.data.pairs import lfw_image_path, read_lfw_pairs  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
 

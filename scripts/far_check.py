@@ -1,7 +1,7 @@
 """Promised against measured false-accept rate: does enrollment's "FAR 1e-3" hold on strangers?
 
 Enrollment sets each person's threshold so that `target_far` of the model's impostor cohort would be
-accepted (verify.scoring.calibrate_identity, as `faceverify enroll` does). This script enrolls people
+accepted (verify.identity.scoring.calibrate_identity, as `faceverify enroll` does). This script enrolls people
 from 1, 5 and 30 of their photos (each + augmented views, as `enroll` makes them) and scores every
 stranger photo against each of them: photos of people who are neither enrolled nor in the cohort.
 
@@ -35,10 +35,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scenario import DATA, model_and_cohort  # noqa: E402
 
-from verify.celeba import load_celeba  # noqa: E402
-from verify.evaluate import lfw_people_images  # noqa: E402
-from verify.model_file import Embedder  # noqa: E402
-from verify.scoring import calibrate_identity, identity_scores, pool_photos  # noqa: E402
+from verify.data.celeba import load_celeba  # noqa: E402
+from verify.evaluation.evaluate import lfw_people_images  # noqa: E402
+from verify.model.file import Embedder  # noqa: E402
+from verify.identity.scoring import calibrate_identity, identity_scores, pool_photos  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 

@@ -43,9 +43,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from verify.atomic import atomic_path, atomic_write_text  # noqa: E402
-from verify.celeba import IMAGE_DIR  # noqa: E402
-from verify.evaluate import embed_images  # noqa: E402
-from verify.model_file import Embedder  # noqa: E402
+from verify.data.celeba import IMAGE_DIR  # noqa: E402
+from verify.evaluation.evaluate import embed_images  # noqa: E402
+from verify.model.file import Embedder  # noqa: E402
 
 log = logging.getLogger("filter_faces")
 

@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from filter_faces import LFW_FLOOR, LFW_SIMILARITY, lfw_vectors, person_scores  # noqa: E402  (scripts/ is on sys.path)
 
-from verify.model_file import Embedder  # noqa: E402
+from verify.model.file import Embedder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = ("CelebA_Samples", "UTKFace", "AllAgeFaces", "SCUT-FBP5500", "GENKI-4K")

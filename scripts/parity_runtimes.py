@@ -1,6 +1,6 @@
 """Decisions of the light path (ONNX Runtime) against PyTorch on LFW View 1 DevTest.
 
-    .venv/bin/python scripts/parity_runtimes.py [--model verify/models/default.pt] [--model /tmp/dlib.pt]
+    .venv/bin/python scripts/parity_runtimes.py [--model verify/model/shipped/default.pt] [--model /tmp/dlib.pt]
 
 Per model: `evaluate_pairs` on pairsDevTest.txt (threshold chosen on pairsDevTrain.txt, as the README's
 model card) once with each runtime (detector and embedder both), keeping every pair's similarity. Prints
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from verify.evaluate import evaluate_pairs
+from verify.evaluation.evaluate import evaluate_pairs
 from verify.faces import DetectorConfig
-from verify.inference import load_embedder
+from verify.model.runtimes import load_embedder
 
 DATA = Path(os.environ.get("FACEVERIFY_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--model", action="append", default=None)
     args = ap.parse_args()
     lfw = DATA / "lfw"
-    for model in args.model or ["verify/models/default.pt"]:
+    for model in args.model or ["verify/model/shipped/default.pt"]:
         out = {}
         for runtime in ("onnx", "torch"):
             emb = load_embedder(model, "cpu", runtime)

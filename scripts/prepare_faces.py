@@ -34,7 +34,7 @@ from verify.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
 from verify.faces.align import similarity_transform  # noqa: E402
 from verify.faces.detect import FaceDetector  # noqa: E402
 from verify.faces.load import ImageLoadError, load_image  # noqa: E402
-from verify.geometry import CELEBA_FRAME, CELEBA_LANDMARKS  # noqa: E402
+from verify.model.geometry import CELEBA_FRAME, CELEBA_LANDMARKS  # noqa: E402
 
 log = logging.getLogger("prepare_faces")
 

@@ -2,7 +2,7 @@
 never seen in training), enroll its first N photos (each + augmented views), then ask whether its
 remaining photos are accepted and whether photos of 300 other people (LFW DevTest people, disjoint
 from the DevTrain people of the model's impostor cohort) are rejected. Uses exactly the scoring the
-`enroll`/`verify` commands use (verify.scoring), with the shipped model by default.
+`enroll`/`verify` commands use (verify.identity.scoring), with the shipped model by default.
 
     .venv/bin/python scripts/scenario.py [--model M] [--enroll 12] [--strangers 300] [--views 8]
 
@@ -22,19 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
-from verify.celeba import load_celeba
-from verify.enroll import DEFAULT_VIEW_AUGMENT, augmented_view_crops
-from verify.evaluate import lfw_people_images
+from verify.data.celeba import load_celeba
+from verify.identity.embed import DEFAULT_VIEW_AUGMENT, augmented_view_crops
+from verify.evaluation.evaluate import lfw_people_images
 from verify.faces import DetectorConfig, FaceDetector, FacePipeline
-from verify.model_file import Embedder
-from verify.scoring import calibrate_identity, identity_scores, pool_photos
+from verify.model.file import Embedder
+from verify.identity.scoring import calibrate_identity, identity_scores, pool_photos
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 class ModelVectors:
     """Faces through faceverify's pipeline (MTCNN, alignment, the model); views as `enroll` makes them
-    (verify.enroll.augmented_view_crops: the region around the face augmented, re-detected, re-aligned)."""
+    (verify.identity.embed.augmented_view_crops: the region around the face augmented, re-detected, re-aligned)."""
 
     def __init__(self, emb: Embedder) -> None:
         self.emb = emb

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trains a default model verify/models/default.pt from scratch, CPU only: the shipped one (b22a5359a93bfd59)
+# Trains a default model verify/model/shipped/default.pt from scratch, CPU only: the shipped one (b22a5359a93bfd59)
 # needs EXTRA and EPOCHS="48 72 96" (below); EPOCHS=48 gives d343b44910567940, EXTRA alone d64e83efb9f9aba0;
 # without EXTRA, 4d05e07fae98a4ce.
 # Resumable: run it again after an interruption. Each training stage continues from its last
@@ -61,7 +61,7 @@ if [ -n "$EXTRA" ]; then
   for s in UTKFace AllAgeFaces SCUT-FBP5500 GENKI-4K; do COHORT+=(--faces "$EXTRA/$s/cohort"); done
 fi
 $FV calibrate --model "$RUN/model.pt" "${COHORT[@]}"
-cp "$RUN/model.pt" verify/models/default.pt
-[ -f "$RUN/model.onnx" ] && cp "$RUN/model.onnx" verify/models/default.onnx
-$FV evaluate --model verify/models/default.pt --pairs "$DATA/lfw/pairsDevTest.txt" \
+cp "$RUN/model.pt" verify/model/shipped/default.pt
+[ -f "$RUN/model.onnx" ] && cp "$RUN/model.onnx" verify/model/shipped/default.onnx
+$FV evaluate --model verify/model/shipped/default.pt --pairs "$DATA/lfw/pairsDevTest.txt" \
     --images "$DATA/lfw/lfw-deepfunneled" --threshold-from "$DATA/lfw/pairsDevTrain.txt" --json

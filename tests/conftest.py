@@ -84,9 +84,9 @@ def make_tiny_model(path: Path, seed: int = 0, threshold: float = 0.5, calibrati
     """A randomly initialised 48 px model file: for tests of mechanics, not of recognition quality."""
     import torch
 
-    from verify.backbones import create_backbone
-    from verify.geometry import CropGeometry
-    from verify.model_file import save_model
+    from verify.model.backbones import create_backbone
+    from verify.model.geometry import CropGeometry
+    from verify.model.write import save_model
 
     torch.manual_seed(seed)
     net = create_backbone("resnet", input_size=48, width=8, layers=(1, 1, 1, 1), feature_dim=64,

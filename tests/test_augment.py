@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from verify.augment import BatchAugment, augment_views, batch_to_tensor, to_float
+from verify.training.augment import BatchAugment, augment_views, batch_to_tensor, to_float
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -13,7 +13,7 @@ from PIL import Image
 
 import verify.training.cache as cache_mod
 from verify.training.cache import ImageCache, decode_crop
-from verify.geometry import CELEBA_FRAME, CropGeometry
+from verify.model.geometry import CELEBA_FRAME, CropGeometry
 
 GEOM = CropGeometry(size=48)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from verify.celeba import ATTRIBUTES, AnnotationError, load_celeba, read_attributes, split
+from verify.data.celeba import ATTRIBUTES, AnnotationError, load_celeba, read_attributes, split
 
 
 def _raw_rows(celeba_root: Path, names: list[str]) -> dict[str, dict]:

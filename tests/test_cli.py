@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from verify.cli import app
-from verify.model_file import DEFAULT_MODEL
+from verify.model.file import DEFAULT_MODEL
 
 from conftest import make_tiny_model
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from verify.augment import BatchAugment, batch_to_tensor
-from verify.backbones import backbone_from_config
+from verify.training.augment import BatchAugment, batch_to_tensor
+from verify.model.backbones import backbone_from_config
 from verify.config import ModelConfig
 from verify.training.distill import (TeacherTargets, compute_teacher_targets, identity_params,
                                      params_from_array, params_to_array)
-from verify.losses import cosine_distill_loss, relational_distill_loss
-from verify.geometry import CropGeometry
-from verify.model_file import save_model
+from verify.training.losses import cosine_distill_loss, relational_distill_loss
+from verify.model.geometry import CropGeometry
+from verify.model.write import save_model
 from verify.training import fit
 
 from test_train import tiny_cfg
@@ -130,7 +130,7 @@ def test_identity_training_with_teacher_pulls_student_towards_it(tmp_path, celeb
     assert all(np.isfinite(h["train"]["relational"]) for h in res.history)
     targets = list(Path(cfg.data.cache_dir).glob("teacher-*.npz"))
     assert len(targets) == 1
-    from verify.model_file import Embedder, read_model_file
+    from verify.model.file import Embedder, read_model_file
 
     blob = read_model_file(Path(cfg.out) / "model.pt")
     assert blob["provenance"]["teacher"]["fingerprint"] == Embedder.load(teacher).fingerprint

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from verify.backbones import DlibBlock
-from verify.dlib_format import DlibFormatError, Reader, read_dlib_net
+from verify.model.backbones import DlibBlock
+from verify.model.dlib_format import DlibFormatError, Reader, read_dlib_net
 
 HAS_MODELS = importlib.util.find_spec("face_recognition_models") is not None
 needs_models = pytest.mark.skipif(not HAS_MODELS, reason="face_recognition_models is not installed (dev extra)")
@@ -65,7 +65,7 @@ def test_padded_add_matches_dlib_rule():
 
 @needs_models
 def test_file_layout_and_weights():
-    from verify.dlib_import import dlib_model_path, load_dlib_resnet
+    from verify.model.dlib_import import dlib_model_path, load_dlib_resnet
 
     parsed = read_dlib_net(dlib_model_path())
     kinds = parsed.kinds()
@@ -84,8 +84,8 @@ def test_parity_with_dlib_on_real_faces(lfw_root):
     """On 24 LFW faces, aligned onto dlib's chip by our MTCNN path, the port and dlib's own
     compute_face_descriptor (same 150x150 chip) agree to cosine >= 0.9999."""
     dlib = pytest.importorskip("dlib", reason="dlib-bin is not installed (dev extra)")
-    from verify.augment import to_float
-    from verify.dlib_import import chip_geometry, dlib_model_path, load_dlib_resnet
+    from verify.training.augment import to_float
+    from verify.model.dlib_import import chip_geometry, dlib_model_path, load_dlib_resnet
     from verify.faces import FaceDetector, align, load_image
 
     people = sorted(p for p in (lfw_root / "lfw-deepfunneled").iterdir() if p.is_dir())[::40][:24]
@@ -108,8 +108,8 @@ def test_parity_with_dlib_on_real_faces(lfw_root):
 
 @needs_models
 def test_import_writes_a_model_every_command_can_load(tmp_path):
-    from verify.dlib_import import chip_geometry, import_dlib_model, load_dlib_resnet
-    from verify.model_file import Embedder, fingerprint
+    from verify.model.dlib_import import chip_geometry, import_dlib_model, load_dlib_resnet
+    from verify.model.file import Embedder, fingerprint
 
     out = tmp_path / "dlib.pt"
     r = import_dlib_model(out)
@@ -131,7 +131,7 @@ def test_import_writes_a_model_every_command_can_load(tmp_path):
 def test_missing_package_is_one_clear_line(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import verify.dlib_import as di
+    import verify.model.dlib_import as di
     from verify.cli import app
 
     monkeypatch.setattr(di.importlib.util, "find_spec", lambda name: None)
@@ -145,8 +145,8 @@ def test_missing_package_is_one_clear_line(tmp_path, monkeypatch):
 
 
 def test_chip_geometry_round_trips_and_places_the_measured_points():
-    from verify.dlib_import import DLIB_CHIP_LANDMARKS, chip_geometry
-    from verify.geometry import CropGeometry
+    from verify.model.dlib_import import DLIB_CHIP_LANDMARKS, chip_geometry
+    from verify.model.geometry import CropGeometry
 
     geo = chip_geometry()
     assert geo.size == 150
@@ -170,7 +170,7 @@ def test_cli_import_without_calibration_and_bad_data_folder(tmp_path):
     from typer.testing import CliRunner
 
     from verify.cli import app
-    from verify.model_file import Embedder
+    from verify.model.file import Embedder
 
     out = tmp_path / "dlib.pt"
     res = CliRunner().invoke(app, ["model", "import-dlib", "--out", str(out), "--no-calibrate"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from verify.enroll import expand_inputs, outlier_photos, sha256_file
-from verify.scoring import normalise
+from verify.identity.embed import expand_inputs, outlier_photos, sha256_file
+from verify.identity.scoring import normalise
 
 
 def test_outlier_photo_is_flagged_against_the_cohort(rng):
@@ -42,7 +42,7 @@ def test_expand_inputs_walks_folders_by_content(tmp_path):
 
 
 def test_face_region_is_a_clipped_square_around_the_face():
-    from verify.enroll import face_region
+    from verify.identity.embed import face_region
 
     image = np.zeros((300, 400, 3), np.uint8)
     image[100:150, 200:250] = 255  # the "face": box (200, 100, 250, 150)
@@ -56,10 +56,10 @@ def test_face_region_is_a_clipped_square_around_the_face():
 def test_augmented_views_are_realigned_like_queries(lfw_root):
     """Views cut from an augmented region and aligned again stay on the model's crop geometry;
     augmenting the aligned crop itself (rotation, zoom, shift) moves the face off it."""
-    from verify.enroll import DEFAULT_VIEW_AUGMENT, augmented_view_crops
+    from verify.identity.embed import DEFAULT_VIEW_AUGMENT, augmented_view_crops
     from verify.faces import DetectorConfig, FaceDetector, FacePipeline, load_image
-    from verify.geometry import CropGeometry
-    from verify.view_augment import augment_views
+    from verify.model.geometry import CropGeometry
+    from verify.identity.views import augment_views
 
     pipeline = FacePipeline(FaceDetector(DetectorConfig(device="cpu")), CropGeometry())
     path = sorted((lfw_root / "lfw-deepfunneled" / "Jennifer_Lopez").glob("*.jpg"))[0]

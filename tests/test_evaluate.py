@@ -1,4 +1,4 @@
-"""verify.evaluate: LFW-format pair evaluation (detect + align, and the aligned CelebA path), the
+"""verify.evaluation.evaluate: LFW-format pair evaluation (detect + align, and the aligned CelebA path), the
 metrics it reports, the ROC plot, and the impostor cohort attached to a model file."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from verify.evaluate import (
+from verify.evaluation.evaluate import (
     FAILED_SCORE,
     build_cohort,
     cohort_sources,
@@ -23,9 +23,10 @@ from verify.evaluate import (
     pair_scores,
 )
 from verify.faces import AlignedFace, DetectorConfig, Face, fixed_crop, load_image
-from verify.metrics import accuracy_at, best_accuracy_threshold, summarise_verification
-from verify.model_file import Embedder, ModelFileError, attach_cohort, fingerprint, read_model_file
-from verify.pairs import lfw_image_path, read_lfw_pairs
+from verify.evaluation.metrics import accuracy_at, best_accuracy_threshold, summarise_verification
+from verify.model.file import Embedder, ModelFileError, fingerprint, read_model_file
+from verify.model.write import attach_cohort
+from verify.data.pairs import lfw_image_path, read_lfw_pairs
 
 from conftest import make_tiny_model
 
@@ -349,7 +350,7 @@ def test_view1_train_and_test_people_are_disjoint(lfw_root):
 def test_cohort_sources_keep_celeba_training_identities_out(celeba_root, lfw_set, tmp_path):
     """CelebA roots give their partition 1-2 photos only (partition 0 holds the training identities);
     unlabelled folders give every image as its own person; LFW people keep their names."""
-    from verify.celeba import read_partition
+    from verify.data.celeba import read_partition
 
     faces = tmp_path / "faces"
     (faces / "sub").mkdir(parents=True)

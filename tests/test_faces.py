@@ -24,7 +24,7 @@ from verify.faces import (
     shrink,
     similarity_transform,
 )
-from verify.geometry import CELEBA_FRAME, CELEBA_LANDMARKS, CropGeometry
+from verify.model.geometry import CELEBA_FRAME, CELEBA_LANDMARKS, CropGeometry
 
 # A frontal LFW photo that MTCNN does not find when it is turned 90 degrees (checked: a sideways
 # face is not what MTCNN was trained on), so the EXIF test shows that the transpose matters.

@@ -93,7 +93,7 @@ def test_name_fraction_splits_stably():
 
 @pytest.fixture(scope="module")
 def shipped():
-    from verify.model_file import Embedder
+    from verify.model.file import Embedder
 
     return Embedder.load()
 

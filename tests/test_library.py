@@ -173,7 +173,7 @@ def other_model_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def embedder(model_path):
-    from verify.model_file import Embedder
+    from verify.model.file import Embedder
 
     return Embedder.load(model_path)
 
@@ -193,7 +193,7 @@ def lfw_photos(lfw_root) -> dict[str, list[Path]]:
 
 def make_matcher(embedder, detector, photos: list[Path]):
     from verify.faces import FacePipeline
-    from verify.scoring import IdentityMatcher, pool_photos
+    from verify.identity.scoring import IdentityMatcher, pool_photos
 
     results = FacePipeline(detector, embedder=embedder).process(photos)
     _, pooled = pool_photos(np.stack([r.embeddings[0] for r in results]), np.arange(len(results)))
@@ -297,7 +297,7 @@ def test_find_and_indexed_scan_report_what_a_one_shot_scan_reports(tmp_path, lfw
 def test_find_name_searches_the_library_faces_and_reports_what_the_full_report_holds(
         tmp_path, lfw_photos, embedder, matcher, detector, kind, monkeypatch):
     from index import facesearch
-    from verify import library as library_mod
+    from verify.queries import find as library_mod
     from verify.scan.indexed import find_rows
 
     folder = fill_folder(tmp_path / "photos", lfw_photos)
@@ -308,7 +308,7 @@ def test_find_name_searches_the_library_faces_and_reports_what_the_full_report_h
         n_faces = lib.stats()["faces"]
         # The tiny random model accepts every face at THRESHOLD: put the threshold at the median score
         # of the library's faces, so that some match and some do not.
-        from verify.scoring import IdentityMatcher, identity_scores
+        from verify.identity.scoring import IdentityMatcher, identity_scores
 
         _, vectors = lib.embeddings(embedder.fingerprint)
         median = float(np.median(identity_scores(vectors, matcher.pooled[PERSON], matcher.top_k)))
@@ -365,7 +365,7 @@ def test_added_changed_deleted_moved_files_between_scans(tmp_path, lfw_photos, e
 
 def test_another_model_re_embeds_stored_faces_without_detecting(tmp_path, lfw_photos, embedder, matcher, detector,
                                                                other_model_path):
-    from verify.model_file import Embedder
+    from verify.model.file import Embedder
 
     folder = fill_folder(tmp_path / "photos", lfw_photos)
     db = tmp_path / "lib.db"
@@ -416,9 +416,9 @@ KILL_SCRIPT = textwrap.dedent("""
     import numpy as np
     from index.library import Library
     from verify.faces import DetectorConfig
-    from verify.model_file import Embedder
+    from verify.model.file import Embedder
     from verify.scan.indexed import run_indexed_scan
-    from verify.scoring import IdentityMatcher
+    from verify.identity.scoring import IdentityMatcher
 
     folder, db, out, model, pooled = sys.argv[1:6]
     record = Library.record
@@ -508,7 +508,7 @@ def test_ivfpq_candidates_widened_to_the_cells_recall():
     error measured when the index was built, so the faces at or above the bound are found as often as
     with exact vectors in the same cells (the matcher then decides on the stored float32 embeddings)."""
     from index.facesearch import FaceSearch
-    from verify.library import approximate_margin
+    from verify.queries.find import approximate_margin
 
     rng = np.random.default_rng(5)
     dim = 32

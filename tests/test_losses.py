@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from verify.losses import ArcFaceLoss, CosFaceLoss, MarginCosineProduct, TripletMarginLoss
-from verify.miners import BatchHardMiner
+from verify.training.losses import ArcFaceLoss, CosFaceLoss, MarginCosineProduct, TripletMarginLoss
+from verify.training.miners import BatchHardMiner
 
 # anchor 0 at the origin; positive 1 at distance 0.5; negatives 2 (distance 1.0) and 3 (distance 0.6)
 EMB = [[0.0, 0.0], [0.3, 0.4], [0.6, 0.8], [0.0, 0.6]]

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from verify.metrics import (
+from verify.evaluation.metrics import (
     accuracy_at,
     attribute_accuracy,
     auc,

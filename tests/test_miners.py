@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from verify.losses import TripletMarginLoss
-from verify.miners import BatchAllMiner, BatchHardMiner, SemiHardMiner, pairwise_distances
+from verify.training.losses import TripletMarginLoss
+from verify.training.miners import BatchAllMiner, BatchHardMiner, SemiHardMiner, pairwise_distances
 
 
 def _dist(e, i, j):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from verify.model_file import DEFAULT_MODEL, Embedder, ModelFileError, fingerprint, read_model_file
+from verify.model.file import DEFAULT_MODEL, Embedder, ModelFileError, fingerprint, read_model_file
 
 from conftest import make_tiny_model
 

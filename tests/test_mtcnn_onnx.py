@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from verify.faces.mtcnn_onnx import MTCNN_DIR, OnnxMTCNN
-from verify.onnx_runtime import RuntimeGraphError
+from verify.model.onnx_session import RuntimeGraphError
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = (0.6, 0.7, 0.7)

@@ -1,4 +1,4 @@
-"""The runtime graph (verify/runtime_graph.py) and OnnxEmbedder (verify/onnx_embedder.py): the same
+"""The runtime graph (verify/model/graph.py) and OnnxEmbedder (verify/model/onnx_embedder.py): the same
 embeddings as the PyTorch Embedder on real aligned LFW faces, the model file's meta carried over, one-line
 errors for a missing, corrupt or stale graph, and no torch in a process that only embeds."""
 
@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from verify.model_file import DEFAULT_MODEL, Embedder, attach_cohort, read_model_file, save_model
-from verify.onnx_embedder import OnnxEmbedder
-from verify.onnx_runtime import RuntimeGraphError
-from verify.runtime_graph import COHORT_KEY, META_KEY, export_runtime_graph, graph_path_for
+from verify.model.file import DEFAULT_MODEL, Embedder, read_model_file
+from verify.model.write import attach_cohort, save_model
+from verify.model.onnx_embedder import OnnxEmbedder
+from verify.model.onnx_session import RuntimeGraphError
+from verify.model.graph import COHORT_KEY, META_KEY, export_runtime_graph, graph_path_for
 
 from conftest import TINY_ARCH, make_tiny_model
 
@@ -74,8 +75,8 @@ def save_tiny(path: Path, tta_flip: bool, seed: int = 0) -> Path:
     """tests.conftest.make_tiny_model with the flip TTA setting chosen."""
     if tta_flip:
         return make_tiny_model(path, seed=seed)
-    from verify.backbones import create_backbone
-    from verify.geometry import CropGeometry
+    from verify.model.backbones import create_backbone
+    from verify.model.geometry import CropGeometry
 
     torch.manual_seed(seed)
     net = create_backbone("resnet", input_size=48, width=8, layers=(1, 1, 1, 1), feature_dim=64,
@@ -91,7 +92,7 @@ def save_tiny(path: Path, tta_flip: bool, seed: int = 0) -> Path:
 
 
 def test_shipped_model_parity_on_real_faces(tmp_path, lfw_faces):
-    pt = tmp_path / "default.pt"  # a copy: nothing is written beside verify/models/default.pt
+    pt = tmp_path / "default.pt"  # a copy: nothing is written beside verify/model/shipped/default.pt
     shutil.copy(DEFAULT_MODEL, pt)
     graph = export_runtime_graph(pt)
     assert graph == tmp_path / "default.onnx" and graph.is_file()
@@ -116,7 +117,7 @@ def test_tiny_model_parity_with_and_without_flip(tmp_path, lfw_faces, tta_flip):
 
 @pytest.mark.skipif(not HAS_DLIB_MODELS, reason="face_recognition_models is not installed (dev extra)")
 def test_dlib_model_parity_on_real_faces(tmp_path, lfw_faces):
-    from verify.dlib_import import import_dlib_model
+    from verify.model.dlib_import import import_dlib_model
 
     pt = tmp_path / "dlib.pt"
     import_dlib_model(pt)  # no CelebA root: no calibration, seconds
@@ -158,7 +159,7 @@ def test_meta_round_trip_with_cohort(tmp_path):
 
     props = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
     info = json.loads(props[META_KEY])
-    from verify.runtime_graph import file_sha256
+    from verify.model.graph import file_sha256
 
     assert info["model_sha256"] == file_sha256(pt) and info["exporter"]["opset"] >= 17
     assert info["cohort"]["shape"] == [37, 32] and COHORT_KEY in props
@@ -294,9 +295,9 @@ def test_embedding_imports_no_torch(tmp_path):
     code = textwrap.dedent(f"""
         import json, sys
         import numpy as np
-        import verify.onnx_embedder
+        import verify.model.onnx_embedder
         after_import = sorted({{m.split('.')[0] for m in sys.modules}} & {{'torch', 'onnx'}})
-        from verify.onnx_embedder import OnnxEmbedder
+        from verify.model.onnx_embedder import OnnxEmbedder
         e = OnnxEmbedder.load({str(pt)!r})
         v = e.embed(np.zeros((2, 48, 48, 3), dtype=np.uint8))
         e.geometry, e.cohort, e.fingerprint, e.similarity_threshold

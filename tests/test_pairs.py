@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from verify.pairs import PairsFileError, lfw_image_path, make_identity_pairs, read_lfw_pairs
+from verify.data.pairs import PairsFileError, lfw_image_path, make_identity_pairs, read_lfw_pairs
 
 
 @pytest.mark.parametrize("fname, n", [("pairsDevTrain.txt", 1100), ("pairsDevTest.txt", 500)])

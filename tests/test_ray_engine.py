@@ -131,10 +131,10 @@ def test_two_nodes_same_as_local_engine(tmp_path, cluster, photos, gallery, loca
 
 def test_actor_killed_mid_scan_is_retried(tmp_path, cluster, photos, gallery, local_scan):
     from index.library import Library
-    from verify.galleries import open_gallery
+    from verify.identity.galleries import open_gallery
     from verify.faces import DetectorConfig
-    from verify.inference import load_embedder
-    from verify.people import build_matcher
+    from verify.model.runtimes import load_embedder
+    from verify.identity.enroll import build_matcher
     from verify.scan.indexed import run_indexed_scan
     from verify.scan.ray_engine import RayEngine, RayOptions
 

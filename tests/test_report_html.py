@@ -70,7 +70,7 @@ def browser_dom(page: Path, tmp_path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def embedder():
-    from verify.model_file import Embedder
+    from verify.model.file import Embedder
 
     return Embedder.load()  # the shipped model: real matches and near-misses
 
@@ -78,7 +78,7 @@ def embedder():
 @pytest.fixture(scope="module")
 def matcher(lfw_root, embedder):
     from verify.faces import DetectorConfig, FaceDetector, FacePipeline
-    from verify.scoring import IdentityMatcher, calibrate_identity, pool_photos
+    from verify.identity.scoring import IdentityMatcher, calibrate_identity, pool_photos
 
     photos = sorted((lfw_root / "lfw-deepfunneled" / PERSON).glob("*.jpg"))[:3]
     pipeline = FacePipeline(FaceDetector(DetectorConfig(device="cpu", min_face_size=40)), embedder=embedder)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from verify.samplers import PKSampler
+from verify.training.samplers import PKSampler
 
 
 def _labels(counts):
@@ -89,7 +89,7 @@ def test_replacement_policy_for_small_identities(caplog):
             used_small.add(c)
     assert used_small == small
 
-    with caplog.at_level(logging.INFO, logger="verify.samplers"):
+    with caplog.at_level(logging.INFO, logger="verify.training.samplers"):
         no_repl = PKSampler(labels, p=2, k=4, batches_per_epoch=40, replacement=False, seed=0)
     assert "skipping 2 identities" in caplog.text
     assert no_repl.skipped_identities == 2

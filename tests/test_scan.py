@@ -20,7 +20,7 @@ from PIL import Image
 
 from corpus import NON_ASCII_NAME, make_bad_corpus
 from verify.faces import DetectorConfig, Face
-from verify.geometry import CropGeometry
+from verify.model.geometry import CropGeometry
 from verify.scan import (
     COLUMNS,
     CRASH_ERROR,
@@ -33,7 +33,7 @@ from verify.scan import (
     run_scan,
 )
 from verify.scan.workers import _chunks
-from verify.scoring import Match
+from verify.identity.scoring import Match
 
 from conftest import make_tiny_model
 
@@ -57,7 +57,7 @@ def model_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def embedder(model_path):
-    from verify.model_file import Embedder
+    from verify.model.file import Embedder
 
     return Embedder.load(model_path)
 
@@ -78,7 +78,7 @@ def person_photos(lfw_root) -> list[Path]:
 def pooled(person_photos, embedder, detector, tmp_path_factory) -> Path:
     """The enrolled person's pooled photo vectors, saved so a subprocess can build the same matcher."""
     from verify.faces import FacePipeline
-    from verify.scoring import pool_photos
+    from verify.identity.scoring import pool_photos
 
     results = FacePipeline(detector, embedder.geometry).process(person_photos[:3])
     vecs = embedder.embed(np.stack([r.faces[0].crop for r in results]))  # (3, D)
@@ -89,7 +89,7 @@ def pooled(person_photos, embedder, detector, tmp_path_factory) -> Path:
 
 
 def make_matcher(pooled_path: Path):
-    from verify.scoring import IdentityMatcher
+    from verify.identity.scoring import IdentityMatcher
 
     return IdentityMatcher({PERSON: np.load(pooled_path)}, {}, default_similarity_threshold=THRESHOLD)
 
@@ -329,9 +329,9 @@ def test_big_image_is_shrunk_in_the_worker_and_boxes_map_back(person_photos, emb
 SCAN_SCRIPT = textwrap.dedent("""
     import sys, time, numpy as np
     from verify.faces import DetectorConfig
-    from verify.model_file import Embedder
+    from verify.model.file import Embedder
     from verify.scan import run_scan
-    from verify.scoring import IdentityMatcher
+    from verify.identity.scoring import IdentityMatcher
     folder, out, model, pooled, threshold, person = sys.argv[1:7]
     matcher = IdentityMatcher({person: np.load(pooled)}, {}, default_similarity_threshold=float(threshold))
 

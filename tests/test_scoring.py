@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from verify.scoring import (IdentityCalibration, IdentityMatcher, calibrate_identity, identity_scores, normalise,
+from verify.identity.scoring import (IdentityCalibration, IdentityMatcher, calibrate_identity, identity_scores, normalise,
                             pool_photos)
 
 

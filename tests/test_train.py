@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from verify.config import load_config
 from verify.training import CKPT_LAST, Dist, Hooks, TrainingDiverged, evaluate_identity, fit, prepare_data
 from verify.training.loop import warmup_cosine
-from verify.backbones import backbone_from_config
+from verify.model.backbones import backbone_from_config
 
 
 def tiny_cfg(tmp_path: Path, celeba_root: Path, task: str = "attributes", **over):
@@ -163,7 +163,7 @@ def test_identity_training_raises_validation_auc(tmp_path, celeba_root):
     # 2026-12-01 (the same with the code before this change), though it passed in earlier CI runs
     assert after["auc"] > before["auc"] + 0.05, (before["auc"], after["auc"])
     # The run exports a calibrated model file.
-    from verify.model_file import Embedder
+    from verify.model.file import Embedder
 
     emb = Embedder.load(Path(cfg.out) / "model.pt")
     assert emb.meta["calibration"]["target_far"] == cfg.identity.target_far
@@ -222,7 +222,7 @@ def test_distributed_two_processes_gloo(tmp_path, celeba_root):
 def test_face_data_maps_table_rows_past_unreadable_cache_rows():
     import pandas as pd
 
-    from verify.geometry import CropGeometry
+    from verify.model.geometry import CropGeometry
     from verify.training import FaceData
 
     images = np.stack([np.full((16, 16, 3), i, np.uint8) for i in range(5)])  # cache rows 0..4

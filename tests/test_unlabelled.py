@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from verify.backbones import backbone_from_config
+from verify.model.backbones import backbone_from_config
 from verify.config import ModelConfig, load_config
 from verify.training import Dist, fit, prepare_data, split_rows
 from verify.training.tasks import IdentityModule, unlabelled_batches

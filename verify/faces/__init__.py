@@ -5,10 +5,10 @@ Coordinates: landmarks and boxes are in pixel-index coordinates (the centre of p
 x=i, y=j), both in the image and in the crop.
 """
 
-from .align import align, check_rgb, fixed_crop, similarity_transform
-from .detect import DetectorConfig, Face, FaceDetector, face_to_original, to_original
-from .load import DEFAULT_MAX_PIXELS, ImageLoadError, is_image_file, load_for_detection, load_image, shrink
-from .pipeline import AlignedFace, FacePipeline, ImageFaces, ImageInput, error_summary
+from verify.faces.align import align, check_rgb, fixed_crop, similarity_transform
+from verify.faces.detect import DetectorConfig, Face, FaceDetector, face_to_original, to_original
+from verify.faces.load import DEFAULT_MAX_PIXELS, ImageLoadError, is_image_file, load_for_detection, load_image, shrink
+from verify.faces.pipeline import AlignedFace, FacePipeline, ImageFaces, ImageInput, error_summary
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "AlignedFace", "DetectorConfig", "Face", "FaceDetector", "FacePipeline", "ImageFaces",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from verify.geometry import CropGeometry
+from verify.model.geometry import CropGeometry
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

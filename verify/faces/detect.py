@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .load import shrink
+from verify.faces.load import shrink
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class DetectorConfig:
     max_side: int = 1600  # longer images are downscaled for detection, results mapped back
     batch_size: int = 16  # equal-sized images detected together
     device: str = "auto"
-    runtime: str = "auto"  # onnx | torch | auto (verify.inference.choose_runtime); same faces either way
+    runtime: str = "auto"  # onnx | torch | auto (verify.model.runtimes.choose_runtime); same faces either way
     threads: int = 0  # ONNX Runtime intra-op threads (0: one per core); scan workers use 1
 
     def __post_init__(self) -> None:
@@ -91,7 +91,7 @@ class FaceDetector:
     """
 
     def __init__(self, config: DetectorConfig | None = None, **overrides: object) -> None:
-        from verify.inference import RuntimeDevice, choose_runtime
+        from verify.model.runtimes import RuntimeDevice, choose_runtime
 
         config = config or DetectorConfig()
         if overrides:
@@ -100,14 +100,14 @@ class FaceDetector:
         self.runtime = choose_runtime(config.runtime, config.device)
         self._mtcnn = self._onnx = None
         if self.runtime == "onnx":  # no torch import (verify/faces/mtcnn_onnx.py)
-            from .mtcnn_onnx import OnnxMTCNN
+            from verify.faces.mtcnn_onnx import OnnxMTCNN
 
             self.device = RuntimeDevice("cpu")
             self._onnx = OnnxMTCNN(threads=config.threads)
             return
         from facenet_pytorch import MTCNN  # heavy import, only when a detector is built
 
-        from verify.runtime import resolve_device
+        from verify.model.device import resolve_device
 
         self.device = resolve_device(config.device)
         self._mtcnn = MTCNN(
@@ -157,7 +157,7 @@ class FaceDetector:
             out = self._onnx.detect_faces(batch, max(12, int(c.min_face_size)), c.thresholds, c.factor)
             return [(b[:, :4], b[:, 4], p) for b, p in out]
         if self.device.type == "cpu":  # same networks and results, vectorised crops (verify/mtcnn.py)
-            from .mtcnn import detect_faces
+            from verify.faces.mtcnn import detect_faces
 
             m = self._mtcnn
             out = detect_faces(batch, m.pnet, m.rnet, m.onet, m.min_face_size, m.thresholds, m.factor)

@@ -32,7 +32,7 @@ from facenet_pytorch.models.utils.detect_face import (
     rerec,
 )
 
-from .mtcnn_onnx import pyramid_scales  # numpy only, shared with the ONNX Runtime driver
+from verify.faces.mtcnn_onnx import pyramid_scales  # numpy only, shared with the ONNX Runtime driver
 
 
 def _area_weights(start: torch.Tensor, end: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""MTCNN without torch: facenet-pytorch's three networks as ONNX runtime graphs (verify/models/mtcnn/,
+"""MTCNN without torch: facenet-pytorch's three networks as ONNX runtime graphs (verify/model/shipped/mtcnn/,
 made by scripts/export_mtcnn.py) and a numpy port of the vectorised driver in verify/faces/mtcnn.py.
 
 Same stages, same order of operations and the same float32 arithmetic as that driver and the
@@ -35,9 +35,9 @@ from typing import Sequence
 
 import numpy as np
 
-from verify.onnx_runtime import open_session
+from verify.model.onnx_session import open_session
 
-MTCNN_DIR = Path(__file__).resolve().parents[1] / "models" / "mtcnn"
+MTCNN_DIR = Path(__file__).resolve().parents[1] / "model" / "shipped" / "mtcnn"
 GRAPHS = ("pnet", "rnet", "onet")
 
 _F = np.float32

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, MutableMapping, 
 import numpy as np
 from PIL import Image
 
-from verify.geometry import CropGeometry
+from verify.model.geometry import CropGeometry
 
-from .align import align, check_rgb
-from .detect import Face, FaceDetector, face_to_original
-from .load import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from verify.faces.align import align, check_rgb
+from verify.faces.detect import Face, FaceDetector, face_to_original
+from verify.faces.load import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
 if TYPE_CHECKING:  # torch stays out of modules that only load images
-    from verify.model_file import Embedder
+    from verify.model.file import Embedder
 
 log = logging.getLogger(__name__)
 

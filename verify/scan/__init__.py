@@ -22,12 +22,12 @@ detection: for the usual phone photo (~4000 px) a face must be ~100 px wide for 
 upsampled.
 """
 
-from .journal import JOURNAL_KIND, JOURNAL_VERSION, journal_path, read_journal
-from .report import COLUMNS, FORMATS, STATUSES, ScanSummary, read_report, report_format, write_report
-from .rows import Matcher, RowBuilder
-from .run import run_scan
-from .walk import ScanError, WalkEntry, walk_files
-from .workers import (
+from verify.scan.journal import JOURNAL_KIND, JOURNAL_VERSION, journal_path, read_journal
+from verify.scan.report import COLUMNS, FORMATS, STATUSES, ScanSummary, read_report, report_format, write_report
+from verify.scan.rows import Matcher, RowBuilder
+from verify.scan.run import run_scan
+from verify.scan.walk import ScanError, WalkEntry, walk_files
+from verify.scan.workers import (
     CRASH_ERROR, FACE_CHUNK, DecodedFile, WorkerPool, decode_file, decode_files, prestart_face_workers,
 )
 

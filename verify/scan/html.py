@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 from verify.atomic import atomic_write_bytes, atomic_write_text
 from verify.faces import ImageLoadError, error_summary, load_for_detection, shrink
 
-from .report import ScanSummary, count_rows
+from verify.scan.report import ScanSummary, count_rows
 
 log = logging.getLogger(__name__)
 

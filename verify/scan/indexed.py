@@ -32,19 +32,19 @@ import numpy as np
 from index.library import FaceRecord, FileRecord, Library, StoredFile, walk_order_key
 from verify.faces import DEFAULT_MAX_PIXELS, DetectorConfig, Face, FacePipeline
 
-from .html import PageOptions, files_dir, write_html
-from .report import ScanSummary, count_rows, report_format, write_report
-from .rows import Matcher, RowBuilder
-from .run import STAGES, _batches, _detector, _finish
-from .walk import WalkEntry, report_text, walk_files
-from .workers import (
+from verify.scan.html import PageOptions, files_dir, write_html
+from verify.scan.report import ScanSummary, count_rows, report_format, write_report
+from verify.scan.rows import Matcher, RowBuilder
+from verify.scan.run import STAGES, _batches, _detector, _finish
+from verify.scan.walk import WalkEntry, report_text, walk_files
+from verify.scan.workers import (
     FACE_CHUNK, DecodedFile, WorkerPool, sha256_of, analyse_decoded, analyse_files, embed_stored_faces, plan_face_work, reembed_files,
 )
 
 if TYPE_CHECKING:
     from verify.faces import FaceDetector
-    from .ray_engine import RayEngine
-    from verify.model_file import Embedder
+    from verify.scan.ray_engine import RayEngine
+    from verify.model.file import Embedder
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any, Iterable, Iterator
 
 from verify.atomic import atomic_path
 
-from .report import dumps
-from .walk import ScanError
+from verify.scan.report import dumps
+from verify.scan.walk import ScanError
 
 log = logging.getLogger(__name__)
 

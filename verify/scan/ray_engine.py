@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .workers import DecodedFile
+from verify.scan.workers import DecodedFile
 
 if TYPE_CHECKING:
     from verify.faces import DetectorConfig
@@ -125,9 +125,9 @@ class FaceActor:
 
     def __init__(self, config: "DetectorConfig", model: str | None, fingerprint: str, max_pixels: int,
                  trace_dir: str | None) -> None:
-        from verify.inference import load_embedder
+        from verify.model.runtimes import load_embedder
 
-        from . import workers
+        from verify.scan import workers
 
         embedder = load_embedder(model, config.device, config.runtime, threads=config.threads)
         if embedder.fingerprint != fingerprint:
@@ -141,7 +141,7 @@ class FaceActor:
         self._node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .workers import analyse_files
+        from verify.scan.workers import analyse_files
 
         paths = [str(p) for p in batch["path"]]
         if self._trace:
@@ -223,7 +223,7 @@ class RayEngine:
         ray = _ray()
         from ray.data import DataContext
 
-        from verify.inference import choose_runtime
+        from verify.model.runtimes import choose_runtime
 
         paths = list(fs_paths)
         if not paths:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 
 from verify.atomic import atomic_path
 
-from .walk import ScanError, report_text
+from verify.scan.walk import ScanError, report_text
 
 COLUMNS = (
     "path",  # absolute path as walked (symlinks not resolved)

@@ -17,13 +17,13 @@ import numpy as np
 
 from verify.faces import FacePipeline, error_summary
 
-from .html import PageOptions, band_of, save_thumbnail
-from .report import empty_row
-from .walk import WalkEntry, report_text
-from .workers import DecodedFile, analyse_decoded
+from verify.scan.html import PageOptions, band_of, save_thumbnail
+from verify.scan.report import empty_row
+from verify.scan.walk import WalkEntry, report_text
+from verify.scan.workers import DecodedFile, analyse_decoded
 
 if TYPE_CHECKING:
-    from verify.scoring import Match
+    from verify.identity.scoring import Match
 
 log = logging.getLogger(__name__)
 

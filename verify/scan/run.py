@@ -10,16 +10,16 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from verify.faces import DEFAULT_MAX_PIXELS, DetectorConfig, FacePipeline
 
-from .html import PageOptions, files_dir, write_html
-from .journal import JOURNAL_KIND, JOURNAL_VERSION, Journal, journal_path, open_journal
-from .report import COLUMNS, ScanSummary, count_rows, empty_row, report_format, write_report
-from .rows import Matcher, RowBuilder
-from .walk import WalkEntry, report_text, walk_files
-from .workers import FACE_CHUNK, DecodedFile, WorkerPool, analyse_files, plan_face_work
+from verify.scan.html import PageOptions, files_dir, write_html
+from verify.scan.journal import JOURNAL_KIND, JOURNAL_VERSION, Journal, journal_path, open_journal
+from verify.scan.report import COLUMNS, ScanSummary, count_rows, empty_row, report_format, write_report
+from verify.scan.rows import Matcher, RowBuilder
+from verify.scan.walk import WalkEntry, report_text, walk_files
+from verify.scan.workers import FACE_CHUNK, DecodedFile, WorkerPool, analyse_files, plan_face_work
 
 if TYPE_CHECKING:
     from verify.faces import FaceDetector
-    from verify.model_file import Embedder
+    from verify.model.file import Embedder
 
 log = logging.getLogger(__name__)
 

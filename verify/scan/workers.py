@@ -37,11 +37,11 @@ from PIL import Image, UnidentifiedImageError
 
 from verify.faces import DetectorConfig, Face, FacePipeline, ImageLoadError, align, error_summary, load_for_detection
 
-from .html import face_thumbnail
+from verify.scan.html import face_thumbnail
 
 if TYPE_CHECKING:  # torch stays out of the decode workers: they import this module
     from verify.faces import FaceDetector
-    from verify.model_file import Embedder
+    from verify.model.file import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ FACE_CHUNK = 8  # files per face-worker task: MTCNN batches them (one photo at a
 CRASH_ERROR = "its worker process died while reading it (a decoder or detector crash, or out of memory)"
 # What the fork server imports once, per runtime, so that each face worker starts warm.
 FORKSERVER_PRELOAD = {
-    "torch": ["verify.scan.workers", "torch", "facenet_pytorch", "verify.faces", "verify.model_file"],
-    "onnx": ["verify.scan.workers", "onnxruntime", "verify.faces", "verify.faces.mtcnn_onnx", "verify.onnx_embedder"],
+    "torch": ["verify.scan.workers", "torch", "facenet_pytorch", "verify.faces", "verify.model.file"],
+    "onnx": ["verify.scan.workers", "onnxruntime", "verify.faces", "verify.faces.mtcnn_onnx", "verify.model.onnx_embedder"],
 }
 
 
@@ -150,7 +150,7 @@ def plan_face_work(detector: "FaceDetector | DetectorConfig", embedder: "Embedde
     if workers <= 0 or face_workers is False:
         return None
     from verify.faces import FaceDetector
-    from verify.inference import choose_runtime
+    from verify.model.runtimes import choose_runtime
 
     # A GPU stays with the main process (one CUDA context, big batches); a detector object of
     # another type (a test double, a subclass) cannot be rebuilt in a worker from its config.
@@ -158,7 +158,7 @@ def plan_face_work(detector: "FaceDetector | DetectorConfig", embedder: "Embedde
     if isinstance(detector, DetectorConfig):
         config, runtime = detector, choose_runtime(detector.runtime, detector.device)
         if runtime == "torch":
-            from verify.runtime import resolve_device
+            from verify.model.device import resolve_device
 
             device_type = resolve_device(detector.device).type
         else:

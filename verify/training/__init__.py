@@ -8,7 +8,7 @@
     loop.py        fit, train_one_epoch, the schedule and the weight average
     evaluation.py  predict, evaluate_attributes, evaluate_identity
     checkpoint.py  the run folder: checkpoints, metrics.json, curves, resume, stage-1 init, git commit
-    export.py      the best identity checkpoint -> a calibrated model file (via verify.model_file)
+    export.py      the best identity checkpoint -> a calibrated model file (via verify.model.file)
 
 The names below are loaded on first use, so that importing `verify.training.cache` (a decode worker
 started with spawn) does not import torch.

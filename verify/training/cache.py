@@ -26,8 +26,8 @@ from filelock import FileLock
 from PIL import Image
 from tqdm import tqdm
 
-from ..atomic import atomic_path, atomic_write_text
-from ..geometry import CropGeometry
+from verify.atomic import atomic_path, atomic_write_text
+from verify.model.geometry import CropGeometry
 
 log = logging.getLogger(__name__)
 

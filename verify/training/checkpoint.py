@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn as nn
 
-from ..atomic import atomic_path, atomic_write_text
-from ..backbones import Backbone
-from ..config import TrainConfig, save_config
+from verify.atomic import atomic_path, atomic_write_text
+from verify.model.backbones import Backbone
+from verify.config import TrainConfig, save_config
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -16,11 +16,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..celeba import ATTRIBUTES, IMAGE_DIR, IMAGE_SUFFIXES, load_celeba
-from ..config import TrainConfig
-from ..geometry import CropGeometry
-from .cache import ImageCache
-from .dist import Dist
+from verify.data.celeba import ATTRIBUTES, IMAGE_DIR, IMAGE_SUFFIXES, load_celeba
+from verify.config import TrainConfig
+from verify.model.geometry import CropGeometry
+from verify.training.cache import ImageCache
+from verify.training.dist import Dist
 
 log = logging.getLogger(__name__)
 

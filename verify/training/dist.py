@@ -13,7 +13,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 
-from ..runtime import resolve_device
+from verify.model.device import resolve_device
 
 
 @dataclass(frozen=True)

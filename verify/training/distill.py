@@ -1,5 +1,5 @@
 """A teacher for the identity stage: its vectors for K augmented views of every training image,
-computed once (the losses that pull the student towards them are in verify.losses).
+computed once (the losses that pull the student towards them are in verify.training.losses).
 
 Teacher and student see the same augmented pixels: each view's augmentation parameters (flip,
 rotation, zoom, shift, brightness, contrast) are drawn once and stored with the teacher's vector;
@@ -26,14 +26,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..atomic import atomic_path
-from ..augment import AugmentParams, BatchAugment
-from ..config import TrainConfig
-from ..geometry import CropGeometry
-from ..model_file import Embedder
-from .cache import ImageCache
-from .data import FaceData, dataset_name
-from .dist import Dist
+from verify.atomic import atomic_path
+from verify.training.augment import AugmentParams, BatchAugment
+from verify.config import TrainConfig
+from verify.model.geometry import CropGeometry
+from verify.model.file import Embedder
+from verify.training.cache import ImageCache
+from verify.training.data import FaceData, dataset_name
+from verify.training.dist import Dist
 
 log = logging.getLogger(__name__)
 

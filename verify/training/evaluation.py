@@ -7,11 +7,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..augment import to_float
-from ..celeba import ATTRIBUTES
-from ..config import TrainConfig
-from ..metrics import attribute_accuracy, kfold_accuracy, majority_baseline, summarise_verification, threshold_at_far
-from .data import FaceData
+from verify.training.augment import to_float
+from verify.data.celeba import ATTRIBUTES
+from verify.config import TrainConfig
+from verify.evaluation.metrics import attribute_accuracy, kfold_accuracy, majority_baseline, summarise_verification, threshold_at_far
+from verify.training.data import FaceData
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """The end of an identity run: its best checkpoint as one calibrated model file (written by
-verify.model_file, the only writer of model files)."""
+verify.model.file, the only writer of model files)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..backbones import backbone_from_config
-from ..config import TrainConfig
-from ..model_file import save_model
-from .checkpoint import CKPT_BEST
-from .data import FaceData
-from .evaluation import evaluate_identity_configured
+from verify.model.backbones import backbone_from_config
+from verify.config import TrainConfig
+from verify.model.write import save_model
+from verify.training.checkpoint import CKPT_BEST
+from verify.training.data import FaceData
+from verify.training.evaluation import evaluate_identity_configured
 
 log = logging.getLogger(__name__)
 

@@ -16,15 +16,15 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..augment import BatchAugment
-from ..backbones import Backbone, count_parameters
-from ..config import OptimConfig, TrainConfig
-from ..runtime import seed_everything
-from .checkpoint import CKPT_LAST, git_commit, resume_training, save_epoch, start_run_folder
-from .data import FaceData, prepare_data, split_rows
-from .dist import init_distributed
-from .distill import TeacherTargets
-from .tasks import make_task, task_class
+from verify.training.augment import BatchAugment
+from verify.model.backbones import Backbone, count_parameters
+from verify.config import OptimConfig, TrainConfig
+from verify.model.device import seed_everything
+from verify.training.checkpoint import CKPT_LAST, git_commit, resume_training, save_epoch, start_run_folder
+from verify.training.data import FaceData, prepare_data, split_rows
+from verify.training.dist import init_distributed
+from verify.training.distill import TeacherTargets
+from verify.training.tasks import make_task, task_class
 
 log = logging.getLogger(__name__)
 

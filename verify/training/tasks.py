@@ -19,18 +19,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import Backbone, backbone_from_config
-from ..celeba import ATTRIBUTES
-from ..config import TrainConfig
-from ..losses import CosFaceLoss, TripletMarginLoss, cosine_distill_loss, relational_distill_loss
-from ..miners import BatchHardMiner, SemiHardMiner
-from ..samplers import PKSampler
-from .checkpoint import load_backbone_init
-from .data import FaceData, Splits
-from .dist import Dist
-from .distill import TeacherTargets, prepare_teacher
-from .evaluation import evaluate_attributes, evaluate_identity_configured
-from .export import export_identity_model
+from verify.model.backbones import Backbone, backbone_from_config
+from verify.data.celeba import ATTRIBUTES
+from verify.config import TrainConfig
+from verify.training.losses import CosFaceLoss, TripletMarginLoss, cosine_distill_loss, relational_distill_loss
+from verify.training.miners import BatchHardMiner, SemiHardMiner
+from verify.training.samplers import PKSampler
+from verify.training.checkpoint import load_backbone_init
+from verify.training.data import FaceData, Splits
+from verify.training.dist import Dist
+from verify.training.distill import TeacherTargets, prepare_teacher
+from verify.training.evaluation import evaluate_attributes, evaluate_identity_configured
+from verify.training.export import export_identity_model
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -1,7 +1,7 @@
 """People: enroll a person into a gallery, recalibrate their threshold, verify photos.
 
-Joins `verify` (faces, embeddings, scores) and `index` (the FAISS gallery), with verify.galleries
-(where galleries live, opening one, the matcher over it: torch-free) and verify.library (the photo
+Joins `verify` (faces, embeddings, scores) and `index` (the FAISS gallery), with verify.identity.galleries
+(where galleries live, opening one, the matcher over it: torch-free) and verify.queries.find (the photo
 library index); the CLI only parses arguments and prints what these functions return.
 
 Units: the model file, calibration and `IdentityMatcher` work with similarities (cosine, accept when
@@ -21,20 +21,20 @@ import numpy as np
 
 from index import Gallery, GalleryError
 
-from .enroll import EnrollmentBatch, embed_enrollment, expand_inputs, outlier_photos
-from .faces import DetectorConfig, FaceDetector, FacePipeline
-from .galleries import build_matcher, data_home, default_gallery, open_gallery
-from .scoring import calibrate_identity, pool_photos
+from verify.identity.embed import EnrollmentBatch, embed_enrollment, expand_inputs, outlier_photos
+from verify.faces import DetectorConfig, FaceDetector, FacePipeline
+from verify.identity.galleries import build_matcher, data_home, default_gallery, open_gallery
+from verify.identity.scoring import calibrate_identity, pool_photos
 
 if TYPE_CHECKING:  # the product path runs without torch: an OnnxEmbedder serves as well
-    from .model_file import Embedder
+    from verify.model.file import Embedder
 
 log = logging.getLogger(__name__)
 
 
 def face_pipeline(embedder: "Embedder", device: str = "auto", min_face: int = 20, min_prob: float = 0.9,
                   runtime: str = "auto") -> FacePipeline:
-    """MTCNN with these limits (under `runtime`: verify.inference), aligning to the model's crop and
+    """MTCNN with these limits (under `runtime`: verify.model.runtimes), aligning to the model's crop and
     embedding with it."""
     detector = FaceDetector(DetectorConfig(min_face_size=min_face, min_prob=min_prob, device=device, runtime=runtime))
     return FacePipeline(detector, embedder=embedder)
@@ -42,7 +42,7 @@ def face_pipeline(embedder: "Embedder", device: str = "auto", min_face: int = 20
 
 def recalibrate(gallery: Gallery, name: str, embedder: Embedder, target_far: float = 1e-3, top_k: int = 3) -> dict:
     """Set `name`'s similarity threshold at `target_far` on the model's impostor cohort (see
-    verify.scoring) and store it in the gallery; without a cohort the model's threshold applies."""
+    verify.identity.scoring) and store it in the gallery; without a cohort the model's threshold applies."""
     vecs, meta = gallery.vectors(name)
     _, pooled = pool_photos(vecs, meta["sha256"].to_numpy())
     cohort = embedder.cohort

@@ -1,6 +1,6 @@
 """Which runtime runs the product path's networks (MTCNN's three and the embedding model).
 
-- "onnx": ONNX Runtime on the CPU, from runtime graphs (verify/models/mtcnn/*.onnx, and `<model>.onnx`
+- "onnx": ONNX Runtime on the CPU, from runtime graphs (verify/model/shipped/mtcnn/*.onnx, and `<model>.onnx`
   beside each model file). Imports neither torch, torchvision nor facenet_pytorch: a process starts in
   a fraction of a second with a fraction of the memory, and a machine that only runs the product needs
   none of them (the base install).
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from verify.model.onnx_session import RuntimeDevice  # noqa: F401  (re-exported: callers name it here)
+
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "onnx", "torch")
@@ -28,16 +30,6 @@ TRAIN_EXTRA_HINT = "install the training extra: pip install 'faceverify[train]'"
 
 class RuntimeUnavailable(RuntimeError):
     """The runtime asked for cannot run here (one line)."""
-
-
-@dataclass(frozen=True)
-class RuntimeDevice:
-    """A device outside torch, with the one attribute callers read (`type`, as torch.device has)."""
-
-    type: str = "cpu"
-
-    def __str__(self) -> str:
-        return self.type
 
 
 def torch_installed() -> bool:
@@ -72,12 +64,12 @@ def load_embedder(model: str | os.PathLike | None = None, device: str = "auto", 
     missing, stale or corrupt graph is a one-line RuntimeGraphError naming it."""
     chosen = choose_runtime(runtime, device)
     if chosen == "torch":
-        from .model_file import Embedder
-        from .runtime import resolve_device
+        from verify.model.file import Embedder
+        from verify.model.device import resolve_device
 
         return Embedder.load(model, resolve_device(device))
-    from .onnx_embedder import OnnxEmbedder
-    from .onnx_runtime import RuntimeGraphError
+    from verify.model.onnx_embedder import OnnxEmbedder
+    from verify.model.onnx_session import RuntimeGraphError
 
     try:
         return OnnxEmbedder.load(model, threads=threads)
@@ -86,13 +78,13 @@ def load_embedder(model: str | os.PathLike | None = None, device: str = "auto", 
         if runtime != "auto" or pt is None or pt.suffix == ".onnx" or not pt.is_file() or not torch_installed():
             raise
         log.info("%s; making it from %s", e, pt)
-        from .runtime_graph import export_runtime_graph
+        from verify.model.graph import export_runtime_graph
 
         try:
             export_runtime_graph(pt)
         except OSError as oe:  # e.g. a read-only folder: run this model with PyTorch instead
             log.warning("%s: cannot write its runtime graph (%s); running it with PyTorch", pt, oe.strerror or oe)
-            from .model_file import Embedder
+            from verify.model.file import Embedder
 
             return Embedder.load(pt, "cpu")
         return OnnxEmbedder.load(pt, threads=threads)

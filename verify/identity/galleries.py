@@ -14,10 +14,10 @@ import numpy as np
 
 from index import Gallery, GalleryError
 
-from .scoring import IdentityCalibration, IdentityMatcher, pool_photos
+from verify.identity.scoring import IdentityCalibration, IdentityMatcher, pool_photos
 
 if TYPE_CHECKING:
-    from .model_file import Embedder
+    from verify.model.file import Embedder
 
 
 def data_home() -> Path:

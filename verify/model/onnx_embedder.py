@@ -1,6 +1,6 @@
 """The embedding model under ONNX Runtime, without torch: `OnnxEmbedder` runs a model file's runtime graph
-(`<model>.onnx` beside it, made by `faceverify model export` / verify/runtime_graph.py) and has the public
-interface of `verify.model_file.Embedder` (load, embed, geometry, fingerprint, similarity_threshold,
+(`<model>.onnx` beside it, made by `faceverify model export` / verify/model/graph.py) and has the public
+interface of `verify.model.file.Embedder` (load, embed, geometry, fingerprint, similarity_threshold,
 cohort, dim, meta, path, device).
 
 The graph does all of `Embedder.embed`'s arithmetic (normalisation, flip TTA, L2 normalisation): `embed`
@@ -8,7 +8,7 @@ only validates the crops and calls `session.run` per batch. Everything the produ
 model file is in the graph's metadata, so the .pt file is opened only to check that the graph was made
 from it (its sha256): a graph whose model file changed since is stale and refused.
 
-Imports numpy, onnxruntime (through verify.onnx_runtime, when a graph is opened) and torch-free modules
+Imports numpy, onnxruntime (through verify.model.onnx_session, when a graph is opened) and torch-free modules
 of this package only.
 """
 
@@ -23,10 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from .inference import RuntimeDevice
-from .model_meta import ModelMetaMixin
-from .onnx_runtime import RuntimeGraphError, open_session, providers_for
-from .runtime_graph import (COHORT_KEY, DEFAULT_GRAPH, EXPORT_HINT, GRAPH_FORMAT, INPUT_NAME, META_KEY, OUTPUT_NAME,
+from verify.model.meta import ModelMetaMixin
+from verify.model.onnx_session import RuntimeDevice, RuntimeGraphError, open_session, providers_for
+from verify.model.graph import (COHORT_KEY, DEFAULT_GRAPH, EXPORT_HINT, GRAPH_FORMAT, INPUT_NAME, META_KEY, OUTPUT_NAME,
                             file_sha256, graph_path_for)
 
 log = logging.getLogger(__name__)
@@ -100,7 +99,7 @@ class OnnxEmbedder(ModelMetaMixin):
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: str = "cpu", threads: int = 1) -> "OnnxEmbedder":
         """Open a runtime graph: `path` is the graph (.onnx) or its model file (.pt: the graph beside it);
-        default verify/models/default.onnx. Where the model file sits beside the graph, the graph must have
+        default verify/model/shipped/default.onnx. Where the model file sits beside the graph, the graph must have
         been made from it (sha256), else it is stale. `threads`: ONNX Runtime intra-op threads (0: one per
         core). A missing, corrupt or stale graph raises RuntimeGraphError (one line naming the file)."""
         p = Path(path) if path else DEFAULT_GRAPH

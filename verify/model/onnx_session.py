@@ -9,9 +9,20 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeDevice:
+    """A device outside torch, with the one attribute callers read (`type`, as torch.device has)."""
+
+    type: str = "cpu"
+
+    def __str__(self) -> str:
+        return self.type
 
 
 class RuntimeGraphError(ValueError):

@@ -1,7 +1,7 @@
 """Triplet miners: pick (anchor, positive, negative) index triplets from a labelled batch.
 
 Split of roles as in pytorch-metric-learning: a miner only chooses indices (under no_grad); the loss
-(verify.losses.TripletMarginLoss) computes one value per triplet with gradients. Every miner returns
+(verify.training.losses.TripletMarginLoss) computes one value per triplet with gradients. Every miner returns
 three int64 tensors of equal length on the embeddings' device, possibly empty (no valid triplet:
 a single identity in the batch, or only singletons); the loss then returns a zero with a grad path.
 """

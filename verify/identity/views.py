@@ -1,7 +1,7 @@
 """Augmented views of one photo region for enrollment, in numpy (no torch): the product path enrolls
 without the training stack.
 
-The same transform as `verify.augment.BatchAugment` (random horizontal flip, rotation, zoom and shift
+The same transform as `verify.training.augment.BatchAugment` (random horizontal flip, rotation, zoom and shift
 as one affine map per view; bilinear resampling with border padding, i.e. `F.grid_sample(...,
 padding_mode="border", align_corners=False)`), drawn from a numpy Generator. Given the same
 parameters the two agree to rounding (tests/test_view_augment.py).

@@ -30,10 +30,11 @@ from verify.faces import (
     AlignedFace, DetectorConfig, FaceDetector, FacePipeline, ImageLoadError, align, fixed_crop, load_image,
 )
 from verify.atomic import atomic_path
-from verify.metrics import ORACLE_NOTE, auc, best_accuracy_threshold, roc_curve, summarise_verification
-from verify.model_file import Embedder, attach_cohort
-from verify.pairs import lfw_image_path, read_lfw_pairs
-from verify.runtime import resolve_device
+from verify.evaluation.metrics import ORACLE_NOTE, auc, best_accuracy_threshold, roc_curve, summarise_verification
+from verify.model.file import Embedder
+from verify.model.write import attach_cohort
+from verify.data.pairs import lfw_image_path, read_lfw_pairs
+from verify.model.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -531,7 +532,7 @@ def cohort_sources(pairs_file: Path | None = None, images_root: Path | None = No
         identities += [f"lfw:{p.parent.name}" for p in lfw]
         parts.append(f"LFW people of {Path(pairs_file).name}")
     if celeba_roots:
-        from .celeba import load_celeba
+        from verify.data.celeba import load_celeba
 
         table = load_celeba([Path(r) for r in celeba_roots], need_attributes=False).table
         if not celeba_partitions or not set(celeba_partitions) <= {1, 2}:

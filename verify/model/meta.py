@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .geometry import CropGeometry
+from verify.model.geometry import CropGeometry
 
 
 class ModelMetaMixin:

@@ -36,7 +36,7 @@ class CropGeometry:
     size: int = 112
     box: tuple[float, float, float, float] = (25.0, 59.0, 153.0, 187.0)
     # Where the aligner puts the 5 landmarks, as fractions (x, y) of the crop side, when a model was
-    # not trained on this box of CelebA (dlib's chip: measured, see verify.dlib_import); None: the
+    # not trained on this box of CelebA (dlib's chip: measured, see verify.model.dlib_import); None: the
     # CelebA landmarks mapped through `box`.
     landmarks: tuple[tuple[float, float], ...] | None = None
 

@@ -1,5 +1,5 @@
 """The runtime graph of a model file: the whole `Embedder.embed` arithmetic as one ONNX graph, stored
-beside the model file (`<model>.onnx`), so that ONNX Runtime alone embeds faces (verify/onnx_embedder.py).
+beside the model file (`<model>.onnx`), so that ONNX Runtime alone embeds faces (verify/model/onnx_embedder.py).
 
 What the graph does (input "crops": (N, S, S, 3) uint8 RGB, N dynamic; output "embeddings": (N, D) float32
 unit rows): NHWC -> NCHW, x / 255, (x - mean) / std (one multiply and one add), the network, with the
@@ -46,7 +46,7 @@ COHORT_KEY = "faceverify.cohort"
 INPUT_NAME = "crops"
 OUTPUT_NAME = "embeddings"
 OPSET = 17
-DEFAULT_GRAPH = Path(__file__).resolve().parent / "models" / "default.onnx"
+DEFAULT_GRAPH = Path(__file__).resolve().parent / "shipped" / "default.onnx"
 EXPORT_HINT = "faceverify model export"
 
 
@@ -85,8 +85,8 @@ def export_runtime_graph(model_path: str | os.PathLike, out: str | os.PathLike |
     import onnx
     import torch
 
-    from .atomic import atomic_path
-    from .model_file import Embedder, ModelFileError, fingerprint
+    from verify.atomic import atomic_path
+    from verify.model.file import Embedder, ModelFileError, fingerprint
 
     model_path = Path(model_path)
     out = Path(out) if out is not None else graph_path_for(model_path)
@@ -147,7 +147,7 @@ def export_runtime_graph(model_path: str | os.PathLike, out: str | os.PathLike |
     del model.metadata_props[:]
     for k, v in props.items():
         model.metadata_props.add(key=k, value=v)
-    model.producer_name = "faceverify verify/runtime_graph.py"
+    model.producer_name = "faceverify verify/model/graph.py"
     model.doc_string = (f"faceverify embedding model {meta['fingerprint']} ({model_path.name}): uint8 NHWC crops "
                         f"{size}x{size} -> {info['embedding_dim']}-d unit embeddings")
     data = model.SerializeToString()
@@ -164,7 +164,7 @@ def export_runtime_graph(model_path: str | os.PathLike, out: str | os.PathLike |
 def _check_against_torch(graph: Path, emb, n: int = 5, min_cos: float = 0.9999) -> None:
     import numpy as np
 
-    from .onnx_runtime import open_session
+    from verify.model.onnx_session import open_session
 
     size = emb.geometry.size
     crops = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
@@ -190,7 +190,7 @@ def _graph_module(net, normalisation: dict, flip: bool, ort_rewrites: bool = Tru
     import torch.nn as nn
     import torch.nn.functional as F
 
-    from .backbones import DlibBlock
+    from verify.model.backbones import DlibBlock
 
     class PReLUAsConvs(nn.Module):
         """PReLU(z) = relu((1 - a) z) + a z (every a < 1), else (1 - a) relu(z) + a z, per channel, as

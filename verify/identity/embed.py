@@ -5,7 +5,7 @@ shift, flip), then detected and aligned again. Augmenting the aligned crop itsel
 face off the alignment the model was trained on, and measurably hurt (scripts/scenario.py: 51.4%
 true accepts with 8 such views, 55.7% with none, 56.2% with 8 re-aligned views).
 
-Numpy out; verify.people adds the vectors to the gallery."""
+Numpy out; verify.identity.enroll adds the vectors to the gallery."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .faces import FacePipeline, ImageFaces, is_image_file, shrink
-from .scoring import normalise, pool_photos
-from .view_augment import augment_views
+from verify.faces import FacePipeline, ImageFaces, is_image_file, shrink
+from verify.identity.scoring import normalise, pool_photos
+from verify.identity.views import augment_views
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def embed_known_faces(
     (photo path, content sha256, (5, 2) landmarks, box) in original pixels, the face is aligned from
     its stored landmarks (no detection) and embedded, plus up to `n_views` augmented views made as
     `embed_enrollment` makes them. A photo that cannot be read is skipped with its reason."""
-    from .faces import ImageLoadError, align, load_image
+    from verify.faces import ImageLoadError, align, load_image
 
     if pipeline.embedder is None:
         raise ValueError("embed_known_faces needs a FacePipeline with an embedder")

@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import Backbone, backbone_from_config
-from .atomic import atomic_path
-from .geometry import NORMALISATION, CropGeometry
-from .model_meta import ModelMetaMixin
+from verify.model.backbones import Backbone, backbone_from_config
+from verify.atomic import atomic_path
+from verify.model.geometry import NORMALISATION, CropGeometry
+from verify.model.meta import ModelMetaMixin
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.pt"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "shipped" / "default.pt"
 
 
 class ModelFileError(ValueError):
@@ -39,49 +39,6 @@ def fingerprint(state_dict: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def save_model(
-    path: str | Path,
-    net: Backbone,
-    *,
-    arch: dict,
-    geometry: CropGeometry,
-    threshold: float,
-    calibration: dict,
-    provenance: dict,
-    tta_flip: bool = True,
-    extra: dict | None = None,
-) -> str:
-    state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    fp = fingerprint(state)
-    blob = {
-        "format_version": FORMAT_VERSION,
-        "arch": dict(arch),
-        "state_dict": state,
-        "geometry": geometry.to_dict(),
-        "normalisation": dict(NORMALISATION),
-        "embedding_dim": int(arch["embedding_dim"]),
-        "threshold": float(threshold),
-        "calibration": dict(calibration),
-        "provenance": provenance,
-        "tta_flip": bool(tta_flip),
-        "fingerprint": fp,
-        "extra": extra or {},
-    }
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
-    _refresh_runtime_graph(Path(path))
-    return fp
-
-
-def _refresh_runtime_graph(model_path: Path) -> None:
-    """A runtime graph beside a rewritten model file would be stale (it records the file's sha256):
-    make it again. Where there is none, `faceverify model export` (or the first load) makes one."""
-    if model_path.with_suffix(".onnx").is_file() and model_path.suffix != ".onnx":
-        from .runtime_graph import export_runtime_graph
-
-        export_runtime_graph(model_path)
-
-
 def read_model_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -95,31 +52,6 @@ def read_model_file(path: str | Path) -> dict:
     if blob["format_version"] > FORMAT_VERSION:
         raise ModelFileError(f"{p}: model format {blob['format_version']} is newer than this faceverify ({FORMAT_VERSION})")
     return blob
-
-
-def attach_cohort(model_path: Path, cohort: np.ndarray, source: str) -> None:
-    """Rewrite the model file (atomically, same permissions) with `extra["cohort"]` (C, D) float16
-    unit rows and `extra["cohort_source"]`. The fingerprint hashes the weights only: it does not change."""
-    model_path = Path(model_path)
-    blob = read_model_file(model_path)
-    c = np.asarray(cohort, dtype=np.float32)
-    dim = int(blob["embedding_dim"])
-    if c.ndim != 2 or c.shape[0] == 0 or c.shape[1] != dim:
-        raise ValueError(f"{model_path}: cohort must be (C, {dim}) with C >= 1, got shape {c.shape}")
-    if not np.isfinite(c).all():
-        raise ValueError(f"{model_path}: cohort has non-finite values")
-    c = c / np.linalg.norm(c, axis=1, keepdims=True).clip(1e-12)
-    if fingerprint(blob["state_dict"]) != blob.get("fingerprint"):
-        raise ModelFileError(f"{model_path}: weights do not match the stored fingerprint; not rewriting it")
-    extra = dict(blob.get("extra") or {})
-    extra["cohort"] = torch.from_numpy(c).to(torch.float16)
-    extra["cohort_source"] = str(source)
-    blob["extra"] = extra
-    mode = stat.S_IMODE(os.stat(model_path).st_mode)
-    with atomic_path(model_path, mode=mode) as tmp:
-        torch.save(blob, tmp)
-    _refresh_runtime_graph(model_path)
-    log.info("%s: attached a cohort of %d faces (%s)", model_path, len(c), source)
 
 
 @dataclass

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import DLIB_BLOCKS, DlibResNet
-from .dlib_format import DlibNet, DlibFormatError, read_dlib_net
-from .geometry import CELEBA_LANDMARKS, CropGeometry
+from verify.model.backbones import DLIB_BLOCKS, DlibResNet
+from verify.model.dlib_format import DlibNet, DlibFormatError, read_dlib_net
+from verify.model.geometry import CELEBA_LANDMARKS, CropGeometry
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +171,10 @@ def import_dlib_model(
     partition 1 (validation identities) in `celeba_root`, cut with the chip's box; partition 2 is
     reported. With `cohort_pairs`/`cohort_images` (LFW pairsDevTrain.txt) the impostor cohort that
     enrollment uses is attached, as `faceverify calibrate` does. Returns a summary."""
-    from .config import DataConfig, TrainConfig
-    from .model_file import save_model
-    from .runtime import resolve_device
-    from .training import Dist, evaluate_identity, git_commit, prepare_data
+    from verify.config import DataConfig, TrainConfig
+    from verify.model.write import save_model
+    from verify.model.device import resolve_device
+    from verify.training import Dist, evaluate_identity, git_commit, prepare_data
 
     src = Path(dat_path) if dat_path else dlib_model_path()
     net, parsed = load_dlib_resnet(src)
@@ -207,8 +207,8 @@ def import_dlib_model(
                     provenance=provenance, tta_flip=False)
     summary = {"path": str(out), "fingerprint": fp, "threshold": threshold, **report}
     if cohort_pairs is not None and cohort_images is not None:
-        from .evaluate import calibrate_model
-        from .faces import DetectorConfig
+        from verify.evaluation.evaluate import calibrate_model
+        from verify.faces import DetectorConfig
 
         summary["cohort"] = calibrate_model(Path(out), Path(cohort_pairs), Path(cohort_images), device=device,
                                             detector_config=DetectorConfig(min_face_size=40, device=device))

@@ -5,7 +5,7 @@
 - `resnet`: a compact residual network sized for CPU (the default, a few M parameters).
 - `inception-resnet-v1`: facenet-pytorch's network (random init; pretrained weights need internet).
 - `dlib-resnet`: dlib's 29-layer face-recognition ResNet, rebuilt layer for layer; its weights come
-  from dlib's own file (`verify.dlib_import`), never from training here.
+  from dlib's own file (`verify.model.dlib_import`), never from training here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .heads import make_head
+from verify.model.heads import make_head
 
 log = logging.getLogger(__name__)
 

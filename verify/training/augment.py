@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .geometry import NORMALISATION
+from verify.model.geometry import NORMALISATION
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's contrast uses
 
