@@ -106,6 +106,12 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
 
+# Schema changes after version 1, keyed by the version they lead to: each runs in one transaction when a
+# writer opens an older index (readers of an older index see it as it is). A version with no entry here
+# changes nothing.
+_MIGRATIONS: dict[int, str] = {}
+
+
 class LibraryError(RuntimeError):
     """The index cannot be opened or written; the message is one line naming the file."""
 
@@ -273,6 +279,19 @@ class Library:
             raise LibraryError(f"{self.path}: library index without a schema version; not touching it")
         if not self.readonly:
             self._set_wal()
+            if version < SCHEMA_VERSION:
+                self._migrate(version)
+
+    def _migrate(self, version: int) -> None:
+        """Bring an index of an older schema up to SCHEMA_VERSION in one transaction: all or nothing."""
+        steps = "".join(_MIGRATIONS.get(v, "") for v in range(version + 1, SCHEMA_VERSION + 1))
+        try:
+            self._conn.executescript(f"BEGIN IMMEDIATE;{steps}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
+        except sqlite3.OperationalError as e:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+            raise self._write_error(e) from None
+        log.info("%s: library index schema %d -> %d", self.path, version, SCHEMA_VERSION)
 
     def _set_wal(self) -> None:
         try:
@@ -297,7 +316,8 @@ class Library:
             self._set_wal()
             # One script, one transaction: the schema and the marks that make it ours appear together.
             created = _now().replace("'", "")
-            self._conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA application_id = {APPLICATION_ID};"
+            steps = "".join(_MIGRATIONS.get(v, "") for v in range(2, SCHEMA_VERSION + 1))
+            self._conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{steps}PRAGMA application_id = {APPLICATION_ID};"
                                      f"PRAGMA user_version = {SCHEMA_VERSION};"
                                      f"INSERT INTO meta VALUES ('created', '{created}');COMMIT;")
         except sqlite3.OperationalError as e:
@@ -361,7 +381,7 @@ class Library:
     @staticmethod
     def _bump(c: sqlite3.Connection) -> None:
         # Every change to which faces are present or embedded bumps the generation: a search index built
-        # over the library's faces (verify.library.library_search) is stale when it differs.
+        # over the library's faces (verify.queries.find.library_search) is stale when it differs.
         c.execute("INSERT INTO meta VALUES ('generation', '1') ON CONFLICT (key) DO UPDATE "
                   "SET value = CAST(value AS INTEGER) + 1")
 
