@@ -10,6 +10,9 @@ mode, so readers (`find`, `people`, the HTML page) work while a scan writes:
     embeddings  per (model fingerprint, face): the unit vector, float32 BLOB; each model keeps its own
     runs        one row per scan: folders, model, detector, counts, finished or not
     groups      the last grouping of unknown faces per model (`faceverify people`), for `enroll --group`
+    decisions   (schema 2) what a person decided about a face: confirm / reject NAME, ignore (not a
+                face), undo of an earlier decision; keyed by the photo's content hash and face number,
+                never by an embedding, so a decision outlives a re-scan, a model change and a move
     meta        created, schema notes
 
 Embeddings are BLOBs in the database rather than a columnar sidecar: a file's faces and vectors are
@@ -44,7 +47,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 APPLICATION_ID = 0x46564C49  # "FVLI": faceverify library index
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("face", "no-face", "error", "skipped")
 
 _SCHEMA = """
@@ -109,7 +112,31 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
 # Schema changes after version 1, keyed by the version they lead to: each runs in one transaction when a
 # writer opens an older index (readers of an older index see it as it is). A version with no entry here
 # changes nothing.
-_MIGRATIONS: dict[int, str] = {}
+_MIGRATIONS: dict[int, str] = {
+    # A decision names a face by its photo's content (sha256) and face number, as the index follows a
+    # moved file; `path` only records where the photo was when decided. Rows are never changed or
+    # deleted: an undo is a row of its own (kind 'undo', undoes = the decision it cancels).
+    2: """
+CREATE TABLE decisions (
+    id        INTEGER PRIMARY KEY,
+    made      TEXT NOT NULL,            -- UTC time, ISO 8601
+    origin    TEXT NOT NULL,            -- who decided: cli, review, ...
+    kind      TEXT NOT NULL CHECK (kind IN ('confirm', 'reject', 'ignore', 'undo')),
+    sha256    TEXT,                     -- the photo's content hash (NULL for an undo)
+    face      INTEGER,                  -- face number in that photo (0 = largest)
+    name      TEXT,                     -- confirm / reject: the identity
+    path      TEXT,                     -- the photo's path when decided (for people to read)
+    undoes    INTEGER REFERENCES decisions (id),
+    CHECK ((kind = 'undo') = (undoes IS NOT NULL)),
+    CHECK (kind = 'undo' OR (sha256 IS NOT NULL AND face IS NOT NULL)),
+    CHECK ((kind IN ('confirm', 'reject')) = (name IS NOT NULL))
+);
+CREATE INDEX decisions_face ON decisions (sha256, face);
+CREATE UNIQUE INDEX decisions_undone ON decisions (undoes);
+CREATE INDEX files_sha256 ON files (sha256);
+""",
+}
+DECISION_KINDS = ("confirm", "reject", "ignore")
 
 
 class LibraryError(RuntimeError):
@@ -157,6 +184,34 @@ class FileRecord:
     detector: str | None = None
     faces: list[FaceRecord] = field(default_factory=list)
     embeddings: np.ndarray | None = None  # (F, D) float32
+
+
+@dataclass
+class Decision:
+    """A `decisions` row; `undone_by`: the id of the undo that cancelled it (None: it stands)."""
+
+    id: int
+    made: str
+    origin: str
+    kind: str  # confirm | reject | ignore | undo
+    sha256: str | None
+    face: int | None
+    name: str | None
+    path: str | None
+    undoes: int | None
+    undone_by: int | None = None
+
+
+@dataclass
+class DecidedFace:
+    """A present face of the index that a standing decision is about."""
+
+    face_id: int
+    file_id: int
+    path: str
+    sha256: str
+    face: int
+    box: tuple[float, float, float, float]
 
 
 @dataclass
@@ -505,6 +560,73 @@ class Library:
             c.execute("DELETE FROM groups WHERE model = ?", (model,))
             c.executemany("INSERT INTO groups VALUES (?, ?, ?)",
                           [(model, int(g), int(f)) for f, g in zip(face_ids, group_ids) if g >= 0])
+
+    # ---------------------------------------------------------------- decisions
+
+    def add_decisions(self, decisions: Sequence[tuple[str, str, int, str | None, str | None]],
+                      origin: str) -> list[int]:
+        """Store decisions (kind, photo sha256, face number, name, path when decided) in one
+        transaction (all or none); returns their ids."""
+        for kind, sha, face, name, _ in decisions:
+            if kind not in DECISION_KINDS:
+                raise ValueError(f"unknown decision {kind!r} (one of {', '.join(DECISION_KINDS)})")
+            if (kind in ("confirm", "reject")) != bool(name and name.strip()):
+                raise ValueError(f"a {kind} decision {'needs' if kind != 'ignore' else 'takes no'} a name")
+            if not sha or int(face) < 0:
+                raise ValueError("a decision needs the photo's content hash and a face number >= 0")
+        made = _now()
+        with self.transaction() as c:
+            return [int(c.execute("INSERT INTO decisions (made, origin, kind, sha256, face, name, path) "
+                                  "VALUES (?,?,?,?,?,?,?)", (made, origin, kind, sha, int(face), name, path)).lastrowid)
+                    for kind, sha, face, name, path in decisions]
+
+    def undo_decision(self, decision_id: int, origin: str) -> int:
+        """Cancel decision `decision_id` (one transaction); returns the undo's own id. LibraryError (one
+        line) for an unknown id, an undo, or a decision undone already."""
+        with self.transaction() as c:
+            row = c.execute("SELECT kind FROM decisions WHERE id = ?", (int(decision_id),)).fetchone()
+            if row is None:
+                raise LibraryError(f"{self.path}: no decision {decision_id}")
+            if row[0] == "undo":
+                raise LibraryError(f"{self.path}: decision {decision_id} is an undo; make the decision again instead")
+            done = c.execute("SELECT id FROM decisions WHERE undoes = ?", (int(decision_id),)).fetchone()
+            if done is not None:
+                raise LibraryError(f"{self.path}: decision {decision_id} was undone already (by {done[0]})")
+            return int(c.execute("INSERT INTO decisions (made, origin, kind, undoes) VALUES (?, ?, 'undo', ?)",
+                                 (_now(), origin, int(decision_id))).lastrowid)
+
+    def _has_decisions(self) -> bool:
+        # An index of schema 1 opened read-only has no decisions table (a writer adds it).
+        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'decisions'"
+                                  ).fetchone() is not None
+
+    def decisions(self, standing_only: bool = False) -> list[Decision]:
+        """Every decision in the order made (with `standing_only`: confirm / reject / ignore not undone)."""
+        if not self._has_decisions():
+            return []
+        q = ("SELECT d.id, d.made, d.origin, d.kind, d.sha256, d.face, d.name, d.path, d.undoes, u.id "
+             "FROM decisions d LEFT JOIN decisions u ON u.undoes = d.id"
+             + (" WHERE d.kind != 'undo' AND u.id IS NULL" if standing_only else "") + " ORDER BY d.id")
+        return [Decision(*row) for row in self._conn.execute(q)]
+
+    def decided_faces(self) -> dict[tuple[str, int], list[DecidedFace]]:
+        """(photo sha256, face number) -> the present faces of the index that standing decisions are
+        about (one per copy of the photo); a decided face that is gone has no entry."""
+        if not self._has_decisions():
+            return {}
+        q = ("SELECT DISTINCT f.id, fi.id, fi.path, fi.sha256, f.face, f.x1, f.y1, f.x2, f.y2 FROM decisions d "
+             "JOIN files fi ON fi.sha256 = d.sha256 AND fi.present = 1 "
+             "JOIN faces f ON f.file_id = fi.id AND f.face = d.face "
+             "WHERE d.kind != 'undo' AND NOT EXISTS (SELECT 1 FROM decisions u WHERE u.undoes = d.id)")
+        out: dict[tuple[str, int], list[DecidedFace]] = {}
+        for face_id, file_id, path, sha, k, x1, y1, x2, y2 in self._conn.execute(q):
+            out.setdefault((sha, int(k)), []).append(DecidedFace(int(face_id), int(file_id), path, sha, int(k),
+                                                                (x1, y1, x2, y2)))
+        return out
+
+    def file_by_id(self, file_id: int) -> StoredFile | None:
+        row = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (int(file_id),)).fetchone()
+        return _stored(row) if row else None
 
     # ---------------------------------------------------------------- reading
 

@@ -76,7 +76,14 @@ def find(library: Library, gallery: Gallery, *, names: Sequence[str] = (),
     html_path = Path(html).absolute() if html is not None else None
     thumbs_dir = files_dir(html_path) if html_path is not None else None
     matcher = build_matcher(gallery)
-    candidates = candidate_faces(library, gallery.fingerprint, matcher, names) if names else None
+    candidates = None
+    if names:
+        from verify.identity.decisions import Verdicts
+
+        # faces confirmed as one of them are theirs whatever their score (applied in the rows)
+        confirmed = Verdicts.load(library).confirmed_face_ids(names)
+        candidates = np.union1d(candidate_faces(library, gallery.fingerprint, matcher, names),
+                                np.asarray(confirmed, np.int64))
     rows = find_rows(library, gallery.fingerprint, matcher, under=under, thumbs_dir=thumbs_dir, page=page,
                      only_faces=candidates)
     missing = unindexed(rows)

@@ -35,11 +35,18 @@ def unknown_people(library: Library, gallery: Gallery | None, model: str, *, min
     (every face without one) into candidate people; store the grouping in the index for `enroll --group`."""
     from index.groups import DEFAULT_MAX_DISTANCE, group_faces
 
+    from verify.identity.decisions import Verdicts, apply_decisions
+
     require_embedded(library, model)
     face_ids, vectors = library.embeddings(model)  # (N,), (N, D)
-    if gallery is not None and len(gallery):
-        matched = np.array([m.match for m in build_matcher(gallery)(vectors)], dtype=bool) \
-            if len(vectors) else np.zeros(0, bool)
+    verdict_of = Verdicts.load(library).of_face_ids()
+    # ignored (not a face) and confirmed (known) faces are never grouped
+    settled = np.array([(v := verdict_of.get(int(f))) is not None and (v.ignored_by is not None or v.confirmed is not None)
+                        for f in face_ids.tolist()], dtype=bool)
+    face_ids, vectors = face_ids[~settled], vectors[~settled]
+    if gallery is not None and len(gallery) and len(vectors):
+        matches, _ = apply_decisions(build_matcher(gallery)(vectors), [verdict_of.get(int(f)) for f in face_ids.tolist()])
+        matched = np.array([m.match for m in matches], dtype=bool)
         face_ids, vectors = face_ids[~matched], vectors[~matched]
     labels = group_faces(vectors, max_distance=DEFAULT_MAX_DISTANCE if max_distance is None else max_distance,
                          min_faces=min_faces, method=method) if len(vectors) else np.zeros(0, np.int64)

@@ -133,6 +133,10 @@ def library_rows(library: Library, files: Sequence[tuple[str, StoredFile | None,
                  failed: dict[str, str] | None = None) -> Iterator[dict]:
     """Report rows of `files` (report path, stored file or None, walk entry) from the index, matched
     by `builder`'s matcher, in the given order. `failed`: report path -> error for this run only."""
+    if builder.verdicts is None:  # the decisions about faces: applied by the builder, last
+        from verify.identity.decisions import Verdicts
+
+        builder.verdicts = Verdicts.load(library)
     for batch in _batches(iter(files), batch_size):
         ids = [s.id for _, s, _ in batch if s is not None and s.status == "face"]
         faces = library.faces(ids, model) if ids else {}
@@ -149,7 +153,8 @@ def library_rows(library: Library, files: Sequence[tuple[str, StoredFile | None,
                     d = DecodedFile(None, status="error",
                                     error=f"faces not embedded by model {model} (scan this folder with it)")
                 else:
-                    d = DecodedFile(None, faces=[Face(r.box, r.prob, r.landmarks) for r in recs], embeddings=emb)
+                    d = DecodedFile(None, faces=[Face(r.box, r.prob, r.landmarks) for r in recs], embeddings=emb,
+                                    sha256=s.sha256)
             elif s.status == "no-face":
                 d = DecodedFile(None, faces=[], embeddings=np.zeros((0, 0), np.float32))
             else:
