@@ -624,6 +624,17 @@ class Library:
                                                                 (x1, y1, x2, y2)))
         return out
 
+    def face_ids(self, file_ids: Sequence[int] | None = None) -> dict[tuple[str, int], int]:
+        """(report path, face number) -> face id of the present files (or of `file_ids`)."""
+        q = "SELECT fi.path, f.face, f.id FROM faces f JOIN files fi ON fi.id = f.file_id WHERE fi.present = 1"
+        if file_ids is None:
+            return {(p, int(k)): int(i) for p, k, i in self._conn.execute(q)}
+        out: dict[tuple[str, int], int] = {}
+        for part in _chunks([int(i) for i in file_ids]):
+            out.update({(p, int(k)): int(i) for p, k, i in self._conn.execute(
+                q + f" AND fi.id IN ({','.join('?' * len(part))})", tuple(part))})
+        return out
+
     def file_by_id(self, file_id: int) -> StoredFile | None:
         row = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (int(file_id),)).fetchone()
         return _stored(row) if row else None

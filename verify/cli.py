@@ -675,6 +675,46 @@ def undo(
                f"face {done.face} of {done.path})")
 
 
+@app.command()
+def review(
+    index: IndexOpt = None,
+    gallery: GalleryOpt = None,
+    model: ModelOpt = None,
+    port: Annotated[int, typer.Option("--port", help="Port to serve on (default: a free one).")] = 0,
+    host: Annotated[str, typer.Option("--host", help="Address to serve on; anything but 127.0.0.1 lets other machines reach it (with the token).")] = "127.0.0.1",
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Do not open the browser.")] = False,
+    near_miss: NearMissOpt = 0.05,
+    augment: Annotated[int, typer.Option("--augment", help="Augmented views per confirmed face (as enroll).")] = 8,
+    device: DevOpt = "cpu",
+    runtime: RuntimeOpt = "auto",
+) -> None:
+    """Review the matches in a local web app: each person's matched faces and near misses, the unknown
+    groups, every photo with its face boxes; confirm (y) or reject (n) each face from the keyboard.
+
+    Prints its URL with a token as the first line; stops on Ctrl-C or SIGTERM."""
+    import sys
+
+    from index.library import LibraryError
+
+    from verify.identity.galleries import default_gallery
+    from verify.review.app import ReviewSource
+    from verify.review.server import serve
+
+    lib = _open_library(index)  # refuses one that is missing, foreign or newer; brings an older one up to date
+    lib.close()
+    source = ReviewSource(index=lib.path, gallery=(gallery or default_gallery()).absolute(), model=model,
+                          near_miss=near_miss, n_views=augment, device=device, runtime=runtime)
+
+    def announce(url: str) -> None:
+        typer.echo(url)
+        sys.stdout.flush()
+
+    try:
+        serve(source, host=host, port=port, open_browser=not no_browser, announce=announce)
+    except (OSError, LibraryError) as e:
+        _fail(str(e))
+
+
 def _open_gallery_quiet(path: Optional[Path]):
     """The gallery when there is one (people: everyone is unknown without it)."""
     from verify.identity.galleries import default_gallery, open_gallery
