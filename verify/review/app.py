@@ -197,7 +197,7 @@ def create_app(source: ReviewSource, token: str, *, allowed_hosts: list[str] | N
         return html(render)
 
     def person(request: Request) -> Response:
-        name = request.path_params["name"]
+        name = request.query_params.get("name", "")
 
         def render(nonce: str) -> str:
             lib, g = opened()
@@ -406,7 +406,7 @@ def create_app(source: ReviewSource, token: str, *, allowed_hosts: list[str] | N
 
     routes = [
         Route("/", home, methods=["GET"]),
-        Route("/person/{name:str}", person, methods=["GET"]),
+        Route("/person", person, methods=["GET"]),
         Route("/groups", groups, methods=["GET"]),
         Route("/photo/{file_id:int}", photo, methods=["GET"]),
         Route("/thumb/{face_id:int}", thumb, methods=["GET"]),

@@ -143,7 +143,8 @@ def figure(row: dict, token: str, name: str | None, mode: str = "person", group:
 
 def index_page(people: Sequence[tuple[str, int, int]], groups: int | None, token: str, nonce: str,
                source: str) -> str:
-    rows = "".join(f'<tr><td><a href="{esc(link("/person/" + quote(n, safe=""), token))}">{esc(n)}</a></td>'
+    # the name goes in the query: a name may hold any character, "/" included
+    rows = "".join(f'<tr><td><a href="{esc(link("/person", token) + "&name=" + quote(n, safe=""))}">{esc(n)}</a></td>'
                    f"<td>{m}</td><td>{near}</td></tr>" for n, m, near in people)
     body = (f'<p class="keys">index {esc(source)}</p>'
             + (f"<table><tr><th>person</th><th>matched faces</th><th>near misses</th></tr>{rows}</table>"

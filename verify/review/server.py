@@ -30,6 +30,23 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises a caught SIGINT / SIGTERM after its graceful shutdown (exit by signal); here
+        stopping is the whole answer to the signal, so the command ends normally (exit 0)."""
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+            log.info("review: stopping on signal %d", sig)
+
+    return Server
+
+
 def review_url(host: str, port: int, token: str) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}/?token={token}"
@@ -41,6 +58,7 @@ def serve(source: ReviewSource, *, host: str = "127.0.0.1", port: int = 0, open_
     prints it as the first line of stdout, as Jupyter does)."""
     import uvicorn
 
+    _Server = _server_class()
     token = token or secrets.token_urlsafe(24)
     sock = bind(host, port)
     port = sock.getsockname()[1]
@@ -51,7 +69,7 @@ def serve(source: ReviewSource, *, host: str = "127.0.0.1", port: int = 0, open_
     if open_browser:
         threading.Timer(0.5, lambda: webbrowser.open(url)).start()
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = _Server(config)
     try:
         server.run(sockets=[sock])  # handles SIGINT and SIGTERM: finishes requests in flight, then returns
     finally:
