@@ -176,7 +176,7 @@ def test_review_in_chromium_reject_confirm_name(library):
         assert proc.wait(timeout=30) == 0  # SIGTERM stops it cleanly
 
 
-def test_review_security_and_durability(library):
+def test_review_security_and_durability(library, lfw_root):
     tmp, g, db = library
     proc, url = start_review(db, g)
     token = url.split("token=")[1]
@@ -196,6 +196,20 @@ def test_review_security_and_durability(library):
         assert status_of(url, f"/decide?token={token}&face_id=1&kind=ignore") == 405
         assert status_of(url, f"/decide?token={token}", "POST", {"Content-Type": "application/json"},
                          json.dumps({"face_id": 1, "kind": "ignore"}).encode()) == 401
+        # a scan writes the same index while the app runs: the app answers, and shows the new photo
+        new = tmp / "photos" / "late" / "Ricardo_Lagos_0001.jpg"
+        copy_photos(new.parent, [lfw_root / "lfw-deepfunneled" / "Ricardo_Lagos" / new.name])
+        scan = subprocess.Popen([sys.executable, "-m", "verify", "scan", str(tmp / "photos"), "--gallery", str(g),
+                                 "--index", str(db), "--out", str(tmp / "r2.csv"), "--workers", "0", "--device", "cpu"],
+                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        while scan.poll() is None:
+            assert status_of(url, f"/?token={token}") == 200
+            time.sleep(0.2)
+        assert scan.returncode == 0
+        with Library.open(db, readonly=True) as lib:
+            new_id = lib.files([str(new)])[str(new)].id
+        assert status_of(url, f"/photo/{new_id}?token={token}") == 200
         before = len(Library.open(db, readonly=True).decisions())
         ack = post(url, "/decide", token, {"face_id": 1, "kind": "ignore"})
     finally:
