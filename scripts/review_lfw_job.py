@@ -3,7 +3,7 @@ scan the LFW photos of ../shared/data, reject the person's worst false matches, 
 misses; found / false before and after, and how the next `find` of that person changed.
 
     .venv/bin/python scripts/review_lfw_job.py [--person Paul_Wolfowitz] [--work /tmp/review_lfw]
-        [--index DB] [--reject 5] [--confirm 5]
+        [--index DB] [--reject 5] [--confirm 5] [--enroll 3]
 
 Truth: an LFW photo is named after its subject, who is centred in the 250 x 250 crop; a face whose box
 centre is within 40 px of the middle is the subject, any other face a bystander (as
@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--index", type=Path, default=None)
     ap.add_argument("--reject", type=int, default=5)
     ap.add_argument("--confirm", type=int, default=5)
+    ap.add_argument("--enroll", type=int, default=3, help="photos of the person to enroll from")
     args = ap.parse_args()
 
     work = args.work
@@ -70,9 +71,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     db = args.index or work / "lib.db"
     photos = sorted((LFW / args.person).glob("*.jpg"))
-    enrolled = {str(p) for p in photos[:3]}
+    enrolled = {str(p) for p in photos[:args.enroll]}
     name = args.person
-    print(cli("enroll", name, *photos[:3], "--gallery", gallery, "--device", "cpu").strip())
+    print(cli("enroll", name, *photos[:args.enroll], "--gallery", gallery, "--device", "cpu").strip())
     if args.index is None:
         print(cli("scan", LFW, "--gallery", gallery, "--index", db, "--out", work / "scan.csv", "--device", "cpu").strip())
 
@@ -88,7 +89,9 @@ def main() -> None:
         print(cli("reject", r["path"], "--face", int(r["face"]), "--as", name, "--index", db).strip())
     after_reject = find("after_reject")
     table.append((f"after rejecting {min(args.reject, len(false))} false matches", counts(after_reject, name, enrolled)))
-    near = pool[~pool["match"] & (pool["nearest"] == name)].sort_values("distance")
+    near = after_reject[~after_reject["path"].isin(enrolled) & ~after_reject["match"]
+                        & (after_reject["nearest"] == name)].sort_values("distance")
+    band = near[near["distance"] <= near["threshold"] + 0.05]  # the review page's near misses (--near-miss 0.05)
     true_near = near[near["truth"] == name].head(args.confirm)
     looked = int((near["distance"] <= true_near["distance"].max()).sum()) if len(true_near) else 0
     for _, r in true_near.iterrows():
@@ -100,7 +103,9 @@ def main() -> None:
     decided = set(false.head(args.reject)["path"]) | set(true_near["path"])
     undecided = counts(after[~after["path"].isin(decided)], name, enrolled)
     first = counts(before[~before["path"].isin(decided)], name, enrolled)
-    print(f"\n# {name}: enrolled from 3 photos; {len(pool)} other faces in the index; truth from LFW names")
+    print(f"\n# {name}: enrolled from {args.enroll} photos; {len(pool)} other faces in the index; truth from LFW "
+          f"names; near misses on the review page (within 0.05 of the threshold): {len(band)}, of them "
+          f"{int((band['truth'] == name).sum())} of {name}")
     print("| state | found | false | missed |")
     print("|---|---:|---:|---:|")
     for label, c in table:

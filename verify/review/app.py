@@ -220,7 +220,8 @@ def create_app(source: ReviewSource, token: str, *, allowed_hosts: list[str] | N
             lib, g = opened()
             try:
                 model = model_of(lib, g)
-                result = unknown_people(lib, g if g is not None and len(g) else None, model)
+                # shown, not saved: a GET changes nothing in the index
+                result = unknown_people(lib, g if g is not None and len(g) else None, model, save=False)
                 where = lib.face_locations([f for m in result.groups.values() for f in m])
                 file_ids = {p: s.id for p, s in lib.files({w[0] for w in where.values()}).items()}
                 shown = []

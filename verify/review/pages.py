@@ -91,6 +91,12 @@ SCRIPT = r"""
       }catch(e){ say('error: ' + e.message); }
     });
   });
+  document.querySelectorAll('button.undo').forEach(function(b){
+    b.addEventListener('click', async function(){
+      try{ await post('/undo', {decision: Number(b.dataset.decision)}); b.replaceWith('undone'); say('undone ' + b.dataset.decision); }
+      catch(e){ say('error: ' + e.message); }
+    });
+  });
   if(faces[0]) faces[0].focus();
 })();
 """
@@ -192,13 +198,21 @@ def photo_page(path: str, size: tuple[int, int], faces: Sequence[dict], file_id:
     return page("photo", body, token, nonce)
 
 
+def _decision_state(d: Any, gone: set[int]) -> str:
+    if d.undone_by:
+        return f"undone by {int(d.undone_by)}"
+    if d.kind == "undo":
+        return ""
+    button = f'<button class="undo" data-decision="{int(d.id)}">undo</button>'
+    return ("face gone from the index " if d.id in gone else "") + button
+
+
 def decisions_page(rows: Sequence[Any], gone: set[int], token: str, nonce: str) -> str:
     what = {"confirm": "is", "reject": "is not", "ignore": "is not a face", "undo": "undo of"}
     trs = "".join(
         f"<tr><td>{d.id}</td><td>{esc(d.made)}</td><td>{esc(d.origin)}</td><td>{esc(what[d.kind])} "
         f"{esc(d.name or (d.undoes if d.kind == 'undo' else ''))}</td><td>{esc(d.path or '')}</td>"
         f"<td>{'' if d.face is None else int(d.face)}</td>"
-        f"<td>{'undone by ' + str(d.undone_by) if d.undone_by else ('face gone' if d.id in gone else '')}</td></tr>"
-        for d in reversed(rows))
+        f"<td>{_decision_state(d, gone)}</td></tr>" for d in reversed(rows))
     return page("decisions", f"<table><tr><th>id</th><th>time</th><th>origin</th><th>decision</th><th>photo</th>"
                              f"<th>face</th><th></th></tr>{trs}</table>", token, nonce)
