@@ -126,6 +126,8 @@ CREATE TABLE decisions (
     face      INTEGER,                  -- face number in that photo (0 = largest)
     name      TEXT,                     -- confirm / reject: the identity
     path      TEXT,                     -- the photo's path when decided (for people to read)
+    x1 REAL, y1 REAL, x2 REAL, y2 REAL, -- the face's box when decided: a re-detection that numbers
+                                        -- the photo's faces differently still finds it
     undoes    INTEGER REFERENCES decisions (id),
     CHECK ((kind = 'undo') = (undoes IS NOT NULL)),
     CHECK (kind = 'undo' OR (sha256 IS NOT NULL AND face IS NOT NULL)),
@@ -149,6 +151,15 @@ class LibraryBusy(LibraryError):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, w) * max(0.0, h)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def walk_order_key(path: str) -> tuple:
@@ -563,11 +574,15 @@ class Library:
 
     # ---------------------------------------------------------------- decisions
 
-    def add_decisions(self, decisions: Sequence[tuple[str, str, int, str | None, str | None]],
-                      origin: str) -> list[int]:
-        """Store decisions (kind, photo sha256, face number, name, path when decided) in one
-        transaction (all or none); returns their ids."""
-        for kind, sha, face, name, _ in decisions:
+    def add_decisions(self, decisions: Sequence[tuple], origin: str) -> list[int]:
+        """Store decisions (kind, photo sha256, face number, name, path when decided[, box]) in one
+        transaction (all or none); returns their ids. With the face's box (x1, y1, x2, y2), the
+        decision follows that face if a later detection numbers the photo's faces otherwise."""
+        rows = []
+        for kind, sha, face, name, path, *rest in decisions:
+            box = tuple(float(v) for v in rest[0]) if rest and rest[0] is not None else (None,) * 4
+            rows.append((kind, sha, face, name, path, box))
+        for kind, sha, face, name, _, _ in rows:
             if kind not in DECISION_KINDS:
                 raise ValueError(f"unknown decision {kind!r} (one of {', '.join(DECISION_KINDS)})")
             if (kind in ("confirm", "reject")) != bool(name and name.strip()):
@@ -576,9 +591,10 @@ class Library:
                 raise ValueError("a decision needs the photo's content hash and a face number >= 0")
         made = _now()
         with self.transaction() as c:
-            return [int(c.execute("INSERT INTO decisions (made, origin, kind, sha256, face, name, path) "
-                                  "VALUES (?,?,?,?,?,?,?)", (made, origin, kind, sha, int(face), name, path)).lastrowid)
-                    for kind, sha, face, name, path in decisions]
+            return [int(c.execute("INSERT INTO decisions (made, origin, kind, sha256, face, name, path, x1, y1, x2, y2) "
+                                  "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                                  (made, origin, kind, sha, int(face), name, path, *box)).lastrowid)
+                    for kind, sha, face, name, path, box in rows]
 
     def undo_decision(self, decision_id: int, origin: str) -> int:
         """Cancel decision `decision_id` (one transaction); returns the undo's own id. LibraryError (one
@@ -609,19 +625,30 @@ class Library:
              + (" WHERE d.kind != 'undo' AND u.id IS NULL" if standing_only else "") + " ORDER BY d.id")
         return [Decision(*row) for row in self._conn.execute(q)]
 
-    def decided_faces(self) -> dict[tuple[str, int], list[DecidedFace]]:
-        """(photo sha256, face number) -> the present faces of the index that standing decisions are
-        about (one per copy of the photo); a decided face that is gone has no entry."""
+    def decided_faces(self) -> dict[int, list[DecidedFace]]:
+        """Standing decision id -> the present faces of the index it is about (one per copy of the
+        photo): the photo's face whose box overlaps the decided box most (IoU >= 0.5), or for a
+        decision without a box the face of its number. A decision whose face is gone has no entry."""
         if not self._has_decisions():
             return {}
-        q = ("SELECT DISTINCT f.id, fi.id, fi.path, fi.sha256, f.face, f.x1, f.y1, f.x2, f.y2 FROM decisions d "
-             "JOIN files fi ON fi.sha256 = d.sha256 AND fi.present = 1 "
-             "JOIN faces f ON f.file_id = fi.id AND f.face = d.face "
-             "WHERE d.kind != 'undo' AND NOT EXISTS (SELECT 1 FROM decisions u WHERE u.undoes = d.id)")
-        out: dict[tuple[str, int], list[DecidedFace]] = {}
-        for face_id, file_id, path, sha, k, x1, y1, x2, y2 in self._conn.execute(q):
-            out.setdefault((sha, int(k)), []).append(DecidedFace(int(face_id), int(file_id), path, sha, int(k),
-                                                                (x1, y1, x2, y2)))
+        q = ("SELECT d.id, d.face, d.x1, d.y1, d.x2, d.y2, f.id, fi.id, fi.path, fi.sha256, f.face, "
+             "f.x1, f.y1, f.x2, f.y2 FROM decisions d "
+             "JOIN files fi ON fi.sha256 = d.sha256 AND fi.present = 1 JOIN faces f ON f.file_id = fi.id "
+             "WHERE d.kind != 'undo' AND NOT EXISTS (SELECT 1 FROM decisions u WHERE u.undoes = d.id) "
+             "ORDER BY d.id, fi.id, f.face")
+        best: dict[tuple[int, int], tuple[float, DecidedFace]] = {}  # (decision, file) -> (overlap, face)
+        for d_id, d_face, dx1, dy1, dx2, dy2, face_id, file_id, path, sha, k, x1, y1, x2, y2 in self._conn.execute(q):
+            box = (x1, y1, x2, y2)
+            if dx1 is None:
+                overlap = 1.0 if int(k) == int(d_face) else 0.0
+            else:
+                overlap = box_iou((dx1, dy1, dx2, dy2), box)
+            key = (int(d_id), int(file_id))
+            if overlap >= 0.5 and (key not in best or overlap > best[key][0]):
+                best[key] = (overlap, DecidedFace(int(face_id), int(file_id), path, sha, int(k), box))
+        out: dict[int, list[DecidedFace]] = {}
+        for (d_id, _), (_, face) in sorted(best.items()):
+            out.setdefault(d_id, []).append(face)
         return out
 
     def face_ids(self, file_ids: Sequence[int] | None = None) -> dict[tuple[str, int], int]:

@@ -44,7 +44,7 @@ def test_decisions_are_kept_by_content_and_survive_a_move(tmp_path):
     lib.copy_file(lib.files(["/p/a.jpg"])["/p/a.jpg"].id, FileRecord("/q/a.jpg", "/q/a.jpg", 100, 2, 2, 2, "error"))
     lib.mark_gone(["/p"], {"/p/b.jpg"})
     decided = lib.decided_faces()
-    assert [f.path for f in decided[("aa", 1)]] == ["/q/a.jpg"] and ("bb", 0) in decided
+    assert [f.path for f in decided[ids[0]]] == ["/q/a.jpg"] and [f.face for f in decided[ids[1]]] == [0]
     undo_id = lib.undo_decision(ids[0], "test")
     assert [d.id for d in lib.decisions(standing_only=True)] == [ids[1]]
     assert next(d for d in lib.decisions() if d.id == ids[0]).undone_by == undo_id
@@ -57,6 +57,28 @@ def test_decisions_are_kept_by_content_and_survive_a_move(tmp_path):
     with pytest.raises(ValueError, match="needs a name"):
         lib.add_decisions([("confirm", "aa", 0, None, None)], "test")
     assert len(lib.decisions()) == 3  # the failed ones wrote nothing
+    lib.close()
+
+
+def test_a_decision_follows_its_face_when_the_faces_are_numbered_again(tmp_path):
+    lib = Library.open(tmp_path / "lib.db")
+    lib.ensure_model("m", 4)
+    lib.record([_record("/p/a.jpg", "aa", 2)], "m")
+    _, recs, _ = lib.faces([lib.files(["/p/a.jpg"])["/p/a.jpg"].id])[1]
+    (d,) = lib.add_decisions([("reject", "aa", 1, "ann", "/p/a.jpg", recs[1].box)], "test")
+    # analysed again (other detector settings): the same two faces, numbered the other way round
+    again = _record("/p/a.jpg", "aa", 2)
+    again.faces.reverse()
+    lib.record([again], "m")
+    assert [f.face for f in lib.decided_faces()[d]] == [0]
+    verdicts = Verdicts.load(lib)
+    assert verdicts.of("aa", 0).rejected == {"ann": d} and verdicts.of("aa", 1) is None
+    # analysed again with that face no longer found: the decision is about a face that is gone
+    lib.record([_record("/p/a.jpg", "aa", 1)], "m")
+    assert d not in lib.decided_faces() and len(Verdicts.load(lib)) == 0
+    from verify.identity.decisions import face_gone
+
+    assert face_gone(lib) == {d}
     lib.close()
 
 

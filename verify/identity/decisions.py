@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from index.library import Decision, DecidedFace, FaceRecord, Library, LibraryError, StoredFile
+from index.library import Decision, DecidedFace, FaceRecord, Library, LibraryError, StoredFile, box_iou
 
 from verify.identity.scoring import Match
 
@@ -73,10 +73,17 @@ class Verdicts:
 
     @classmethod
     def load(cls, library: Library) -> "Verdicts":
+        """The standing decisions, each on the face it is about now (the index resolves it by box
+        overlap, so a re-detection that numbers the faces otherwise keeps it on the same face)."""
+        standing = library.decisions(standing_only=True)
+        resolved = library.decided_faces() if standing else {}
         by_key: dict[Key, FaceVerdict] = {}
-        for d in library.decisions(standing_only=True):
-            by_key.setdefault((d.sha256, int(d.face)), FaceVerdict()).add(d)
-        return cls(by_key, library.decided_faces() if by_key else {})
+        present: dict[Key, dict[int, DecidedFace]] = {}
+        for d in standing:  # in the order made: later decisions override earlier ones
+            for f in resolved.get(d.id, []):
+                by_key.setdefault((f.sha256, f.face), FaceVerdict()).add(d)
+                present.setdefault((f.sha256, f.face), {})[f.face_id] = f
+        return cls(by_key, {k: list(v.values()) for k, v in present.items()})
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -102,15 +109,6 @@ class Verdicts:
             if sha == sha256 and (iou := box_iou(faces[0].box, box)) >= best_iou:
                 best, best_iou = (sha, k), iou
         return best
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two (x1, y1, x2, y2) boxes."""
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(0.0, w) * max(0.0, h)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _unknown(m: Match) -> Match:
@@ -199,7 +197,8 @@ def record_decision(library: Library, kind: str, faces: Sequence[DecidedAbout], 
     """Store one decision per face, all in one transaction; returns their ids."""
     if name is not None and not name.strip():
         raise ValueError("NAME must not be empty")
-    return library.add_decisions([(kind, f.stored.sha256, f.face, name, f.stored.path) for f in faces], origin)
+    return library.add_decisions([(kind, f.stored.sha256, f.face, name, f.stored.path, f.record.box) for f in faces],
+                                 origin)
 
 
 def enroll_faces(gallery: "Gallery", name: str, faces: Sequence[DecidedAbout], pipeline: "FacePipeline", *,
@@ -259,7 +258,7 @@ def face_gone(library: Library) -> set[int]:
     """Ids of standing decisions about a face the index no longer holds (deleted photo, re-detected
     with fewer faces): listed by `faceverify decisions`, one line each."""
     present = library.decided_faces()
-    return {d.id for d in library.decisions(standing_only=True) if (d.sha256, d.face) not in present}
+    return {d.id for d in library.decisions(standing_only=True) if d.id not in present}
 
 
 __all__ = ["DecidedAbout", "FaceVerdict", "Verdicts", "apply_decisions", "box_iou", "enroll_faces", "face_gone",
