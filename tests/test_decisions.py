@@ -107,6 +107,17 @@ def test_apply_decisions_overrules_only_what_was_decided():
     assert (out[1].match, out[1].identity, out[1].distance) == (True, "bob", 0.45) and "confirmed as bob" in notes[1]
     assert out[2] is ann and notes[2] is None
     assert out[3].identity is None and not out[3].match and math.isinf(out[3].distance) and "ignored" in notes[3]
+    # known impostors: a face matched to ann that looks more like the faces rejected as ann than like
+    # her is not matched (it stays her near miss); from 3 rejected faces on, never from fewer
+    rng = np.random.default_rng(0)
+    impostor = rng.standard_normal(8)
+    faces = np.stack([impostor + 0.1 * rng.standard_normal(8) for _ in range(4)]).astype(np.float32)  # (4, D)
+    faces /= np.linalg.norm(faces, axis=1, keepdims=True)
+    query = np.stack([faces[3], -faces[3]])  # (2, D): like the impostors; unlike them
+    out, notes = apply_decisions([ann, ann], [None, None], vectors=query, impostors={"ann": faces[:3]})
+    assert (out[0].identity, out[0].match, out[0].distance) == ("ann", False, 0.3) and "rejected as ann" in notes[0]
+    assert out[1] is ann and notes[1] is None
+    assert apply_decisions([ann], [None], vectors=query[:1], impostors={"ann": faces[:2]})[0] == [ann]
     # a reject of someone else leaves the match alone; a later confirm overrides an earlier reject
     assert apply_decisions([ann], [FaceVerdict(rejected={"bob": 1})])[0] == [ann]
     v = FaceVerdict()

@@ -258,18 +258,18 @@ def verify_cmd(
     from verify.identity.enroll import build_matcher, verify_photos
     from verify.queries.find import default_library
 
-    verdicts = None
-    if index is not None or default_library().exists():
-        lib = _open_library(index, readonly=True)
-        try:
-            verdicts = Verdicts.load(lib)
-        finally:
-            lib.close()
 
     embedder = _load_embedder(model, device, runtime)
     g = _open_gallery(gallery, embedder, create=False)
     if len(g) == 0:
         _fail(f"{g.path}: the gallery is empty; enroll someone first")
+    verdicts = None
+    if index is not None or default_library().exists():
+        lib = _open_library(index, readonly=True)
+        try:
+            verdicts = Verdicts.load(lib, embedder.fingerprint)
+        finally:
+            lib.close()
     if as_ is not None and as_ not in set(g.identities()["identity"]):
         _fail(f"{as_!r} is not enrolled in {g.path}")
     all_matched = True

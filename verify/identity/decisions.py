@@ -65,16 +65,38 @@ Key = tuple[str, int]  # (photo content sha256, face number)
 
 
 class Verdicts:
-    """Every standing decision of an index, by face; empty when there is none (then nothing changes)."""
+    """Every standing decision of an index, by face; empty when there is none (then nothing changes).
+    `impostors`: per name, the embeddings (n, D) of the present faces rejected as that name (for one
+    model; see `apply_decisions`)."""
 
-    def __init__(self, by_key: dict[Key, FaceVerdict], present: dict[Key, list[DecidedFace]]) -> None:
+    def __init__(self, by_key: dict[Key, FaceVerdict], present: dict[Key, list[DecidedFace]],
+                 impostors: dict[str, np.ndarray] | None = None) -> None:
         self.by_key = by_key
         self.present = present  # the decided faces the index holds now (a decided face may be gone)
+        self.impostors = impostors or {}
 
     @classmethod
-    def load(cls, library: Library) -> "Verdicts":
+    def load(cls, library: Library, model: str | None = None) -> "Verdicts":
         """The standing decisions, each on the face it is about now (the index resolves it by box
-        overlap, so a re-detection that numbers the faces otherwise keeps it on the same face)."""
+        overlap, so a re-detection that numbers the faces otherwise keeps it on the same face); with
+        `model` (a fingerprint), also the known impostors: `model`'s embeddings of the rejected faces."""
+        verdicts = cls._load(library)
+        if model is not None:
+            rejected: dict[str, list[DecidedFace]] = {}
+            for key, faces in verdicts.present.items():
+                for name in verdicts.by_key[key].rejected:
+                    rejected.setdefault(name, []).extend(faces)
+            if rejected:
+                stored = library.faces(sorted({f.file_id for fs in rejected.values() for f in fs}), model)
+                vector_of = {fid: v for ids, _, emb in stored.values() if emb is not None for fid, v in zip(ids, emb)}
+                for name, faces in rejected.items():
+                    vecs = [vector_of[f.face_id] for f in faces if f.face_id in vector_of]
+                    if vecs:
+                        verdicts.impostors[name] = np.stack(vecs)  # (n, D)
+        return verdicts
+
+    @classmethod
+    def _load(cls, library: Library) -> "Verdicts":
         standing = library.decisions(standing_only=True)
         resolved = library.decided_faces() if standing else {}
         by_key: dict[Key, FaceVerdict] = {}
@@ -116,15 +138,34 @@ def _unknown(m: Match) -> Match:
 
 
 def apply_decisions(matches: Sequence[Match], verdicts: Sequence[FaceVerdict | None],
-                    rescore: Callable[[int, str], Match | None] | None = None) -> tuple[list[Match], list[str | None]]:
+                    rescore: Callable[[int, str], Match | None] | None = None, *,
+                    vectors: np.ndarray | None = None, impostors: dict[str, np.ndarray] | None = None,
+                    top_k: int = 3) -> tuple[list[Match], list[str | None]]:
     """The matcher's answer per face, overruled by that face's verdict (None: none): the final
     matches and a note per face saying which decision changed it. `rescore(i, name)`: face i scored
     against `name` alone (a confirmed face whose nearest identity is someone else keeps an honest
-    distance); without it such a face gets distance NaN."""
+    distance); without it such a face gets distance NaN.
+
+    Known impostors (`impostors`: name -> (n, D) embeddings of the faces rejected as that name;
+    `vectors`: (F, D) the faces' embeddings): a face matched to NAME that scores higher against the
+    faces rejected as NAME than against NAME's own photos (the same top-`top_k` mean of cosine
+    similarities on both sides) is not matched; it stays NAME's near miss, for a person to decide.
+    Only once at least `top_k` faces were rejected as NAME.
+    Parameter-free; on LFW it took out about half of the false matches left after five rejects and
+    no true one (docs/review.md)."""
     out: list[Match] = []
     notes: list[str | None] = []
     for i, (m, v) in enumerate(zip(matches, verdicts)):
-        if v is None:
+        if v is None or (v.confirmed is None and v.ignored_by is None and m.identity not in v.rejected):
+            # from top_k rejected faces on: one mistaken reject alone never moves another face
+            if m.match and impostors and vectors is not None and len(impostors.get(m.identity, ())) >= top_k:
+                from verify.identity.scoring import identity_scores
+
+                impostor_similarity = float(identity_scores(vectors[i:i + 1], impostors[m.identity], top_k)[0])
+                if impostor_similarity > 1.0 - m.distance:
+                    out.append(Match(m.identity, m.distance, m.distance_threshold, False, m.far, m.far_at_least))
+                    notes.append(f"looks more like the faces rejected as {m.identity} than like {m.identity}")
+                    continue
             out.append(m)
             notes.append(None)
         elif v.ignored_by is not None:
@@ -137,12 +178,9 @@ def apply_decisions(matches: Sequence[Match], verdicts: Sequence[FaceVerdict | N
                 r = Match(name, math.nan, m.distance_threshold, True, None)
             out.append(Match(name, r.distance, r.distance_threshold, True, r.far, r.far_at_least))
             notes.append(f"confirmed as {name} (decision {v.confirmed_by})")
-        elif m.identity is not None and m.identity in v.rejected:
+        else:  # rejected as its nearest identity
             out.append(_unknown(m))
             notes.append(f"rejected as {m.identity} (decision {v.rejected[m.identity]})")
-        else:
-            out.append(m)
-            notes.append(None)
     if len(out) != len(matches):
         raise ValueError(f"{len(verdicts)} verdicts for {len(matches)} matches")
     return out, notes

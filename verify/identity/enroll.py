@@ -154,11 +154,12 @@ def verify_photos(photos: Iterable[str | os.PathLike], pipeline: FacePipeline, m
                     sha = None
                 keys = [verdicts.key_of_box(sha, f.box) if sha else None for f, _ in res.faces]
                 per_face = [verdicts.of(*k) if k else None for k in keys]
-                if any(per_face):
-                    def rescore(i: int, name: str) -> "Match | None":
-                        return matcher(res.embeddings[i:i + 1], only=name)[0] if name in matcher.pooled else None
 
-                    matches, notes = apply_decisions(matches, per_face, rescore)
+                def rescore(i: int, name: str) -> "Match | None":
+                    return matcher(res.embeddings[i:i + 1], only=name)[0] if name in matcher.pooled else None
+
+                matches, notes = apply_decisions(matches, per_face, rescore, vectors=res.embeddings,
+                                                 impostors=verdicts.impostors, top_k=matcher.top_k)
             for (face, _), m, note in zip(res.faces, matches, notes):
                 faces.append({"box": [round(float(v), 1) for v in face.box], **m.to_dict(),
                               **({"note": note} if note else {})})

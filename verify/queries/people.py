@@ -41,13 +41,16 @@ def unknown_people(library: Library, gallery: Gallery | None, model: str, *, min
 
     require_embedded(library, model)
     face_ids, vectors = library.embeddings(model)  # (N,), (N, D)
-    verdict_of = Verdicts.load(library).of_face_ids()
+    verdicts = Verdicts.load(library, model)
+    verdict_of = verdicts.of_face_ids()
     # ignored (not a face) and confirmed (known) faces are never grouped
     settled = np.array([(v := verdict_of.get(int(f))) is not None and (v.ignored_by is not None or v.confirmed is not None)
                         for f in face_ids.tolist()], dtype=bool)
     face_ids, vectors = face_ids[~settled], vectors[~settled]
     if gallery is not None and len(gallery) and len(vectors):
-        matches, _ = apply_decisions(build_matcher(gallery)(vectors), [verdict_of.get(int(f)) for f in face_ids.tolist()])
+        matcher = build_matcher(gallery)
+        matches, _ = apply_decisions(matcher(vectors), [verdict_of.get(int(f)) for f in face_ids.tolist()],
+                                     vectors=vectors, impostors=verdicts.impostors, top_k=matcher.top_k)
         matched = np.array([m.match for m in matches], dtype=bool)
         face_ids, vectors = face_ids[~matched], vectors[~matched]
     labels = group_faces(vectors, max_distance=DEFAULT_MAX_DISTANCE if max_distance is None else max_distance,

@@ -136,7 +136,7 @@ def library_rows(library: Library, files: Sequence[tuple[str, StoredFile | None,
     if builder.verdicts is None:  # the decisions about faces: applied by the builder, last
         from verify.identity.decisions import Verdicts
 
-        builder.verdicts = Verdicts.load(library)
+        builder.verdicts = Verdicts.load(library, model)
     for batch in _batches(iter(files), batch_size):
         ids = [s.id for _, s, _ in batch if s is not None and s.status == "face"]
         faces = library.faces(ids, model) if ids else {}

@@ -99,7 +99,9 @@ class RowBuilder:
             k = face_of.get(i, 0)
             face_of[i] = k + 1
             verdicts.append(self.verdicts.of(batch[i][1].sha256, k))
-        if not any(verdicts):
+        impostors = self.verdicts.impostors
+        if not any(verdicts) and not any(m is not None and m.match and m.identity in impostors for m in matches):
+            # nothing decided about these faces, and none matched to a person with known impostors
             return [None] * len(owner)
         idx = [j for j, m in enumerate(matches) if m is not None]
 
@@ -109,7 +111,9 @@ class RowBuilder:
             except (KeyError, TypeError):  # not enrolled (yet), or a matcher without 1:1
                 return None
 
-        decided, notes = apply_decisions([matches[j] for j in idx], [verdicts[j] for j in idx], rescore)
+        decided, notes = apply_decisions([matches[j] for j in idx], [verdicts[j] for j in idx], rescore,
+                                         vectors=vectors[idx], impostors=impostors,
+                                         top_k=getattr(self.matcher, "top_k", 3))
         all_notes: list[str | None] = [None] * len(owner)
         for j, m, note in zip(idx, decided, notes):
             matches[j], all_notes[j] = m, note
