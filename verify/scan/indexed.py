@@ -43,6 +43,7 @@ from verify.scan.workers import (
 
 if TYPE_CHECKING:
     from verify.faces import FaceDetector
+    from verify.identity.decisions import Verdicts
     from verify.scan.ray_engine import RayEngine
     from verify.model.file import Embedder
 
@@ -377,10 +378,11 @@ def _reembed(files: list[StoredFile], library: Library, pipeline: FacePipeline, 
 
 def find_rows(library: Library, model: str, matcher: Matcher, under: Sequence[str] | None = None,
               thumbs_dir: Path | None = None, page: PageOptions | None = None,
-              timers: dict | None = None, only_faces: Sequence[int] | None = None) -> list[dict]:
+              timers: dict | None = None, only_faces: Sequence[int] | None = None,
+              verdicts: "Verdicts | None" = None) -> list[dict]:
     """The report of every file present in the index (or under `under` folders; or only the files
     holding one of `only_faces`), in walk order, from the stored faces and `model`'s embeddings; no
-    photo is read."""
+    photo is read. `verdicts`: the index's decisions, when the caller has loaded them already."""
     if only_faces is not None:
         paths = {where[0] for where in library.face_locations(only_faces).values()}
         files = library.files(paths, present_only=True) if paths else {}
@@ -391,6 +393,7 @@ def find_rows(library: Library, model: str, matcher: Matcher, under: Sequence[st
         files = {p: s for p, s in files.items() if any(p == u or p.startswith(u + os.sep) for u in prefixes)}
     order = sorted(files, key=lambda p: walk_order_key(p))
     builder = RowBuilder(None, matcher, timers if timers is not None else dict.fromkeys(STAGES, 0.0), thumbs_dir, page)
+    builder.verdicts = verdicts
     return list(library_rows(library, [(p, files[p], None) for p in order], model, builder))
 
 
