@@ -341,6 +341,8 @@ def scan(
 
     Every file and face found is kept in the library index, so scanning again only reads new or
     changed files, and 'faceverify find' answers without reading photos (--no-index: keep nothing).
+    With nobody enrolled yet every face is unknown: 'faceverify people' groups them, 'faceverify
+    review' names them. Decisions about faces (confirm, reject, review) are applied to the report.
     Exit code 0 when at least one face matched, 1 when none did, 2 on error."""
     from index.library import LibraryError
 
