@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -93,17 +94,32 @@ def model_of(library: Library, gallery: Gallery | None) -> str:
     return max(models, key=models.get)
 
 
-def face_rows(library: Library, gallery: Gallery | None) -> list[dict[str, Any]]:
-    """The report rows of every present face (decisions applied), with their face and file ids."""
+def face_rows(library: Library, gallery: Gallery | None, *, person: str | None = None, near_miss: float = 0.0,
+              file_id: int | None = None) -> list[dict[str, Any]]:
+    """The report rows of the present faces (decisions applied), with their face and file ids: every
+    face; with `person`, only the photos that can hold one of their matches or near misses (a range
+    search of their pooled photos at threshold - `near_miss`, as `find NAME` narrows its answer, plus
+    the faces confirmed as them); with `file_id`, that photo's faces."""
+    from verify.identity.decisions import Verdicts
     from verify.identity.scoring import IdentityMatcher
     from verify.identity.galleries import build_matcher
+    from verify.queries.find import approximate_margin, library_search
     from verify.scan.indexed import find_rows
 
     model = model_of(library, gallery)
     matcher = build_matcher(gallery) if gallery is not None and len(gallery) else IdentityMatcher({}, {}, 1.0)
-    rows = [r for r in find_rows(library, model, matcher) if r["status"] == "face"]
-    face_ids = library.face_ids()
-    file_ids = {p: s.id for p, s in library.files(present_only=True).items()}
+    verdicts = Verdicts.load(library, model)
+    only = None
+    if person is not None:
+        search = library_search(library, model)
+        bound = matcher.similarity_threshold_of(person) - near_miss - approximate_margin(search)
+        _, found, _ = search.range_search(np.asarray(matcher.pooled[person], np.float32), bound)
+        only = np.union1d(found, np.asarray(verdicts.confirmed_face_ids([person]), np.int64))
+    elif file_id is not None:
+        only = list(library.face_ids([file_id]).values())
+    rows = [r for r in find_rows(library, model, matcher, only_faces=only, verdicts=verdicts) if r["status"] == "face"]
+    file_ids = {p: s.id for p, s in library.files({r["path"] for r in rows}, present_only=True).items()}
+    face_ids = library.face_ids(list(file_ids.values()))
     for r in rows:
         r["face_id"] = face_ids.get((r["path"], int(r["face"])))
         r["file_id"] = file_ids.get(r["path"])
@@ -204,7 +220,8 @@ def create_app(source: ReviewSource, token: str, *, allowed_hosts: list[str] | N
             try:
                 if g is None or name not in set(g.identities()["identity"]):
                     raise KeyError(name)
-                matched, near = person_faces(face_rows(lib, g), name, source.near_miss)
+                rows = face_rows(lib, g, person=name, near_miss=source.near_miss)
+                matched, near = person_faces(rows, name, source.near_miss)
                 return pages.person_page(name, matched, near, token, nonce)
             finally:
                 lib.close()
@@ -252,7 +269,7 @@ def create_app(source: ReviewSource, token: str, *, allowed_hosts: list[str] | N
                     h, w = load_image(stored.fs_path).shape[:2]
                 except ImageLoadError as e:
                     raise KeyError(str(e)) from None
-                rows = [r for r in face_rows(lib, g) if r["file_id"] == stored.id]
+                rows = [r for r in face_rows(lib, g, file_id=stored.id) if r["file_id"] == stored.id]
                 return pages.photo_page(stored.path, (w, h), rows, stored.id, token, nonce)
             finally:
                 lib.close()
