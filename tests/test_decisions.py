@@ -206,6 +206,22 @@ def test_reject_confirm_undo_through_the_commands(indexed, tmp_path):
     assert [line for line in r.output.splitlines() if "face gone" in line] == \
         [line for line in r.output.splitlines() if line.startswith("5\t")]
 
+    # a renamed folder: the index follows the moved photos (no decode), and so does a decision
+    r = invoke("reject", victim["path"], "--face", int(victim["face"]), "--as", "jlo", "--index", db)
+    assert r.output.startswith("decision 6:"), r.output
+    moved = tmp / "renamed"
+    photos.rename(moved)
+    try:
+        r = invoke("scan", moved, "--gallery", g, "--device", "cpu", "--workers", 0, "--index", db,
+                   "--out", tmp / "r3.csv")
+        assert " 0 analysed" in r.output and "moved or copied" in r.output, r.output
+        new_path = victim["path"].replace(str(photos), str(moved))
+        rows = pd.read_csv(tmp / "r3.csv")
+        row = rows[(rows["path"] == new_path) & (rows["face"] == victim["face"])].iloc[0]
+        assert row["match"] == False and row["note"] == "rejected as jlo (decision 6)"  # noqa: E712
+    finally:
+        moved.rename(photos)
+
 
 def test_decision_commands_name_bad_input_in_one_line(indexed, tmp_path):
     tmp, g, db, photos = indexed
