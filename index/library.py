@@ -662,6 +662,10 @@ class Library:
                 q + f" AND fi.id IN ({','.join('?' * len(part))})", tuple(part))})
         return out
 
+    def face_count(self) -> int:
+        """Faces stored (present or gone): a bound that costs milliseconds."""
+        return int(self._conn.execute("SELECT count(*) FROM faces").fetchone()[0])
+
     def file_by_id(self, file_id: int) -> StoredFile | None:
         row = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (int(file_id),)).fetchone()
         return _stored(row) if row else None

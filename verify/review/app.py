@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
+# A person's page narrows the faces to match by a range search from this many faces on; below it,
+# matching every face is cheaper than the search's fixed cost (measured: 100 faces 0.004 s vs 0.07 s,
+# 1,000 faces 0.07 s vs 0.14 s; 5,739 LFW faces 1.1 s vs 0.2 s).
+NARROW_FROM_FACES = 2000
 IMAGE_MAX_SIDE = 2048  # a photo page's picture: enough for the boxes, not the original file
 
 
@@ -110,7 +114,7 @@ def face_rows(library: Library, gallery: Gallery | None, *, person: str | None =
     matcher = build_matcher(gallery) if gallery is not None and len(gallery) else IdentityMatcher({}, {}, 1.0)
     verdicts = Verdicts.load(library, model)
     only = None
-    if person is not None:
+    if person is not None and library.face_count() >= NARROW_FROM_FACES:
         search = library_search(library, model)
         bound = matcher.similarity_threshold_of(person) - near_miss - approximate_margin(search)
         _, found, _ = search.range_search(np.asarray(matcher.pooled[person], np.float32), bound)
