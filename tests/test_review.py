@@ -217,3 +217,22 @@ def test_review_security_and_durability(library, lfw_root):
         proc.wait(timeout=30)
     log = Library.open(db, readonly=True).decisions()
     assert len(log) == before + 1 and log[-1].id == ack["decision"] and log[-1].kind == "ignore"
+
+
+def test_a_person_page_narrowed_by_range_search_shows_the_same_faces(library, monkeypatch):
+    """Large libraries narrow a person's page to the faces a range search finds; it must show exactly
+    what matching every face shows (forced here on the small library)."""
+    from verify.review import app as review_app
+
+    tmp, g, db = library
+    with Library.open(db, readonly=True) as lib:
+        gallery = Gallery.open(g)
+        key = lambda faces: [(r["face_id"], r["distance"], r["note"]) for r in faces]  # noqa: E731
+        for near_miss in (0.05, 0.3):
+            full = review_app.person_faces(review_app.face_rows(lib, gallery), "jlo", near_miss)
+            monkeypatch.setattr(review_app, "NARROW_FROM_FACES", 0)
+            rows = review_app.face_rows(lib, gallery, person="jlo", near_miss=near_miss)
+            monkeypatch.undo()
+            narrowed = review_app.person_faces(rows, "jlo", near_miss)
+            assert full[0] and key(narrowed[0]) == key(full[0]) and key(narrowed[1]) == key(full[1])
+            assert len(rows) < sum(1 for r in review_app.face_rows(lib, gallery))  # it did narrow
