@@ -10,6 +10,9 @@ mode, so readers (`find`, `people`, the HTML page) work while a scan writes:
     embeddings  per (model fingerprint, face): the unit vector, float32 BLOB; each model keeps its own
     runs        one row per scan: folders, model, detector, counts, finished or not
     groups      the last grouping of unknown faces per model (`faceverify people`), for `enroll --group`
+    decisions   (schema 2) what a person decided about a face: confirm / reject NAME, ignore (not a
+                face), undo of an earlier decision; keyed by the photo's content hash and face number,
+                never by an embedding, so a decision outlives a re-scan, a model change and a move
     meta        created, schema notes
 
 Embeddings are BLOBs in the database rather than a columnar sidecar: a file's faces and vectors are
@@ -44,7 +47,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 APPLICATION_ID = 0x46564C49  # "FVLI": faceverify library index
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("face", "no-face", "error", "skipped")
 
 _SCHEMA = """
@@ -109,7 +112,33 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
 # Schema changes after version 1, keyed by the version they lead to: each runs in one transaction when a
 # writer opens an older index (readers of an older index see it as it is). A version with no entry here
 # changes nothing.
-_MIGRATIONS: dict[int, str] = {}
+_MIGRATIONS: dict[int, str] = {
+    # A decision names a face by its photo's content (sha256) and face number, as the index follows a
+    # moved file; `path` only records where the photo was when decided. Rows are never changed or
+    # deleted: an undo is a row of its own (kind 'undo', undoes = the decision it cancels).
+    2: """
+CREATE TABLE decisions (
+    id        INTEGER PRIMARY KEY,
+    made      TEXT NOT NULL,            -- UTC time, ISO 8601
+    origin    TEXT NOT NULL,            -- who decided: cli, review, ...
+    kind      TEXT NOT NULL CHECK (kind IN ('confirm', 'reject', 'ignore', 'undo')),
+    sha256    TEXT,                     -- the photo's content hash (NULL for an undo)
+    face      INTEGER,                  -- face number in that photo (0 = largest)
+    name      TEXT,                     -- confirm / reject: the identity
+    path      TEXT,                     -- the photo's path when decided (for people to read)
+    x1 REAL, y1 REAL, x2 REAL, y2 REAL, -- the face's box when decided: a re-detection that numbers
+                                        -- the photo's faces differently still finds it
+    undoes    INTEGER REFERENCES decisions (id),
+    CHECK ((kind = 'undo') = (undoes IS NOT NULL)),
+    CHECK (kind = 'undo' OR (sha256 IS NOT NULL AND face IS NOT NULL)),
+    CHECK ((kind IN ('confirm', 'reject')) = (name IS NOT NULL))
+);
+CREATE INDEX decisions_face ON decisions (sha256, face);
+CREATE UNIQUE INDEX decisions_undone ON decisions (undoes);
+CREATE INDEX files_sha256 ON files (sha256);
+""",
+}
+DECISION_KINDS = ("confirm", "reject", "ignore")
 
 
 class LibraryError(RuntimeError):
@@ -122,6 +151,15 @@ class LibraryBusy(LibraryError):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, w) * max(0.0, h)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def walk_order_key(path: str) -> tuple:
@@ -157,6 +195,34 @@ class FileRecord:
     detector: str | None = None
     faces: list[FaceRecord] = field(default_factory=list)
     embeddings: np.ndarray | None = None  # (F, D) float32
+
+
+@dataclass
+class Decision:
+    """A `decisions` row; `undone_by`: the id of the undo that cancelled it (None: it stands)."""
+
+    id: int
+    made: str
+    origin: str
+    kind: str  # confirm | reject | ignore | undo
+    sha256: str | None
+    face: int | None
+    name: str | None
+    path: str | None
+    undoes: int | None
+    undone_by: int | None = None
+
+
+@dataclass
+class DecidedFace:
+    """A present face of the index that a standing decision is about."""
+
+    face_id: int
+    file_id: int
+    path: str
+    sha256: str
+    face: int
+    box: tuple[float, float, float, float]
 
 
 @dataclass
@@ -505,6 +571,104 @@ class Library:
             c.execute("DELETE FROM groups WHERE model = ?", (model,))
             c.executemany("INSERT INTO groups VALUES (?, ?, ?)",
                           [(model, int(g), int(f)) for f, g in zip(face_ids, group_ids) if g >= 0])
+
+    # ---------------------------------------------------------------- decisions
+
+    def add_decisions(self, decisions: Sequence[tuple], origin: str) -> list[int]:
+        """Store decisions (kind, photo sha256, face number, name, path when decided[, box]) in one
+        transaction (all or none); returns their ids. With the face's box (x1, y1, x2, y2), the
+        decision follows that face if a later detection numbers the photo's faces otherwise."""
+        rows = []
+        for kind, sha, face, name, path, *rest in decisions:
+            box = tuple(float(v) for v in rest[0]) if rest and rest[0] is not None else (None,) * 4
+            rows.append((kind, sha, face, name, path, box))
+        for kind, sha, face, name, _, _ in rows:
+            if kind not in DECISION_KINDS:
+                raise ValueError(f"unknown decision {kind!r} (one of {', '.join(DECISION_KINDS)})")
+            if (kind in ("confirm", "reject")) != bool(name and name.strip()):
+                raise ValueError(f"a {kind} decision {'needs' if kind != 'ignore' else 'takes no'} a name")
+            if not sha or int(face) < 0:
+                raise ValueError("a decision needs the photo's content hash and a face number >= 0")
+        made = _now()
+        with self.transaction() as c:
+            return [int(c.execute("INSERT INTO decisions (made, origin, kind, sha256, face, name, path, x1, y1, x2, y2) "
+                                  "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                                  (made, origin, kind, sha, int(face), name, path, *box)).lastrowid)
+                    for kind, sha, face, name, path, box in rows]
+
+    def undo_decision(self, decision_id: int, origin: str) -> int:
+        """Cancel decision `decision_id` (one transaction); returns the undo's own id. LibraryError (one
+        line) for an unknown id, an undo, or a decision undone already."""
+        with self.transaction() as c:
+            row = c.execute("SELECT kind FROM decisions WHERE id = ?", (int(decision_id),)).fetchone()
+            if row is None:
+                raise LibraryError(f"{self.path}: no decision {decision_id}")
+            if row[0] == "undo":
+                raise LibraryError(f"{self.path}: decision {decision_id} is an undo; make the decision again instead")
+            done = c.execute("SELECT id FROM decisions WHERE undoes = ?", (int(decision_id),)).fetchone()
+            if done is not None:
+                raise LibraryError(f"{self.path}: decision {decision_id} was undone already (by {done[0]})")
+            return int(c.execute("INSERT INTO decisions (made, origin, kind, undoes) VALUES (?, ?, 'undo', ?)",
+                                 (_now(), origin, int(decision_id))).lastrowid)
+
+    def _has_decisions(self) -> bool:
+        # An index of schema 1 opened read-only has no decisions table (a writer adds it).
+        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'decisions'"
+                                  ).fetchone() is not None
+
+    def decisions(self, standing_only: bool = False) -> list[Decision]:
+        """Every decision in the order made (with `standing_only`: confirm / reject / ignore not undone)."""
+        if not self._has_decisions():
+            return []
+        q = ("SELECT d.id, d.made, d.origin, d.kind, d.sha256, d.face, d.name, d.path, d.undoes, u.id "
+             "FROM decisions d LEFT JOIN decisions u ON u.undoes = d.id"
+             + (" WHERE d.kind != 'undo' AND u.id IS NULL" if standing_only else "") + " ORDER BY d.id")
+        return [Decision(*row) for row in self._conn.execute(q)]
+
+    def decided_faces(self) -> dict[int, list[DecidedFace]]:
+        """Standing decision id -> the present faces of the index it is about (one per copy of the
+        photo): the photo's face whose box overlaps the decided box most (IoU >= 0.5), or for a
+        decision without a box the face of its number. A decision whose face is gone has no entry."""
+        if not self._has_decisions():
+            return {}
+        q = ("SELECT d.id, d.face, d.x1, d.y1, d.x2, d.y2, f.id, fi.id, fi.path, fi.sha256, f.face, "
+             "f.x1, f.y1, f.x2, f.y2 FROM decisions d "
+             "JOIN files fi ON fi.sha256 = d.sha256 AND fi.present = 1 JOIN faces f ON f.file_id = fi.id "
+             "WHERE d.kind != 'undo' AND NOT EXISTS (SELECT 1 FROM decisions u WHERE u.undoes = d.id) "
+             "ORDER BY d.id, fi.id, f.face")
+        best: dict[tuple[int, int], tuple[float, DecidedFace]] = {}  # (decision, file) -> (overlap, face)
+        for d_id, d_face, dx1, dy1, dx2, dy2, face_id, file_id, path, sha, k, x1, y1, x2, y2 in self._conn.execute(q):
+            box = (x1, y1, x2, y2)
+            if dx1 is None:
+                overlap = 1.0 if int(k) == int(d_face) else 0.0
+            else:
+                overlap = box_iou((dx1, dy1, dx2, dy2), box)
+            key = (int(d_id), int(file_id))
+            if overlap >= 0.5 and (key not in best or overlap > best[key][0]):
+                best[key] = (overlap, DecidedFace(int(face_id), int(file_id), path, sha, int(k), box))
+        out: dict[int, list[DecidedFace]] = {}
+        for (d_id, _), (_, face) in sorted(best.items()):
+            out.setdefault(d_id, []).append(face)
+        return out
+
+    def face_ids(self, file_ids: Sequence[int] | None = None) -> dict[tuple[str, int], int]:
+        """(report path, face number) -> face id of the present files (or of `file_ids`)."""
+        q = "SELECT fi.path, f.face, f.id FROM faces f JOIN files fi ON fi.id = f.file_id WHERE fi.present = 1"
+        if file_ids is None:
+            return {(p, int(k)): int(i) for p, k, i in self._conn.execute(q)}
+        out: dict[tuple[str, int], int] = {}
+        for part in _chunks([int(i) for i in file_ids]):
+            out.update({(p, int(k)): int(i) for p, k, i in self._conn.execute(
+                q + f" AND fi.id IN ({','.join('?' * len(part))})", tuple(part))})
+        return out
+
+    def face_count(self) -> int:
+        """Faces stored (present or gone): a bound that costs milliseconds."""
+        return int(self._conn.execute("SELECT count(*) FROM faces").fetchone()[0])
+
+    def file_by_id(self, file_id: int) -> StoredFile | None:
+        row = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (int(file_id),)).fetchone()
+        return _stored(row) if row else None
 
     # ---------------------------------------------------------------- reading
 

@@ -31,6 +31,8 @@ _EXPORTS = {
     "enroll_person": "verify.identity.enroll",
     "build_matcher": "verify.identity.enroll",
     "verify_photos": "verify.identity.enroll",
+    "Verdicts": "verify.identity.decisions",
+    "apply_decisions": "verify.identity.decisions",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -244,24 +244,37 @@ def verify_cmd(
     model: ModelOpt = None,
     as_: Annotated[Optional[str], typer.Option("--as", help="Check one claimed identity (1:1) instead of 1:N.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="One JSON object per photo per line.")] = False,
+    index: Annotated[Optional[Path], typer.Option("--index", help="Library index whose decisions about faces apply to indexed photos (default: library.db in the per-user data folder, when there is one).")] = None,
     device: DevOpt = "auto",
     runtime: RuntimeOpt = "auto",
     min_face: MinFaceOpt = 20,
     min_prob: MinProbOpt = 0.9,
 ) -> None:
     """Is this photo me? For every face: nearest identity, distance, threshold, decision, estimated FAR.
+    A photo that is in the library index gets the decisions made about its faces (confirm, reject).
 
     Exit code 0 when every photo has a matching face, 1 when any has none, 2 on error."""
+    from verify.identity.decisions import Verdicts
     from verify.identity.enroll import build_matcher, verify_photos
+    from verify.queries.find import default_library
+
 
     embedder = _load_embedder(model, device, runtime)
     g = _open_gallery(gallery, embedder, create=False)
     if len(g) == 0:
         _fail(f"{g.path}: the gallery is empty; enroll someone first")
+    verdicts = None
+    if index is not None or default_library().exists():
+        lib = _open_library(index, readonly=True)
+        try:
+            verdicts = Verdicts.load(lib, embedder.fingerprint)
+        finally:
+            lib.close()
     if as_ is not None and as_ not in set(g.identities()["identity"]):
         _fail(f"{as_!r} is not enrolled in {g.path}")
     all_matched = True
-    for v in verify_photos(photos, _pipeline(embedder, device, min_face, min_prob, runtime), build_matcher(g, embedder), only=as_):
+    for v in verify_photos(photos, _pipeline(embedder, device, min_face, min_prob, runtime), build_matcher(g, embedder), only=as_,
+                              verdicts=verdicts):
         all_matched &= v.matched
         if json_:
             typer.echo(json.dumps({"image": v.source, "faces": v.faces, "error": v.error}, ensure_ascii=False))
@@ -272,8 +285,9 @@ def verify_cmd(
             verdict = f"MATCH {f['identity']}" if f["match"] else f"no match (nearest {f['nearest']})"
             at_least = ">= " if f.get("far_at_least") else ""
             far = f", est. FAR {at_least}{f['far']:.1e}" if f["far"] is not None else ""
+            note = f"; {f['note']}" if f.get("note") else ""
             typer.echo(f"{v.source} face {i}: {verdict}, distance {f['distance']:.4f} "
-                       f"(threshold {f['threshold']:.4f}{far})")
+                       f"(threshold {f['threshold']:.4f}{far}){note}")
     raise typer.Exit(EXIT_OK if all_matched else EXIT_NO)
 
 
@@ -327,6 +341,8 @@ def scan(
 
     Every file and face found is kept in the library index, so scanning again only reads new or
     changed files, and 'faceverify find' answers without reading photos (--no-index: keep nothing).
+    With nobody enrolled yet every face is unknown: 'faceverify people' groups them, 'faceverify
+    review' names them. Decisions about faces (confirm, reject, review) are applied to the report.
     Exit code 0 when at least one face matched, 1 when none did, 2 on error."""
     from index.library import LibraryError
 
@@ -347,20 +363,30 @@ def scan(
         prestart_face_workers(chosen)  # its imports overlap with loading the model here
 
     embedder = _load_embedder(model, device, chosen)
-    g = _open_gallery(gallery, embedder, create=False)
-    if len(g) == 0:
-        _fail(f"{g.path}: the gallery is empty; enroll someone first")
+    from verify.identity.galleries import default_gallery
+
+    # Nobody enrolled yet (no gallery, or an empty one): every face is unknown; the index is filled and
+    # `people` groups them.
+    g = _open_gallery(gallery, embedder, create=False) if ((gallery or default_gallery()) / "manifest.json").exists() \
+        else None
+    if g is None or len(g) == 0:
+        from verify.identity.galleries import nobody_matcher
+
+        typer.echo("nobody enrolled yet: every face is unknown (faceverify people groups them)", err=True)
+        matcher = nobody_matcher(embedder)
+    else:
+        matcher = build_matcher(g, embedder)
     detector_config = DetectorConfig(min_face_size=min_face, min_prob=min_prob, device=device, runtime=chosen)
     lib = None if no_index else _open_library(index, create=True)
     try:
         if lib is None:
-            summary = run_scan(folders, embedder=embedder, matcher=build_matcher(g, embedder), out=out,
+            summary = run_scan(folders, embedder=embedder, matcher=matcher, out=out,
                                workers=workers, batch_size=batch_size, resume=resume, html=html, page=page,
                                detector_config=detector_config)
         else:
             from verify.scan.indexed import run_indexed_scan
 
-            summary = run_indexed_scan(folders, library=lib, embedder=embedder, matcher=build_matcher(g, embedder),
+            summary = run_indexed_scan(folders, library=lib, embedder=embedder, matcher=matcher,
                                        out=out, workers=workers, batch_size=batch_size, html=html, page=page,
                                        detector_config=detector_config, wait=wait, engine=ray_engine,
                                        model_path=str(model.absolute()) if model else None)
@@ -486,6 +512,209 @@ def people(
     for gid in sorted(r.groups)[:10]:
         members = [row for row in r.rows if row["group"] == gid][:3]
         typer.echo(f"group {gid}: {len(r.groups[gid])} faces, e.g. " + ", ".join(Path(m["path"]).name for m in members))
+
+
+FaceOpt = Annotated[int, typer.Option("--face", help="Face number in the photo (0 = largest; the report's 'face' column).")]
+AsOpt = Annotated[str, typer.Option("--as", help="The person's name.")]
+
+
+def _locate(lib, photo: Path, face: int):
+    from verify.identity.decisions import locate_face
+
+    try:
+        return locate_face(lib, photo, face)
+    except ValueError as e:
+        _fail(str(e))
+
+
+@app.command()
+def confirm(
+    photo: Annotated[Path, typer.Argument(help="An indexed photo.")],
+    face: FaceOpt = 0,
+    as_: AsOpt = ...,
+    index: IndexOpt = None,
+    gallery: GalleryOpt = None,
+    model: ModelOpt = None,
+    augment: Annotated[int, typer.Option("--augment", help="Augmented views of the face (as enroll).")] = 8,
+    device: DevOpt = "auto",
+    runtime: RuntimeOpt = "auto",
+    min_face: MinFaceOpt = 40,
+    min_prob: MinProbOpt = 0.95,
+) -> None:
+    """Face N of PHOTO is NAME: kept as a decision in the library index (it then always matches NAME),
+    and the face joins NAME's gallery from its stored landmarks (no detection), as enroll does."""
+    from index import GalleryError
+    from index.library import LibraryError
+
+    from verify.identity.decisions import enroll_faces, record_decision
+
+    if not as_.strip():
+        _fail("--as NAME must not be empty")
+    lib = _open_library(index)
+    try:
+        about = _locate(lib, photo, face)
+        embedder = _load_embedder(model, device, runtime)
+        g = _open_gallery(gallery, embedder, create=True)
+        pipeline = _pipeline(embedder, device, min_face, min_prob, runtime)
+        (decision,) = record_decision(lib, "confirm", [about], as_, "cli")
+        r = enroll_faces(g, as_, [about], pipeline, n_views=augment)
+    except (GalleryError, LibraryError, ValueError) as e:
+        _fail(str(e))
+    finally:
+        lib.close()
+    for src, why in r.skipped:
+        typer.echo(f"note: {src}: {why}", err=True)
+    for src, sim in r.outliers:
+        typer.echo(f"warning: {src}: far from {as_}'s other photos (similarity {sim:.3f}); kept, as you confirmed it",
+                   err=True)
+    typer.echo(f"decision {decision}: face {face} of {about.stored.path} is {as_} "
+               f"({r.vectors_added} vectors added to {g.path})")
+
+
+def _decide(kind: str, photo: Path, face: int, name: Optional[str], index: Optional[Path]) -> None:
+    from index.library import LibraryError
+
+    from verify.identity.decisions import record_decision
+
+    if name is not None and not name.strip():
+        _fail("--as NAME must not be empty")
+    lib = _open_library(index)
+    try:
+        about = _locate(lib, photo, face)
+        (decision,) = record_decision(lib, kind, [about], name, "cli")
+    except (LibraryError, ValueError) as e:
+        _fail(str(e))
+    finally:
+        lib.close()
+    what = f"is not {name}" if kind == "reject" else "is not a face (ignored)"
+    typer.echo(f"decision {decision}: face {face} of {about.stored.path} {what}")
+
+
+@app.command()
+def reject(
+    photo: Annotated[Path, typer.Argument(help="An indexed photo.")],
+    face: FaceOpt = 0,
+    as_: AsOpt = ...,
+    index: IndexOpt = None,
+) -> None:
+    """Face N of PHOTO is not NAME: never matched to NAME again by scan, find, the pages or verify."""
+    _decide("reject", photo, face, as_, index)
+
+
+@app.command()
+def ignore(
+    photo: Annotated[Path, typer.Argument(help="An indexed photo.")],
+    face: FaceOpt = 0,
+    index: IndexOpt = None,
+) -> None:
+    """Face N of PHOTO is not a face: never matched, shown as a near miss, or grouped again."""
+    _decide("ignore", photo, face, None, index)
+
+
+@app.command()
+def decisions(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="CSV: one row per decision.")] = None,
+    index: IndexOpt = None,
+) -> None:
+    """Every decision about faces, in the order made: id, time, origin, kind, name, photo, face; and
+    whether it stands (not undone) and its face is still in the index."""
+    from verify.identity.decisions import face_gone
+
+    lib = _open_library(index, readonly=True)
+    try:
+        rows = lib.decisions()
+        gone = face_gone(lib)
+    finally:
+        lib.close()
+    cols = ["id", "made", "origin", "kind", "name", "path", "face", "sha256", "undoes", "undone_by", "face_gone"]
+    table = [{**{c: getattr(d, c, None) for c in cols[:-1]}, "face_gone": d.id in gone} for d in rows]
+    if out is not None:
+        import pandas as pd
+
+        from verify.atomic import atomic_path
+
+        with atomic_path(out) as tmp:
+            pd.DataFrame(table, columns=cols).to_csv(tmp, index=False)
+        typer.echo(f"{len(table)} decisions -> {out}")
+        return
+    for d in rows:
+        if d.kind == "undo":
+            typer.echo(f"{d.id}\t{d.made}\t{d.origin}\tundo of {d.undoes}")
+            continue
+        what = {"confirm": f"is {d.name}", "reject": f"is not {d.name}", "ignore": "is not a face"}[d.kind]
+        state = f" (undone by {d.undone_by})" if d.undone_by else (" (face gone from the index)" if d.id in gone else "")
+        typer.echo(f"{d.id}\t{d.made}\t{d.origin}\tface {d.face} of {d.path} {what}{state}")
+
+
+@app.command()
+def undo(
+    decision: Annotated[int, typer.Argument(help="Decision id (faceverify decisions lists them).")],
+    index: IndexOpt = None,
+    gallery: GalleryOpt = None,
+    model: ModelOpt = None,
+    device: DevOpt = "auto",
+    runtime: RuntimeOpt = "auto",
+) -> None:
+    """Undo a decision. An undone confirm also takes that photo out of the person's gallery."""
+    from index import GalleryError
+    from index.library import LibraryError
+
+    from verify.identity.decisions import undo as undo_decision
+
+    lib = _open_library(index)
+    try:
+        target = next((d for d in lib.decisions() if d.id == decision), None)
+        g = embedder = None
+        if target is not None and target.kind == "confirm":
+            embedder = _load_embedder(model, device, runtime)
+            g = _open_gallery_quiet(gallery)
+        done = undo_decision(lib, decision, "cli", g, embedder)
+    except (GalleryError, LibraryError, ValueError) as e:
+        _fail(str(e))
+    finally:
+        lib.close()
+    typer.echo(f"undone: decision {done.id} ({done.kind}{' ' + done.name if done.name else ''}, "
+               f"face {done.face} of {done.path})")
+
+
+@app.command()
+def review(
+    index: IndexOpt = None,
+    gallery: GalleryOpt = None,
+    model: ModelOpt = None,
+    port: Annotated[int, typer.Option("--port", help="Port to serve on (default: a free one).")] = 0,
+    host: Annotated[str, typer.Option("--host", help="Address to serve on; anything but 127.0.0.1 lets other machines reach it (with the token).")] = "127.0.0.1",
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Do not open the browser.")] = False,
+    near_miss: NearMissOpt = 0.05,
+    augment: Annotated[int, typer.Option("--augment", help="Augmented views per confirmed face (as enroll).")] = 8,
+    device: DevOpt = "cpu",
+    runtime: RuntimeOpt = "auto",
+) -> None:
+    """Review the matches in a local web app: each person's matched faces and near misses, the unknown
+    groups, every photo with its face boxes; confirm (y) or reject (n) each face from the keyboard.
+
+    Prints its URL with a token as the first line; stops on Ctrl-C or SIGTERM."""
+    import sys
+
+    from index.library import LibraryError
+
+    from verify.identity.galleries import default_gallery
+    from verify.review.app import ReviewSource
+    from verify.review.server import serve
+
+    lib = _open_library(index)  # refuses one that is missing, foreign or newer; brings an older one up to date
+    lib.close()
+    source = ReviewSource(index=lib.path, gallery=(gallery or default_gallery()).absolute(), model=model,
+                          near_miss=near_miss, n_views=augment, device=device, runtime=runtime)
+
+    def announce(url: str) -> None:
+        typer.echo(url)
+        sys.stdout.flush()
+
+    try:
+        serve(source, host=host, port=port, open_browser=not no_browser, announce=announce)
+    except (OSError, LibraryError) as e:
+        _fail(str(e))
 
 
 def _open_gallery_quiet(path: Optional[Path]):

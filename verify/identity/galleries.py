@@ -67,3 +67,8 @@ def build_matcher(gallery: Gallery, embedder: "Embedder | None" = None, top_k: i
         raise GalleryError(f"{gallery.path}: the gallery stores no model threshold; pass the model")
     return IdentityMatcher(pooled, cals, default, top_k=top_k,
                            candidates=candidates if len(pooled) > 8 else None)
+
+
+def nobody_matcher(embedder: "Embedder") -> IdentityMatcher:
+    """The matcher of an empty gallery: every face is unknown (a scan before anyone is enrolled)."""
+    return IdentityMatcher({}, {}, embedder.similarity_threshold)

@@ -75,10 +75,17 @@ def find(library: Library, gallery: Gallery, *, names: Sequence[str] = (),
         raise ValueError(f"{unknown[0]!r} is not enrolled in {gallery.path}")
     html_path = Path(html).absolute() if html is not None else None
     thumbs_dir = files_dir(html_path) if html_path is not None else None
+    from verify.identity.decisions import Verdicts
+
     matcher = build_matcher(gallery)
-    candidates = candidate_faces(library, gallery.fingerprint, matcher, names) if names else None
+    verdicts = Verdicts.load(library, gallery.fingerprint)  # applied in the rows
+    candidates = None
+    if names:
+        # faces confirmed as one of them are theirs whatever their score
+        candidates = np.union1d(candidate_faces(library, gallery.fingerprint, matcher, names),
+                                np.asarray(verdicts.confirmed_face_ids(names), np.int64))
     rows = find_rows(library, gallery.fingerprint, matcher, under=under, thumbs_dir=thumbs_dir, page=page,
-                     only_faces=candidates)
+                     only_faces=candidates, verdicts=verdicts)
     missing = unindexed(rows)
     if names:
         wanted = set(names)

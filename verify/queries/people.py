@@ -30,20 +30,33 @@ class PeopleResult:
 
 
 def unknown_people(library: Library, gallery: Gallery | None, model: str, *, min_faces: int = 3,
-                   max_distance: float | None = None, method: str = "auto") -> PeopleResult:
+                   max_distance: float | None = None, method: str = "auto", save: bool = True) -> PeopleResult:
     """Group the indexed faces of `model` (a fingerprint) that match nobody enrolled in `gallery`
-    (every face without one) into candidate people; store the grouping in the index for `enroll --group`."""
+    (every face without one) into candidate people; store the grouping in the index for `enroll --group`
+    (unless not `save`: the review app only shows it). Faces decided about are left out when confirmed
+    or ignored, and count as unmatched for a person they were rejected as."""
     from index.groups import DEFAULT_MAX_DISTANCE, group_faces
+
+    from verify.identity.decisions import Verdicts, apply_decisions
 
     require_embedded(library, model)
     face_ids, vectors = library.embeddings(model)  # (N,), (N, D)
-    if gallery is not None and len(gallery):
-        matched = np.array([m.match for m in build_matcher(gallery)(vectors)], dtype=bool) \
-            if len(vectors) else np.zeros(0, bool)
+    verdicts = Verdicts.load(library, model)
+    verdict_of = verdicts.of_face_ids()
+    # ignored (not a face) and confirmed (known) faces are never grouped
+    settled = np.array([(v := verdict_of.get(int(f))) is not None and (v.ignored_by is not None or v.confirmed is not None)
+                        for f in face_ids.tolist()], dtype=bool)
+    face_ids, vectors = face_ids[~settled], vectors[~settled]
+    if gallery is not None and len(gallery) and len(vectors):
+        matcher = build_matcher(gallery)
+        matches, _ = apply_decisions(matcher(vectors), [verdict_of.get(int(f)) for f in face_ids.tolist()],
+                                     vectors=vectors, impostors=verdicts.impostors, top_k=matcher.top_k)
+        matched = np.array([m.match for m in matches], dtype=bool)
         face_ids, vectors = face_ids[~matched], vectors[~matched]
     labels = group_faces(vectors, max_distance=DEFAULT_MAX_DISTANCE if max_distance is None else max_distance,
                          min_faces=min_faces, method=method) if len(vectors) else np.zeros(0, np.int64)
-    library.save_groups(model, face_ids.tolist(), labels.tolist())
+    if save:
+        library.save_groups(model, face_ids.tolist(), labels.tolist())
     groups: dict[int, list[int]] = {}
     for f, g in zip(face_ids.tolist(), labels.tolist()):
         if g >= 0:

@@ -43,6 +43,7 @@ from verify.scan.workers import (
 
 if TYPE_CHECKING:
     from verify.faces import FaceDetector
+    from verify.identity.decisions import Verdicts
     from verify.scan.ray_engine import RayEngine
     from verify.model.file import Embedder
 
@@ -133,6 +134,10 @@ def library_rows(library: Library, files: Sequence[tuple[str, StoredFile | None,
                  failed: dict[str, str] | None = None) -> Iterator[dict]:
     """Report rows of `files` (report path, stored file or None, walk entry) from the index, matched
     by `builder`'s matcher, in the given order. `failed`: report path -> error for this run only."""
+    if builder.verdicts is None:  # the decisions about faces: applied by the builder, last
+        from verify.identity.decisions import Verdicts
+
+        builder.verdicts = Verdicts.load(library, model)
     for batch in _batches(iter(files), batch_size):
         ids = [s.id for _, s, _ in batch if s is not None and s.status == "face"]
         faces = library.faces(ids, model) if ids else {}
@@ -149,7 +154,8 @@ def library_rows(library: Library, files: Sequence[tuple[str, StoredFile | None,
                     d = DecodedFile(None, status="error",
                                     error=f"faces not embedded by model {model} (scan this folder with it)")
                 else:
-                    d = DecodedFile(None, faces=[Face(r.box, r.prob, r.landmarks) for r in recs], embeddings=emb)
+                    d = DecodedFile(None, faces=[Face(r.box, r.prob, r.landmarks) for r in recs], embeddings=emb,
+                                    sha256=s.sha256)
             elif s.status == "no-face":
                 d = DecodedFile(None, faces=[], embeddings=np.zeros((0, 0), np.float32))
             else:
@@ -372,10 +378,11 @@ def _reembed(files: list[StoredFile], library: Library, pipeline: FacePipeline, 
 
 def find_rows(library: Library, model: str, matcher: Matcher, under: Sequence[str] | None = None,
               thumbs_dir: Path | None = None, page: PageOptions | None = None,
-              timers: dict | None = None, only_faces: Sequence[int] | None = None) -> list[dict]:
+              timers: dict | None = None, only_faces: Sequence[int] | None = None,
+              verdicts: "Verdicts | None" = None) -> list[dict]:
     """The report of every file present in the index (or under `under` folders; or only the files
     holding one of `only_faces`), in walk order, from the stored faces and `model`'s embeddings; no
-    photo is read."""
+    photo is read. `verdicts`: the index's decisions, when the caller has loaded them already."""
     if only_faces is not None:
         paths = {where[0] for where in library.face_locations(only_faces).values()}
         files = library.files(paths, present_only=True) if paths else {}
@@ -386,6 +393,7 @@ def find_rows(library: Library, model: str, matcher: Matcher, under: Sequence[st
         files = {p: s for p, s in files.items() if any(p == u or p.startswith(u + os.sep) for u in prefixes)}
     order = sorted(files, key=lambda p: walk_order_key(p))
     builder = RowBuilder(None, matcher, timers if timers is not None else dict.fromkeys(STAGES, 0.0), thumbs_dir, page)
+    builder.verdicts = verdicts
     return list(library_rows(library, [(p, files[p], None) for p in order], model, builder))
 
 

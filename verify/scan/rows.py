@@ -1,8 +1,10 @@
 """Report rows for a batch of files: analyse what the workers did not, match every face of the batch
 in one call, and write one row per face (or one row for a file without faces).
 
-At most one face per photo is matched to a given identity: the closest one. Other faces of that photo
-that also passed that identity's threshold get match=False, identity empty, and a `note`.
+The decisions a person made about faces (verify.identity.decisions) overrule the matcher here, last,
+when the builder has `verdicts` (the indexed paths set them). At most one face per photo is matched
+to a given identity: a confirmed one, else the closest. Other faces of that photo that also passed
+that identity's threshold get match=False, identity empty, and a `note`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from verify.scan.walk import WalkEntry, report_text
 from verify.scan.workers import DecodedFile, analyse_decoded
 
 if TYPE_CHECKING:
+    from verify.identity.decisions import Verdicts
     from verify.identity.scoring import Match
 
 log = logging.getLogger(__name__)
@@ -39,10 +42,15 @@ def _finite(v: float | None, digits: int) -> float | None:
 def _one_match_per_identity(rows: list[dict[str, Any]]) -> None:
     """Within one photo keep only the closest face matched to each identity."""
     best: dict[str, dict[str, Any]] = {}
+
+    def rank(row: dict[str, Any]) -> tuple[bool, float]:  # a confirmed face first, then the closest
+        confirmed = (row.get("note") or "").startswith("confirmed as ")
+        return (not confirmed, math.inf if row["distance"] is None else row["distance"])
+
     for row in rows:
         if row["match"]:
             cur = best.get(row["identity"])
-            if cur is None or row["distance"] < cur["distance"]:
+            if cur is None or rank(row) < rank(cur):
                 best[row["identity"]] = row
     for row in rows:
         if row["match"] and best[row["identity"]] is not row:
@@ -63,6 +71,7 @@ class RowBuilder:
         self.timers = timers
         self.thumbs_dir = thumbs_dir  # with scan --html: where the shown faces' thumbnails go
         self.page = page or PageOptions()
+        self.verdicts: Verdicts | None = None  # decisions about faces, by (photo sha256, face number)
 
     def _save_thumbnails(self, file_rows: list[dict[str, Any]], d: DecodedFile) -> None:
         t0 = time.perf_counter()
@@ -78,6 +87,37 @@ class RowBuilder:
         if len(matches) != len(vectors):
             raise RuntimeError(f"matcher returned {len(matches)} results for {len(vectors)} faces")
         return matches
+
+    def _decide(self, batch: list[tuple[WalkEntry, DecodedFile]], owner: list[int], vectors: np.ndarray,
+                matches: list["Match | None"]) -> list[str | None]:
+        """Overrule matches by the faces' decisions (verify.identity.decisions.apply_decisions); the
+        notes per face."""
+        from verify.identity.decisions import apply_decisions
+
+        verdicts, face_of = [], {}
+        for i in owner:
+            k = face_of.get(i, 0)
+            face_of[i] = k + 1
+            verdicts.append(self.verdicts.of(batch[i][1].sha256, k))
+        impostors = self.verdicts.impostors
+        if not any(verdicts) and not any(m is not None and m.match and m.identity in impostors for m in matches):
+            # nothing decided about these faces, and none matched to a person with known impostors
+            return [None] * len(owner)
+        idx = [j for j, m in enumerate(matches) if m is not None]
+
+        def rescore(j: int, name: str) -> "Match | None":
+            try:
+                return self.matcher(vectors[idx[j]][None], only=name)[0]
+            except (KeyError, TypeError):  # not enrolled (yet), or a matcher without 1:1
+                return None
+
+        decided, notes = apply_decisions([matches[j] for j in idx], [verdicts[j] for j in idx], rescore,
+                                         vectors=vectors[idx], impostors=impostors,
+                                         top_k=getattr(self.matcher, "top_k", 3))
+        all_notes: list[str | None] = [None] * len(owner)
+        for j, m, note in zip(idx, decided, notes):
+            matches[j], all_notes[j] = m, note
+        return all_notes
 
     def _face_row(self, path: str, k: int, d: DecodedFile, m: "Match") -> dict[str, Any]:
         face = d.faces[k]
@@ -111,8 +151,9 @@ class RowBuilder:
                 owner.extend([i] * len(d.faces))
         if not vectors:
             return rows
+        all_vectors = np.concatenate(vectors)  # (F, D)
         try:
-            matches: list[Match | None] = list(self._match(np.concatenate(vectors)))
+            matches: list[Match | None] = list(self._match(all_vectors))
         except Exception as exc:
             log.warning("matching failed for a batch (%s); retrying file by file", error_summary(exc))
             matches = []
@@ -123,12 +164,15 @@ class RowBuilder:
                 except Exception as exc2:
                     rows[i] = [empty_row(batch[i][0].path, "error", f"matching failed ({error_summary(exc2)})")]
                     matches.extend([None] * len(d.faces))
+        notes = self._decide(batch, owner, all_vectors, matches) if self.verdicts else [None] * len(owner)
         face_of: dict[int, int] = {}  # batch index -> next face number
-        for i, m in zip(owner, matches):
+        for i, m, note in zip(owner, matches, notes):
             k = face_of.get(i, 0)
             face_of[i] = k + 1
             if m is not None:  # None: its file failed
                 rows[i].append(self._face_row(batch[i][0].path, k, batch[i][1], m))
+                if note:
+                    rows[i][-1]["note"] = note
         for i in dict.fromkeys(owner):
             if not rows[i]:  # never expected; a file must not vanish from the report
                 rows[i] = [empty_row(batch[i][0].path, "error", "internal error: no result for this file")]
