@@ -30,7 +30,8 @@ _EXPORTS = {
     "face_pipeline": "verify.identity.enroll",
     "enroll_person": "verify.identity.enroll",
     "build_matcher": "verify.identity.enroll",
-    "verify_photos": "verify.identity.enroll",
+    "verify_photos": "verify.identity.match",
+    "PhotoVerdict": "verify.identity.match",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -277,7 +277,8 @@ def verify_cmd(
     """Is this photo me? For every face: nearest identity, distance, threshold, decision, estimated FAR.
 
     Exit code 0 when every photo has a matching face, 1 when any has none, 2 on error."""
-    from verify.identity.enroll import build_matcher, verify_photos
+    from verify.identity.galleries import build_matcher
+    from verify.identity.match import verify_photos
 
     embedder = _load_embedder(model, device, runtime)
     g = _open_gallery(gallery, embedder, create=False)

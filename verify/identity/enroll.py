@@ -1,4 +1,5 @@
-"""People: enroll a person into a gallery, recalibrate their threshold, verify photos.
+"""People: enroll a person into a gallery and recalibrate their threshold (matching photos against the
+gallery is verify.identity.match).
 
 Joins `verify` (faces, embeddings, scores) and `index` (the FAISS gallery), with verify.identity.galleries
 (where galleries live, opening one, the matcher over it: torch-free) and verify.queries.find (the photo
@@ -15,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -119,26 +120,3 @@ def enroll_batch(gallery: Gallery, name: str, make_batch: Callable[[set[str]], E
             flagged = outlier_photos(vecs, meta["sha256"].to_numpy(), embedder.similarity_threshold, embedder.cohort)
             out.outliers = [(source_of[sha], sim) for sha, sim in flagged]
     return out
-
-
-@dataclass
-class PhotoVerdict:
-    source: str
-    faces: list[dict]  # per face: "box" and Match.to_dict() (distance, threshold, match, far, ...)
-    error: str | None  # unreadable, or "no face found"
-
-    @property
-    def matched(self) -> bool:
-        return any(f["match"] for f in self.faces)
-
-
-def verify_photos(photos: Iterable[str | os.PathLike], pipeline: FacePipeline, matcher: IdentityMatcher,
-                  only: str | None = None) -> Iterator[PhotoVerdict]:
-    """Is this photo me? For each photo, every face's decision (1:N, or 1:1 against `only`)."""
-    for res in pipeline.iter_process([str(p) for p in photos]):
-        faces = []
-        if res.ok and res.faces:
-            for (face, _), m in zip(res.faces, matcher(res.embeddings, only=only)):
-                faces.append({"box": [round(float(v), 1) for v in face.box], **m.to_dict()})
-        error = res.error if not res.ok else (None if faces else "no face found")
-        yield PhotoVerdict(res.source, faces, error)
