@@ -834,7 +834,8 @@ def table_search(run: Run) -> None:
           "VmHWM after the search, RSS before = its VmRSS before library_search.\n")
 
 
-TABLES = (make_data, table_build, table_reads, table_writes, table_find_cli, table_search)  # in order: each uses the last
+# In order: each uses what the ones before it left in the Run.
+TABLES = (make_data, table_build, table_reads, table_writes, table_find_cli, table_search)
 
 
 def main(argv: list[str] | None = None) -> None:
