@@ -364,16 +364,7 @@ def evaluate_pairs(
         "aligned": bool(aligned),
         "accuracy_protocol": protocol,
         **summary,
-        "images": n_images,
-        "failed_images": n_images - counts["ok"],  # no usable face, whatever the reason
-        "unreadable_images": counts["unreadable"],
-        "no_face_images": counts["centre_crop"] + counts["no_face"],
-        "centre_crop_images": counts["centre_crop"],
-        "failed_pairs": int(np.sum(scores == FAILED_SCORE)),
-        "failure_policy": (
-            "no face: centre crop of the same scale (still scored); unreadable: pair scored below every "
-            "other" if no_face == "centre" else "no face or unreadable: pair scored below every other"
-        ),
+        **_failure_fields(counts, n_images, scores, no_face),
         "caveats": caveats,
     }
     if plot is not None:
@@ -419,6 +410,22 @@ def _image_counts(pairs_file: Path, images_root: Path, paths: Sequence[Path], st
         log.warning("unreadable: %s", e)
     return counts
 
+
+
+def _failure_fields(counts: dict[str, int], n_images: int, scores: np.ndarray, no_face: str) -> dict[str, Any]:
+    """The result's image and pair failure counts, and the policy that scored them."""
+    return {
+        "images": n_images,
+        "failed_images": n_images - counts["ok"],  # no usable face, whatever the reason
+        "unreadable_images": counts["unreadable"],
+        "no_face_images": counts["centre_crop"] + counts["no_face"],
+        "centre_crop_images": counts["centre_crop"],
+        "failed_pairs": int(np.sum(scores == FAILED_SCORE)),
+        "failure_policy": (
+            "no face: centre crop of the same scale (still scored); unreadable: pair scored below every "
+            "other" if no_face == "centre" else "no face or unreadable: pair scored below every other"
+        ),
+    }
 
 def _model_threshold_protocol(embedder: Embedder) -> str:
     """How the model file's own threshold was set, as the accuracy protocol says it."""
