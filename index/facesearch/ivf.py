@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -24,6 +25,19 @@ log = logging.getLogger(__name__)
 ADD_CHUNK = 1 << 20  # rows assigned + encoded per step: 512 MB of float32 temporaries at 128-d
 
 Coarse = tuple[np.ndarray | None, np.ndarray | None]  # (centroids (nlist, D), assignment (N,)), either None
+
+
+@dataclass(frozen=True)
+class IvfSettings:
+    """What both IVF kinds are built with (FaceSearch.build's arguments, checked there)."""
+
+    nlist: int | None  # cells; None: policy.ivf_nlist(N)
+    nprobe: int | None  # cells searched per query; None: calibrated
+    train_per_list: int  # k-means sample per cell
+    calibrate_similarity: float  # the range-search bound nprobe is calibrated at
+    target_recall: float
+    seed: int
+    coarse: Coarse = (None, None)  # a given coarse quantiser (skips k-means, and with an assignment, assigning)
 
 
 def add_assigned(ivf: faiss.IndexIVF, transform: faiss.VectorTransform | None, x: np.ndarray, ids: np.ndarray,
@@ -82,20 +96,14 @@ def build_ivf(
     x: np.ndarray,  # (N, D)
     ids: np.ndarray,  # (N,)
     key: str,
-    *,
-    nlist: int | None,
-    nprobe: int | None,
-    train_per_list: int,
-    calibrate_similarity: float,
-    target_recall: float,
-    seed: int,
-    coarse: Coarse = (None, None),
+    settings: IvfSettings,
 ) -> tuple[faiss.IndexIVFFlat, IndexHeader]:
     """An IVF-Flat index of x under ids and its header (nprobe calibrated unless given)."""
     n, dim = x.shape
-    nlist = check_ivf_args("ivf", n, nlist, nprobe, target_recall)
+    nprobe, seed = settings.nprobe, settings.seed
+    nlist = check_ivf_args("ivf", n, settings.nlist, nprobe, settings.target_recall)
     rng = np.random.default_rng(seed)
-    centroids, assignment = coarse
+    centroids, assignment = settings.coarse
     index = _ivf_flat(dim, nlist, centroids)
     t0 = time.perf_counter()
     if centroids is not None:  # a given coarse quantiser: no k-means
@@ -103,7 +111,7 @@ def build_ivf(
         t1 = t0
         add_assigned(index, None, x, ids, assignment)
     else:
-        n_train = kmeans_sample_size(n, nlist, train_per_list)
+        n_train = kmeans_sample_size(n, nlist, settings.train_per_list)
         _train_kmeans(index, x, n_train, seed, rng)
         t1 = time.perf_counter()
         index.add_with_ids(x, ids)
@@ -111,7 +119,8 @@ def build_ivf(
 
     calibration: dict[str, Any] = {}
     if nprobe is None:
-        nprobe, calibration = calibrate_nprobe(index, x, ids, calibrate_similarity, target_recall, rng)
+        nprobe, calibration = calibrate_nprobe(index, x, ids, settings.calibrate_similarity, settings.target_recall,
+                                               rng)
     else:
         nprobe = int(nprobe)
     # Where the build time went (k-means, assigning every face to a cell, calibration), for the record.

@@ -25,7 +25,7 @@ import numpy as np
 
 from index.facesearch.calibration import calibrate_ivfpq
 from index.facesearch.header import IndexHeader, now_utc
-from index.facesearch.ivf import Coarse, add_assigned, kmeans_sample_size
+from index.facesearch.ivf import IvfSettings, add_assigned, kmeans_sample_size
 from index.facesearch.policy import KMEANS_ITERATIONS, check_ivf_args
 
 log = logging.getLogger(__name__)
@@ -134,31 +134,26 @@ def build_ivfpq(
     x: np.ndarray,  # (N, D)
     ids: np.ndarray,  # (N,)
     key: str,
+    settings: IvfSettings,
     *,
-    nlist: int | None,
-    nprobe: int | None,
-    train_per_list: int,
-    calibrate_similarity: float,
-    target_recall: float,
-    seed: int,
     pq_m: int | None,
     pq_bits: int | None,
     opq: bool | None,
-    coarse: Coarse,
 ) -> tuple[faiss.Index, IndexHeader]:
     """An IVF-PQ index of x under ids and its header (nprobe calibrated unless given, PQ's loss measured)."""
     n, dim = x.shape
     m, bits, use_opq = _pq_settings(pq_m, pq_bits, opq, dim)
-    nlist = check_ivf_args("ivfpq", n, nlist, nprobe, target_recall)
+    nprobe, seed = settings.nprobe, settings.seed
+    nlist = check_ivf_args("ivfpq", n, settings.nlist, nprobe, settings.target_recall)
     if n < 1 << bits:
         raise ValueError(f"ivfpq: {bits}-bit codes need at least {1 << bits} vectors to train on, got {n}")
     rng = np.random.default_rng(seed)
-    centroids, assignment = coarse
+    centroids, assignment = settings.coarse
     seconds: dict[str, float] = {}
 
     # One random sample: the k-means part (train_per_list per cell, as "ivf") and, for OPQ and PQ, at
     # least PQ_TRAIN_ROWS rows (FAISS trains each 256-centroid sub-quantiser on <= 65,536 of them).
-    n_train = kmeans_sample_size(n, nlist, train_per_list)
+    n_train = kmeans_sample_size(n, nlist, settings.train_per_list)
     n_sample = min(n, max(n_train, PQ_TRAIN_ROWS))
     perm = rng.choice(n, n_sample, replace=False) if n_sample < n else rng.permutation(n)
     sample = x[np.sort(perm)] if n_sample < n else x  # (S, D)
@@ -185,8 +180,8 @@ def build_ivfpq(
     seconds["add"] = time.perf_counter() - t0  # assign + rotate + encode
 
     t0 = time.perf_counter()
-    nprobe, calibration = calibrate_ivfpq(index, ivfpq, transform, x, ids, calibrate_similarity, target_recall,
-                                          rng, None if nprobe is None else int(nprobe))
+    nprobe, calibration = calibrate_ivfpq(index, ivfpq, transform, x, ids, settings.calibrate_similarity,
+                                          settings.target_recall, rng, None if nprobe is None else int(nprobe))
     seconds["calibrate"] = time.perf_counter() - t0
     seconds["train"] = seconds["kmeans"] + seconds["opq"] + seconds["pq"]
     calibration["seconds"] = {k: round(v, 3) for k, v in seconds.items()}

@@ -16,7 +16,7 @@ import numpy as np
 
 from index.facesearch.calibration import DEFAULT_CALIBRATE_SIMILARITY, DEFAULT_TARGET_RECALL
 from index.facesearch.header import IVF_KINDS, KINDS, IndexHeader, now_utc
-from index.facesearch.ivf import build_ivf
+from index.facesearch.ivf import IvfSettings, build_ivf
 from index.facesearch.ivfpq import build_ivfpq
 from index.facesearch.policy import DEFAULT_TRAIN_PER_LIST, choose_kind
 from index.facesearch.storage import load_index, read_header, save_index
@@ -127,12 +127,10 @@ class FaceSearch:
         coarse = check_coarse(centroids, assignment, n, dim, nlist)
         if coarse[0] is not None:
             nlist = len(coarse[0])
-        ivf_settings = dict(nlist=nlist, nprobe=nprobe, train_per_list=train_per_list,
-                            calibrate_similarity=calibrate_similarity, target_recall=target_recall, seed=seed,
-                            coarse=coarse)
+        settings = IvfSettings(nlist, nprobe, train_per_list, calibrate_similarity, target_recall, seed, coarse)
         if kind == "ivfpq":
-            return cls(*build_ivfpq(x, id_arr, key, pq_m=pq_m, pq_bits=pq_bits, opq=opq, **ivf_settings))
-        return cls(*build_ivf(x, id_arr, key, **ivf_settings))
+            return cls(*build_ivfpq(x, id_arr, key, settings, pq_m=pq_m, pq_bits=pq_bits, opq=opq))
+        return cls(*build_ivf(x, id_arr, key, settings))
 
     # ---------------------------------------------------------------- the coarse quantiser
 
