@@ -5,8 +5,9 @@ light submodule, e.g. in a decode worker, never pulls in torch or FAISS):
 
     from verify import Embedder, FacePipeline, FaceDetector, open_gallery, build_matcher, verify_photos
 
-Rooms: `faces` (photo -> aligned faces -> embeddings), `scan` (folder trees -> one report),
-`training` (stage 1 and 2), `people` (enroll, recalibrate, match; the one module that uses `index`).
+Rooms: `faces` (photo -> aligned faces -> embeddings), `model` (the embedding model, its file and runtime
+graph), `identity` (enroll, match and score known people), `queries` (answers from the library index),
+`scan` (folder trees -> one report), `training`, `evaluation`, `data`; docs/house.md draws the map.
 """
 
 from __future__ import annotations

@@ -326,11 +326,7 @@ def evaluate_pairs(
     has_folds = bool((fold_ids >= 0).all() and len(np.unique(fold_ids)) >= 2)
 
     ref = _reference_pairs(pairs_file, fold_ids, has_folds, threshold_from)
-    p1, p2 = _pair_paths(pairs, images_root)
-    all_paths = p1 + p2
-    if ref is not None:
-        r1, r2 = _pair_paths(ref, images_root)
-        all_paths += r1 + r2
+    all_paths = _all_pair_paths(images_root, pairs, ref)
     emb, errors, statuses = _embed_status(all_paths, embedder, aligned=aligned, detector_config=detector_config,
                                           batch_size=batch_size, progress=progress, face_choice=face_choice,
                                           no_face=no_face, cache=cache)
@@ -391,6 +387,16 @@ def _reference_pairs(pairs_file: Path, fold_ids: np.ndarray, has_folds: bool,
         return None
     return read_lfw_pairs(threshold_from)
 
+
+
+def _all_pair_paths(images_root: Path, pairs: Any, ref: Any) -> list[Path]:
+    """The images of every pair, in order: this file's first images, its second images, then the same
+    for the reference pairs (`ref`, when the threshold is chosen on them)."""
+    p1, p2 = _pair_paths(pairs, images_root)
+    if ref is None:
+        return p1 + p2
+    r1, r2 = _pair_paths(ref, images_root)
+    return p1 + p2 + r1 + r2
 
 def _image_counts(pairs_file: Path, images_root: Path, paths: Sequence[Path], statuses: Sequence[str],
                   errors: Sequence[str | None]) -> dict[str, int]:
