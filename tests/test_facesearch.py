@@ -166,6 +166,22 @@ def test_auto_picks_by_size(monkeypatch, data):
     assert big.kind == "ivf" and big.nlist == fsmod.ivf_nlist(2000) and big.key == "k"
 
 
+def test_constants_set_on_the_package_reach_the_modules_that_read_them(monkeypatch, data):
+    """Callers patched `index.facesearch.X` when it was one module: that still changes what the code does."""
+    x, _, ids, _ = data
+    monkeypatch.setattr(fsmod, "IVF_MIN_FACES", 2000)
+    assert policy.IVF_MIN_FACES == fsmod.IVF_MIN_FACES == 2000
+    assert choose_kind(2000) == "ivf" and FaceSearch.build(x[:2000], ids[:2000]).kind == "ivf"
+    monkeypatch.setattr(fsmod, "MIN_TRAIN_PER_LIST", 100)  # read by policy and by ivf (imported by name there)
+    assert fsmod.ivf_nlist(4000) == 40
+    from index.facesearch import ivf as ivf_mod
+
+    assert ivf_mod.MIN_TRAIN_PER_LIST == 100 and ivf_mod.kmeans_sample_size(10_000, 10, 1) == 1000
+    monkeypatch.undo()
+    assert policy.IVF_MIN_FACES == fsmod.IVF_MIN_FACES == 1_000_000
+    assert ivf_mod.MIN_TRAIN_PER_LIST == policy.MIN_TRAIN_PER_LIST == 39
+
+
 def test_nlist_rule():
     assert fsmod.ivf_nlist(1_000_000) == 4000
     assert fsmod.ivf_nlist(100_000) == 1265

@@ -297,14 +297,13 @@ def test_find_and_indexed_scan_report_what_a_one_shot_scan_reports(tmp_path, lfw
 def test_find_name_searches_the_library_faces_and_reports_what_the_full_report_holds(
         tmp_path, lfw_photos, embedder, matcher, detector, kind, monkeypatch):
     from index import facesearch
-    from index.facesearch import policy
     from verify.queries import find as library_mod
     from verify.scan.indexed import find_rows
 
     folder = fill_folder(tmp_path / "photos", lfw_photos)
     db = tmp_path / "lib.db"
     indexed_scan(folder, db, embedder, matcher, detector, tmp_path / "indexed.csv")
-    monkeypatch.setattr(policy, "IVF_MIN_FACES", 0 if kind == "ivf" else 10**9)
+    monkeypatch.setattr(facesearch, "IVF_MIN_FACES", 0 if kind == "ivf" else 10**9)
     with Library.open(db) as lib:
         n_faces = lib.stats()["faces"]
         # The tiny random model accepts every face at THRESHOLD: put the threshold at the median score

@@ -41,9 +41,15 @@ The package, by role (each module opens with its part of the story):
     header.py       IndexHeader, the kinds, FaceSearchError / StaleIndexError
     storage.py      the file: magic, JSON header, FAISS bytes, length + CRC trailer, atomic write
 
-Tests that change the size policy patch `index.facesearch.policy` (the names re-exported here are
-copies of its values).
+The tunable constants live in the modules that read them (policy, ivf, ivfpq, ...); setting one on this
+package (`monkeypatch.setattr(index.facesearch, "IVF_MIN_FACES", 0)`, as callers did when this was one
+module) sets it in each of them too, so the package and the modules that read it never disagree.
 """
+
+import sys
+import types
+
+from index.facesearch import calibration, exact, header, ivf, ivfpq, policy, search, storage, vectors
 
 from index.facesearch.calibration import (CALIBRATION_K, CALIBRATION_QUERIES, DEFAULT_CALIBRATE_SIMILARITY,
                                           DEFAULT_TARGET_RECALL, MIN_CALIBRATION_PAIRS)
@@ -65,3 +71,19 @@ __all__ = [
     "OPQ_ITERATIONS", "OPQ_TRAIN_ROWS", "PQ_TRAIN_ROWS", "RESCORE_SHORTLIST_PER_K", "StaleIndexError",
     "choose_kind", "ivf_nlist", "kind_table", "unit_rows",
 ]
+
+_SUBMODULES = (calibration, exact, header, ivf, ivfpq, policy, search, storage, vectors)
+
+
+class _Package(types.ModuleType):
+    """Setting a constant here sets it in every module of the package that holds it (each reads its own)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name.isupper() and name in __all__:
+            for module in _SUBMODULES:
+                if name in vars(module):
+                    setattr(module, name, value)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
