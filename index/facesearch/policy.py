@@ -32,7 +32,7 @@ IVFPQ_MIN_FACES = 10_000_000
 # ---- IVF parameters -----------------------------------------------------------------------------
 NLIST_PER_SQRT_N = 4.0  # nlist = 4 sqrt(N): the usual rule, cells of ~sqrt(N)/4 vectors
 MIN_TRAIN_PER_LIST = 39  # FAISS warns below 39 training points per centroid; nlist is capped to honour it
-DEFAULT_TRAIN_PER_LIST = 39  # k-means sample = 39 * nlist (FAISS would take 256 * nlist): see the note above
+DEFAULT_TRAIN_PER_LIST = 39  # k-means sample = 39 * nlist (FAISS would take 256 * nlist): ivf.kmeans_sample_size
 KMEANS_ITERATIONS = 20
 
 

@@ -97,7 +97,7 @@ class FaceSearch:
 
         kind: "flat", "ivf", "ivfpq" or "auto" (`choose_kind(N)`). For "ivf"/"ivfpq": `nlist` cells
         (default `ivf_nlist(N)`), k-means on `train_per_list * nlist` sampled vectors, and `nprobe`
-        (default: calibrated, see the module doc, to `target_recall` at `calibrate_similarity`).
+        (default: calibrated, see calibration.py, to `target_recall` at `calibrate_similarity`).
         For "ivfpq": `pq_m` sub-quantisers of `pq_bits` bits (default 16 x 8 = 16 bytes per face;
         pq_m must divide D) after an OPQ rotation unless `opq=False`.
         `centroids` (nlist, D) unit rows: reuse this coarse quantiser instead of k-means (e.g.
