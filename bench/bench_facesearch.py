@@ -182,6 +182,110 @@ def median_time(fn, repeats: int) -> tuple[object, float]:
 # --------------------------------------------------------------------------------------------
 
 
+class OneSize:
+    """One library size N: the synthetic library, the people searched, the exact (numpy) answers, and
+    a table row per method."""
+
+    def __init__(self, args: argparse.Namespace, n: int, rng: np.random.Generator, tmp: Path, rows: list,
+                 sweep_rows: list) -> None:
+        self.args, self.n, self.tmp, self.rows, self.sweep_rows = args, n, tmp, rows, sweep_rows
+        (x, labels, gen), t_data = timed(lambda: synthetic_faces(n, args.dim, rng, args.per_identity,
+                                                                 tuple(args.intra), args.inter_sd))
+        self.x = x  # (N, D)
+        self.ids = rng.choice(np.int64(1) << 40, n, replace=False).astype(np.int64)  # catalogue ids: arbitrary
+        print(f"N {n:,}: {face_stats(x, labels, rng)}; made in {t_data:.1f} s", flush=True)
+        # Enrolled people: identities with library faces; their pooled vectors are fresh faces of them.
+        counts = np.bincount(labels, minlength=len(gen.centres))
+        self.people = rng.choice(np.flatnonzero(counts >= 1), args.persons, replace=False)
+        self.person_q = [gen.faces(np.full(args.person_queries, p)) for p in self.people]  # P x (Qp, D)
+        self.knn_q = gen.faces(rng.integers(0, len(gen.centres), args.knn_queries))  # (Qk, D)
+        self.label_of = dict(zip(self.ids.tolist(), labels.tolist()))
+
+    def numpy_baseline(self) -> None:
+        """Baseline: numpy, exact. Its answers are the reference for every recall."""
+        args, x, ids = self.args, self.x, self.ids
+        self.exact_range, t_np_find = [], []
+        for q in self.person_q:
+            lims_ids, t = median_time(lambda: numpy_range(x, ids, q, args.bound), args.repeats)
+            self.exact_range.append(lims_ids)
+            t_np_find.append(t)
+        self.np_find = np_find = float(np.median(t_np_find))
+        self.exact_knn, self.np_knn = median_time(lambda: numpy_knn(x, ids, self.knn_q, args.k), args.repeats)
+        results_per_query = np.mean([e[0][-1] / args.person_queries for e in self.exact_range])
+        self.rows.append([f"{self.n:,}", "numpy brute force", "0", f"{x.itemsize * args.dim + 8}", "-",
+                          f"{np_find:.4f}", "1.00x", f"{np_find:.4f}", "1.00x", "1.000", "1.000",
+                          f"{self.np_knn:.3f}", f"{args.knn_queries / self.np_knn:,.0f}", "1.00x", "1.000"])
+        print(f"  numpy: find {np_find:.4f} s ({results_per_query:.0f} results/query), k-NN {self.np_knn:.3f} s",
+              flush=True)
+
+    def measure(self, kind: str, **build_kw) -> FaceSearch:
+        """Build, save and load a `kind` index, then its table row."""
+        n = self.n
+        fs, t_build = timed(lambda: FaceSearch.build(self.x, self.ids, kind, key=f"bench:{n}", **build_kw))
+        path = self.tmp / f"{kind}-{n}.fsidx"
+        fs.save(path)
+        bytes_per = path.stat().st_size / n
+        fs, t_load = timed(lambda: FaceSearch.load(path))
+        path.unlink()
+        name = f"faiss {kind}" if kind == "flat" else f"faiss IVF{fs.nlist} nprobe {fs.nprobe}"
+        self.search_row(name, fs, t_build, f"{bytes_per:.0f}", f"{t_load:.2f}", None)
+        return fs
+
+    def search_row(self, name: str, fs: FaceSearch, t_build: float | None, bytes_per: str, t_load: str,
+                   nprobe: int | None) -> tuple[float, float, float]:
+        """(find s, find recall, recall@k) of `fs` at `nprobe`; a table row unless t_build is None (sweep)."""
+        args, n, np_find, np_knn = self.args, self.n, self.np_find, self.np_knn
+        finds, recalls, own = [], [], []
+        for p, q, (ex_lims, ex_ids) in zip(self.people, self.person_q, self.exact_range):
+            (lims, found, _), t = median_time(lambda: fs.range_search(q, args.bound, nprobe=nprobe),
+                                              args.repeats)
+            finds.append(t)
+            recalls.append(range_recall(lims, found, ex_lims, ex_ids))
+            own.append(range_recall(lims, found, ex_lims, ex_ids,
+                                    keep=lambda e: np.array([self.label_of[i] == p for i in e.tolist()], bool)))
+        find = float(np.median(finds))
+        (sims, got), t_knn = median_time(lambda: fs.search(self.knn_q, args.k, nprobe=nprobe), args.repeats)
+        rec_knn = knn_recall(got, self.exact_knn)
+        # Recall pooled over people: sum of hits / sum of pairs would weigh busy people more;
+        # the mean over people is what a user sees on average.
+        rec, rec_own = float(np.mean(recalls)), float(np.mean(own))
+        if t_build is not None:
+            self.rows.append([f"{n:,}", name, f"{t_build:.2f}", bytes_per, t_load, f"{find:.4f}",
+                              ratio(np_find, find), f"{t_build + find:.3f}", ratio(np_find, t_build + find),
+                              f"{rec:.3f}", f"{rec_own:.3f}", f"{t_knn:.3f}", f"{args.knn_queries / t_knn:,.0f}",
+                              ratio(np_knn, t_knn), f"{rec_knn:.3f}"])
+            print(f"  {name}: build {t_build:.2f} s, find {find:.4f} s recall {rec:.3f}/{rec_own:.3f}, "
+                  f"k-NN {t_knn:.3f} s recall {rec_knn:.3f}", flush=True)
+        return find, rec, rec_knn
+
+    def sweep(self, ivf: FaceSearch) -> None:
+        """IVF recall and speed over nprobe (powers of two and the calibrated one), until recall is ~1."""
+        probes = sorted({p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, ivf.nprobe) if p <= ivf.nlist})
+        for p in probes:
+            find, rec, rec_knn = self.search_row("", ivf, None, "", "", p)
+            calibrated = " (calibrated)" if p == ivf.nprobe else ""
+            self.sweep_rows.append([f"{self.n:,}", f"{ivf.nlist}", f"{p}{calibrated}", f"{find:.4f}",
+                                    ratio(self.np_find, find), f"{rec:.3f}", f"{rec_knn:.3f}"])
+            if rec >= 0.9999 and rec_knn >= 0.999 and p > ivf.nprobe:
+                break
+
+
+def measure_size(args: argparse.Namespace, n: int, rng: np.random.Generator, tmp: Path, rows: list,
+                 sweep_rows: list) -> None:
+    """The rows of one N: numpy (exact), then each FAISS kind (IVF only where N can train it)."""
+    size = OneSize(args, n, rng, tmp, rows, sweep_rows)
+    size.numpy_baseline()
+    for kind, build_kw in (("flat", {}), ("ivf", {"train_per_list": args.train_per_list})):
+        if kind == "ivf" and n < 2 * facesearch.MIN_TRAIN_PER_LIST:
+            print(f"  IVF skipped: {n} vectors", flush=True)
+            break
+        fs = size.measure(kind, **build_kw)
+        if kind == "ivf":
+            print(f"  IVF calibration: {fs.header.calibration}", flush=True)
+            if args.sweep:
+                size.sweep(fs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6])
@@ -210,86 +314,7 @@ def main() -> None:
     rows, sweep_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
-            n = int(size)
-            (x, labels, gen), t_data = timed(lambda: synthetic_faces(n, args.dim, rng, args.per_identity,
-                                                                     tuple(args.intra), args.inter_sd))
-            ids = rng.choice(np.int64(1) << 40, n, replace=False).astype(np.int64)  # catalogue ids: arbitrary
-            print(f"N {n:,}: {face_stats(x, labels, rng)}; made in {t_data:.1f} s", flush=True)
-            # Enrolled people: identities with library faces; their pooled vectors are fresh faces of them.
-            counts = np.bincount(labels, minlength=len(gen.centres))
-            people = rng.choice(np.flatnonzero(counts >= 1), args.persons, replace=False)
-            person_q = [gen.faces(np.full(args.person_queries, p)) for p in people]  # P x (Qp, D)
-            knn_q = gen.faces(rng.integers(0, len(gen.centres), args.knn_queries))  # (Qk, D)
-            label_of = dict(zip(ids.tolist(), labels.tolist()))
-
-            # Baseline: numpy, exact. Its answers are the reference for every recall.
-            exact_range, t_np_find = [], []
-            for q in person_q:
-                lims_ids, t = median_time(lambda: numpy_range(x, ids, q, args.bound), args.repeats)
-                exact_range.append(lims_ids)
-                t_np_find.append(t)
-            np_find = float(np.median(t_np_find))
-            exact_knn, np_knn = median_time(lambda: numpy_knn(x, ids, knn_q, args.k), args.repeats)
-            results_per_query = np.mean([e[0][-1] / args.person_queries for e in exact_range])
-            rows.append([f"{n:,}", "numpy brute force", "0", f"{x.itemsize * args.dim + 8}", "-",
-                         f"{np_find:.4f}", "1.00x", f"{np_find:.4f}", "1.00x", "1.000", "1.000",
-                         f"{np_knn:.3f}", f"{args.knn_queries / np_knn:,.0f}", "1.00x", "1.000"])
-            print(f"  numpy: find {np_find:.4f} s ({results_per_query:.0f} results/query), k-NN {np_knn:.3f} s",
-                  flush=True)
-
-            def measure(kind: str, **build_kw) -> FaceSearch:
-                fs, t_build = timed(lambda: FaceSearch.build(x, ids, kind, key=f"bench:{n}", **build_kw))
-                path = Path(tmp) / f"{kind}-{n}.fsidx"
-                fs.save(path)
-                bytes_per = path.stat().st_size / n
-                fs, t_load = timed(lambda: FaceSearch.load(path))
-                path.unlink()
-                name = f"faiss {kind}" if kind == "flat" else f"faiss IVF{fs.nlist} nprobe {fs.nprobe}"
-                add_rows(name, fs, t_build, f"{bytes_per:.0f}", f"{t_load:.2f}", None)
-                return fs
-
-            def add_rows(name: str, fs: FaceSearch, t_build: float | None, bytes_per: str, t_load: str,
-                         nprobe: int | None) -> tuple[float, float, float]:
-                finds, recalls, own = [], [], []
-                for p, q, (ex_lims, ex_ids) in zip(people, person_q, exact_range):
-                    (lims, found, _), t = median_time(lambda: fs.range_search(q, args.bound, nprobe=nprobe),
-                                                      args.repeats)
-                    finds.append(t)
-                    recalls.append(range_recall(lims, found, ex_lims, ex_ids))
-                    own.append(range_recall(lims, found, ex_lims, ex_ids,
-                                            keep=lambda e: np.array([label_of[i] == p for i in e.tolist()], bool)))
-                find = float(np.median(finds))
-                (sims, got), t_knn = median_time(lambda: fs.search(knn_q, args.k, nprobe=nprobe), args.repeats)
-                rec_knn = knn_recall(got, exact_knn)
-                # Recall pooled over people: sum of hits / sum of pairs would weigh busy people more;
-                # the mean over people is what a user sees on average.
-                rec, rec_own = float(np.mean(recalls)), float(np.mean(own))
-                if t_build is not None:
-                    rows.append([f"{n:,}", name, f"{t_build:.2f}", bytes_per, t_load, f"{find:.4f}",
-                                 ratio(np_find, find), f"{t_build + find:.3f}", ratio(np_find, t_build + find),
-                                 f"{rec:.3f}", f"{rec_own:.3f}", f"{t_knn:.3f}", f"{args.knn_queries / t_knn:,.0f}",
-                                 ratio(np_knn, t_knn), f"{rec_knn:.3f}"])
-                    print(f"  {name}: build {t_build:.2f} s, find {find:.4f} s recall {rec:.3f}/{rec_own:.3f}, "
-                          f"k-NN {t_knn:.3f} s recall {rec_knn:.3f}", flush=True)
-                return find, rec, rec_knn
-
-            flat = measure("flat")
-            del flat
-            if n < 2 * facesearch.MIN_TRAIN_PER_LIST:
-                print(f"  IVF skipped: {n} vectors", flush=True)
-                continue
-            ivf = measure("ivf", train_per_list=args.train_per_list)
-            print(f"  IVF calibration: {ivf.header.calibration}", flush=True)
-            if args.sweep:
-                probes = sorted({p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, ivf.nprobe)
-                                 if p <= ivf.nlist})
-                for p in probes:
-                    find, rec, rec_knn = add_rows("", ivf, None, "", "", p)
-                    sweep_rows.append([f"{n:,}", f"{ivf.nlist}", f"{p}" + (" (calibrated)" if p == ivf.nprobe else ""),
-                                       f"{find:.4f}", ratio(np_find, find), f"{rec:.3f}", f"{rec_knn:.3f}"])
-                    if rec >= 0.9999 and rec_knn >= 0.999 and p > ivf.nprobe:
-                        break
-            del ivf, x, person_q, knn_q
+            measure_size(args, int(size), rng, Path(tmp), rows, sweep_rows)
 
     print()
     print_table(["faces", "method", "build s", "bytes/vec", "load s", "find s", "vs numpy", "build+find s",
@@ -298,7 +323,6 @@ def main() -> None:
     if sweep_rows:
         print()
         print_table(["faces", "nlist", "nprobe", "find s", "vs numpy", "find recall", "recall@k"], sweep_rows)
-
 
 if __name__ == "__main__":
     main()

@@ -35,10 +35,126 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import FACEVERIFY, LFW, REPO, SHARED_DATA, print_table, ratio, resolve_model, run_measured, write_random_model  # noqa: E402
 
+
+
+class Run:
+    """The photos, folders and model files of one run, and each command's measurement by key."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args, self.tmp = args, tmp
+        lfw = Path(args.lfw)
+        photos = sorted(lfw.rglob("*.jpg"))
+        self.enroll_a = sorted((lfw / args.person_a).glob("*.jpg"))[:3]
+        self.enroll_b = sorted((lfw / args.person_b).glob("*.jpg"))[:3]
+        # held back: every 37th photo not used for enrolling, `--new` of them
+        pool = [p for p in photos if p not in self.enroll_a + self.enroll_b]
+        self.held = pool[::37][:args.new]
+        self.library, self.new = tmp / "library", tmp / "new"
+        self.db, self.gallery = tmp / "library.db", tmp / "gallery"
+        for p in photos:
+            dest = (self.new if p in self.held else self.library) / p.parent.name / p.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, dest)
+        self.model, self.model_note = resolve_model(args.model, tmp)
+        self.other = Path(args.other_model) if args.other_model else write_random_model(tmp / "other.pt")
+        self.env = {**os.environ, "FACEVERIFY_HOME": str(tmp / "home")}
+        self.fv = [str(FACEVERIFY)]
+        self.common = ["--gallery", str(self.gallery), "--model", str(self.model)]
+        self.scan = [*self.fv, "scan", str(self.library), *self.common, "--workers", str(args.workers)]
+        self.other_scan = [*self.fv, "scan", str(self.library), "--gallery", tmp / "gallery-other", "--model",
+                           self.other, "--workers", str(args.workers)]
+        self.n_lib = sum(1 for _ in self.library.rglob("*.jpg"))
+        self.m: dict[str, Any] = {}  # key -> common.Measured
+        self.walked, self.walk_s = 0, 0.0
+
+    def run(self, key: str, what: str, argv: list, ok: tuple[int, ...] = (0, 1)) -> None:
+        m = run_measured([str(a) for a in argv], env=self.env)
+        if m.returncode not in ok:
+            m.check(what)
+        print(f"  {what}: {m.seconds:.1f} s", file=sys.stderr, flush=True)
+        self.m[key] = m
+
+    def add_new_photos(self) -> None:
+        """The held-back photos join the library; the walk of it timed in this process."""
+        shutil.copytree(self.new, self.library / "new")
+        from verify.scan import walk_files
+
+        t0 = time.perf_counter()
+        self.walked = len(walk_files([self.library]))
+        self.walk_s = time.perf_counter() - t0
+
+    def same_bytes(self, a: str, b: str) -> bool:
+        return (self.tmp / a).read_bytes() == (self.tmp / b).read_bytes()
+
+
+# The steps, in order: (key, what, argv of a faceverify command, its accepted exit codes), or (None, what,
+# a step in this process). Person A is enrolled before the first scan, person B after it.
+STEPS = (
+    ("enroll_a", "enroll A", lambda r: [*r.fv, "enroll", r.args.person_a, *r.enroll_a, *r.common], (0,)),
+    ("indexed", "scan, index kept", lambda r: [*r.scan, "--index", r.db, "--out", r.tmp / "r_index.csv"], (0, 1)),
+    ("oneshot", "scan, no index", lambda r: [*r.scan, "--no-index", "--out", r.tmp / "r_oneshot.csv"], (0, 1)),
+    ("enroll_b", "enroll B", lambda r: [*r.fv, "enroll", r.args.person_b, *r.enroll_b, *r.common], (0,)),
+    ("rescan_b", "second question, re-scan", lambda r: [*r.scan, "--no-index", "--out", r.tmp / "r_b.csv"], (0, 1)),
+    ("find_b", "second question, find", lambda r: [*r.fv, "find", r.args.person_b, "--gallery", r.gallery,
+                                                   "--index", r.db, "--out", r.tmp / "f_b.csv"], (0, 1)),
+    ("find_all", "find, everyone", lambda r: [*r.fv, "find", "--gallery", r.gallery, "--index", r.db,
+                                              "--out", r.tmp / "f_all.csv"], (0, 1)),
+    ("unchanged", "rescan, nothing changed", lambda r: [*r.scan, "--index", r.db, "--out", r.tmp / "r_again.csv"],
+     (0, 1)),
+    # incremental: the held-back photos alone (one-shot), the walk, then the indexed scan with them added
+    ("alone", "new photos alone", lambda r: [*r.fv, "scan", str(r.new), *r.common, "--workers", str(r.args.workers),
+                                             "--no-index", "--out", r.tmp / "r_new.csv"], (0, 1)),
+    (None, "add the new photos, walk", Run.add_new_photos),
+    ("incremental", "incremental", lambda r: [*r.scan, "--index", r.db, "--out", r.tmp / "r_incr.csv"], (0, 1)),
+    ("enroll_a_other", "enroll A (other model)", lambda r: [*r.fv, "enroll", r.args.person_a, *r.enroll_a, "--gallery",
+                                                            r.tmp / "gallery-other", "--model", r.other], (0,)),
+    ("swap", "model swap, re-embed", lambda r: [*r.other_scan, "--index", r.db, "--out", r.tmp / "r_other.csv"],
+     (0, 1)),
+    ("swap_full", "model swap, full scan", lambda r: [*r.other_scan, "--no-index", "--out",
+                                                      r.tmp / "r_other_full.csv"], (0, 1)),
+)
+
+
+def table_rows(r: Run) -> list[tuple]:
+    """The table: (command, its key, the baseline's key or None, note), each a row."""
+    m, held = r.m, len(r.held)
+    same_report = "report identical: " + ("yes" if r.same_bytes("r_index.csv", "r_oneshot.csv") else "NO")
+    same_find = "= one-shot report: " + ("yes" if r.same_bytes("f_all.csv", "r_b.csv") else "NO")
+    incremental = m["incremental"].seconds / (m["alone"].seconds + r.walk_s)
+    rows = (
+        ("scan, index kept (first scan)", "indexed", None, f"{r.n_lib} photos"),
+        ("scan, no index (one-shot)", "oneshot", None, same_report),
+        ("second question: full re-scan (one-shot)", "rescan_b", None, "baseline"),
+        ("second question: find B", "find_b", "rescan_b", "goal >= 50x"),
+        ("find, everyone (full report)", "find_all", "rescan_b", same_find),
+        ("rescan, nothing changed", "unchanged", "rescan_b", ""),
+        (f"{held} new photos alone (one-shot)", "alone", None, f"+ walk {r.walk_s:.2f} s ({r.walked} files)"),
+        (f"incremental: +{held} photos, indexed scan", "incremental", None,
+         f"{incremental:.2f}x of (alone + walk); goal <= 1.2x"),
+        ("model swap: full scan with the other model", "swap_full", None, "baseline"),
+        ("model swap: re-embed the indexed faces", "swap", "swap_full", "no detection"),
+    )
+    return [(what, f"{m[key].seconds:.1f}", f"{m[key].max_rss_mb:.0f}", f"{m[key].tree_peak_mb:.0f}",
+             ratio(m[base].seconds, m[key].seconds) if base is not None else "", note)
+            for what, key, base, note in rows]
+
+
+def index_line(r: Run) -> str:
+    """What the index holds and its size per face (database + WAL after the scans)."""
+    with sqlite3.connect(f"{r.db.as_uri()}?mode=ro", uri=True) as c:
+        faces = c.execute("SELECT count(*) FROM faces").fetchone()[0]
+        files = c.execute("SELECT count(*) FROM files").fetchone()[0]
+        emb = c.execute("SELECT count(*), sum(length(vector)) FROM embeddings").fetchone()
+        models = c.execute("SELECT count(*) FROM models").fetchone()[0]
+    db_bytes = sum(p.stat().st_size for p in r.tmp.glob("library.db*") if p.is_file() and not p.name.endswith(".lock"))
+    return (f"index: {files} files, {faces} faces, {emb[0]} embeddings ({(emb[1] or 0) / max(emb[0], 1):.0f} B each) "
+            f"in {db_bytes / 1e6:.1f} MB: {db_bytes / max(faces, 1):.0f} B per face with {models} models' embeddings "
+            f"({db_bytes / max(files, 1):.0f} B per file)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,104 +169,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (its path is printed)")
     args = ap.parse_args(argv)
 
-    lfw = Path(args.lfw)
-    photos = sorted(lfw.rglob("*.jpg"))
-    enroll_a = sorted((lfw / args.person_a).glob("*.jpg"))[:3]
-    enroll_b = sorted((lfw / args.person_b).glob("*.jpg"))[:3]
-    # held back: every 37th photo not used for enrolling, `--new` of them
-    pool = [p for p in photos if p not in enroll_a + enroll_b]
-    held = pool[::37][:args.new]
     tmp = Path(tempfile.mkdtemp(prefix="bench-library-"))
     try:
-        library, new, db, gallery = tmp / "library", tmp / "new", tmp / "library.db", tmp / "gallery"
-        for p in photos:
-            dest = (new if p in held else library) / p.parent.name / p.name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(p, dest)
-        model, model_note = resolve_model(args.model, tmp)
-        other = Path(args.other_model) if args.other_model else write_random_model(tmp / "other.pt")
-        env = {**os.environ, "FACEVERIFY_HOME": str(tmp / "home")}
-        fv = [str(FACEVERIFY)]
-        common = ["--gallery", str(gallery), "--model", str(model)]
-        scan = [*fv, "scan", str(library), *common, "--workers", str(args.workers)]
-
-        def run(what: str, argv: list[str], ok=(0, 1)):
-            m = run_measured([str(a) for a in argv], env=env)
-            if m.returncode not in ok:
-                m.check(what)
-            print(f"  {what}: {m.seconds:.1f} s", file=sys.stderr, flush=True)
-            return m
-
-        n_lib = sum(1 for _ in library.rglob("*.jpg"))
-        print(f"{n_lib} photos in the library, {len(held)} held back; {model_note}", file=sys.stderr)
-        run("enroll A", [*fv, "enroll", args.person_a, *enroll_a, *common], ok=(0,))
-        indexed = run("scan, index kept", [*scan, "--index", db, "--out", tmp / "r_index.csv"])
-        oneshot = run("scan, no index", [*scan, "--no-index", "--out", tmp / "r_oneshot.csv"])
-        same_report = (tmp / "r_index.csv").read_bytes() == (tmp / "r_oneshot.csv").read_bytes()
-        run("enroll B", [*fv, "enroll", args.person_b, *enroll_b, *common], ok=(0,))
-        rescan_b = run("second question, re-scan", [*scan, "--no-index", "--out", tmp / "r_b.csv"])
-        find_b = run("second question, find", [*fv, "find", args.person_b, "--gallery", gallery, "--index", db,
-                                               "--out", tmp / "f_b.csv"])
-        find_all = run("find, everyone", [*fv, "find", "--gallery", gallery, "--index", db, "--out", tmp / "f_all.csv"])
-        same_find = (tmp / "f_all.csv").read_bytes() == (tmp / "r_b.csv").read_bytes()
-        unchanged = run("rescan, nothing changed", [*scan, "--index", db, "--out", tmp / "r_again.csv"])
-
-        # incremental: the held-back photos alone (one-shot), the walk, then the indexed scan with them added
-        alone = run("new photos alone", [*fv, "scan", str(new), *common, "--workers", str(args.workers), "--no-index",
-                                         "--out", tmp / "r_new.csv"])
-        shutil.copytree(new, library / "new")
-        from verify.scan import walk_files
-
-        t0 = time.perf_counter()
-        walked = len(walk_files([library]))
-        walk_s = time.perf_counter() - t0
-        incremental = run("incremental", [*scan, "--index", db, "--out", tmp / "r_incr.csv"])
-
-        run("enroll A (other model)", [*fv, "enroll", args.person_a, *enroll_a, "--gallery", tmp / "gallery-other",
-                                       "--model", other], ok=(0,))
-        swap = run("model swap, re-embed", [*fv, "scan", str(library), "--gallery", tmp / "gallery-other",
-                                            "--model", other, "--workers", str(args.workers), "--index", db,
-                                            "--out", tmp / "r_other.csv"])
-        swap_full = run("model swap, full scan", [*fv, "scan", str(library), "--gallery", tmp / "gallery-other",
-                                                  "--model", other, "--workers", str(args.workers), "--no-index",
-                                                  "--out", tmp / "r_other_full.csv"])
-
-        with sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True) as c:
-            faces = c.execute("SELECT count(*) FROM faces").fetchone()[0]
-            files = c.execute("SELECT count(*) FROM files").fetchone()[0]
-            emb = c.execute("SELECT count(*), sum(length(vector)) FROM embeddings").fetchone()
-            models = c.execute("SELECT count(*) FROM models").fetchone()[0]
-        db_bytes = sum(p.stat().st_size for p in tmp.glob("library.db*") if p.is_file() and not p.name.endswith(".lock"))
-
-        def line(what, m, base=None, note=""):
-            return (what, f"{m.seconds:.1f}", f"{m.max_rss_mb:.0f}", f"{m.tree_peak_mb:.0f}",
-                    ratio(base.seconds, m.seconds) if base is not None else "", note)
-
-        print(f"\n{n_lib} LFW photos (+{len(held)} added later), --workers {args.workers}; {model_note}; "
+        r = Run(args, tmp)
+        print(f"{r.n_lib} photos in the library, {len(r.held)} held back; {r.model_note}", file=sys.stderr)
+        for key, what, step, *ok in STEPS:
+            if key is None:
+                step(r)
+            else:
+                r.run(key, what, step(r), *ok)
+        print(f"\n{r.n_lib} LFW photos (+{len(r.held)} added later), --workers {args.workers}; {r.model_note}; "
               f"2 cores. Ratios: the baseline's seconds / this row's.\n")
-        print_table(("command", "wall s", "peak MB (largest)", "peak MB (tree)", "vs baseline", "baseline / note"), [
-            line("scan, index kept (first scan)", indexed, note=f"{n_lib} photos"),
-            line("scan, no index (one-shot)", oneshot, note="report identical: " + ("yes" if same_report else "NO")),
-            line("second question: full re-scan (one-shot)", rescan_b, note="baseline"),
-            line("second question: find B", find_b, rescan_b, "goal >= 50x"),
-            line("find, everyone (full report)", find_all, rescan_b,
-                 "= one-shot report: " + ("yes" if same_find else "NO")),
-            line("rescan, nothing changed", unchanged, rescan_b),
-            line(f"{len(held)} new photos alone (one-shot)", alone, note=f"+ walk {walk_s:.2f} s ({walked} files)"),
-            line(f"incremental: +{len(held)} photos, indexed scan", incremental, None,
-                 f"{incremental.seconds / (alone.seconds + walk_s):.2f}x of (alone + walk); goal <= 1.2x"),
-            line("model swap: full scan with the other model", swap_full, note="baseline"),
-            line("model swap: re-embed the indexed faces", swap, swap_full, "no detection"),
-        ], right=[False, True, True, True, True, False])
-        print(f"\nindex: {files} files, {faces} faces, {emb[0]} embeddings ({(emb[1] or 0) / max(emb[0], 1):.0f} B each) "
-              f"in {db_bytes / 1e6:.1f} MB: {db_bytes / max(faces, 1):.0f} B per face with {models} models' embeddings "
-              f"({db_bytes / max(files, 1):.0f} B per file)")
+        print_table(("command", "wall s", "peak MB (largest)", "peak MB (tree)", "vs baseline", "baseline / note"),
+                    table_rows(r), right=[False, True, True, True, True, False])
+        print(f"\n{index_line(r)}")
     finally:
         if args.keep:
             print(f"kept {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()

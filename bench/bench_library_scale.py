@@ -68,7 +68,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -467,8 +469,373 @@ def report_counts(path: Path, alice_keys: set[tuple[str, int]]) -> tuple[int, in
 
 
 # --------------------------------------------------------------------------------------------
-# main
+# The run: what every table shares, and the tables in order
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What the tables share: the arguments, the synthetic library and where it is kept."""
+
+    args: argparse.Namespace
+    layout: Layout
+    work: Path
+    keep: bool  # --work given: the folder (and a built index) stays for a later run
+    env: dict
+    x: np.ndarray | None = None  # (N, D) the library's faces, freed once the index is built
+    labels: np.ndarray | None = None  # (N,) identity of each face
+    gen: Any = None  # the synthetic_faces generator (fresh draws of any identity)
+    t_gen: float = 0.0
+    stats_line: str = ""
+    alice_keys: set = field(default_factory=set)  # (path, face number) of alice's library faces
+    alice_gallery: np.ndarray | None = None  # (E, D) her enrolled draws
+    gallery: Path | None = None  # made by table 3a, used by 3b
+    cache: Path | None = None  # the search index kept beside the database
+    alice_ids: np.ndarray | None = None  # catalogue face ids of alice's library faces
+
+    @property
+    def n(self) -> int:
+        return self.layout.n_faces
+
+    @property
+    def dim(self) -> int:
+        return self.args.dim
+
+    @property
+    def fpf(self) -> int:
+        return self.layout.fpf
+
+    @property
+    def db(self) -> Path:
+        return self.work / "library.db"
+
+    @property
+    def side(self) -> Path:
+        return self.work / "sidecar"
+
+    def sidecar_files(self) -> tuple[Path, Path, Path]:
+        """(vectors.npy, ids.npy, vectors.parquet): written by table 2a, rewritten by 2b, then removed."""
+        return self.side / "vectors.npy", self.side / "ids.npy", self.side / "vectors.parquet"
+
+
+def make_data(run: Run) -> None:
+    """The synthetic faces, alice's library faces and gallery draws; the run's header lines."""
+    import faiss
+
+    from index import facesearch
+
+    args, layout, work = run.args, run.layout, run.work
+    n, dim, fpf = run.n, run.dim, run.fpf
+    log(f"generating {n:,} synthetic faces ...")
+    rng = np.random.default_rng(args.seed)
+    (x, labels, gen), t_gen = measure(lambda: synthetic_faces(n, dim, rng, per_identity=args.per_identity))[:2]
+    stats_line = face_stats(x, labels, np.random.default_rng(args.seed + 1))
+    alice_rows = np.flatnonzero(labels == ALICE)
+    alice_keys = {(layout.path(int(i) // fpf), int(i) % fpf) for i in alice_rows}
+    gen.rng = np.random.default_rng(args.seed + 2)  # fresh draws below do not depend on N
+    alice_gallery = gen.faces(np.full(args.enroll, ALICE))  # (E, D)
+
+    print(f"# Library index at scale: {n:,} faces, {layout.n_files:,} files, {dim}-d, "
+          f"{args.per_identity} faces per identity, {fpf} faces per file")
+    print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} at start; sqlite {sqlite3.sqlite_version}, "
+          f"faiss {faiss.__version__}, numpy {np.__version__}; work folder {work}")
+    print(f"data: {stats_line}; alice = identity {ALICE}: {len(alice_rows)} library faces, "
+          f"{args.enroll} fresh draws enrolled, threshold {args.threshold}")
+    print(f"index.facesearch: IVF_MIN_FACES = {facesearch.IVF_MIN_FACES:,}, so kind='auto' picks "
+          f"{facesearch.choose_kind(n)!r} at N = {n:,}")
+    print()
+    run.x, run.labels, run.gen, run.t_gen, run.stats_line = x, labels, gen, t_gen, stats_line
+    run.alice_keys, run.alice_gallery = alice_keys, alice_gallery
+
+
+def table_build(run: Run) -> None:
+    """1a. Building the index through Library.record (or reusing a kept one); 1b. its size on disk."""
+    args, layout, work, keep, db = run.args, run.layout, run.work, run.keep, run.db
+    n, dim, fpf, x, t_gen = run.n, run.dim, run.fpf, run.x, run.t_gen
+    params = {"faces": n, "dim": dim, "per_identity": args.per_identity, "fpf": fpf, "seed": args.seed,
+              "batch_files": args.batch_files}
+    meta_path = work / "build.json"
+    stored = json.loads(meta_path.read_text()) if keep and meta_path.exists() and db.exists() else None
+    if stored is not None and stored.get("params") == params:
+        with Library.open(db, readonly=True) as lib:
+            present = lib.stats()["faces"]
+        if present != n:
+            stored = None
+    else:
+        stored = None
+    if stored is None:
+        for p in work.glob("library.db*"):
+            p.unlink()
+        log("building the index ...")
+        build = build_index(db, x, layout, args.batch_files, args.seed)
+        build["gen_s"] = t_gen
+        meta_path.write_text(json.dumps({"params": params, "build": build}, indent=1))
+        tag = ""
+    else:
+        build = stored["build"]
+        tag = " (stored)"
+        log("reusing the index in the work folder")
+    run.x = x = None  # the index holds them now
+
+    print("## 1a. Building the index through index.library.Library")
+    rows = [
+        ["generate the vectors (synthetic_faces)" + tag, fmt_s(build["gen_s"]), f"{n / build['gen_s']:,.0f}", "-"],
+        ["make the FileRecords" + tag, fmt_s(build["make_s"]), f"{n / build['make_s']:,.0f}",
+         f"{layout.n_files / build['make_s']:,.0f}"],
+        [f"Library.record, {build['transactions']} transactions of {args.batch_files:,} files" + tag,
+         fmt_s(build["record_s"]), f"{n / build['record_s']:,.0f}", f"{layout.n_files / build['record_s']:,.0f}"],
+        ["close (checkpoint the WAL)" + tag, fmt_s(build["close_s"]), "-", "-"],
+    ]
+    print_table(["step", "seconds", "faces/s", "files/s"], rows)
+    print(f"\nmeasured: wall time of each step in this process; record = the calls to Library.record only (one "
+          f"transaction each, WAL, synchronous=NORMAL); WAL before the close: "
+          f"{build['wal_bytes_before_close'] / MB:,.0f} MB.\n")
+
+    parts, db_bytes, wal_bytes = size_parts(db)
+    print("## 1b. Size on disk (after the writer closed: WAL checkpointed into the database)")
+    rows = [[label, f"{b / MB:,.1f}", f"{b / n:,.0f}", ratio(b / n, dim * 4)] for label, b in parts]
+    rows.append(["total: database + WAL", f"{(db_bytes + wal_bytes) / MB:,.1f}", f"{(db_bytes + wal_bytes) / n:,.0f}",
+                 ratio((db_bytes + wal_bytes) / n, dim * 4)])
+    rows.append([f"raw vectors alone ({dim} x float32)", f"{n * dim * 4 / MB:,.1f}", f"{dim * 4}", "1.00x"])
+    print_table(["part", "MB", "bytes/face", "vs raw vector"], rows)
+    emb = parts[0][1] + parts[1][1]
+    print(f"\nmeasured: SQLite dbstat pages per table/index (4 KiB pages); the embeddings take {emb / n:,.0f} B/face "
+          f"({emb / n - dim * 4:,.0f} B over the raw {dim * 4} B: the model fingerprint and face id per row, twice "
+          f"with the index, and page fill), the catalogue {(db_bytes - emb) / n:,.0f} B/face; WAL after close: "
+          f"{wal_bytes:,} B.\n")
+
+
+def table_reads(run: Run) -> None:
+    """2a. Reading all N vectors + ids back: SQLite against .npy and Parquet sidecars, cold and warm."""
+    n, dim, db = run.n, run.dim, run.db
+    log("reads ...")
+    payload = n * (dim * 4 + 8)
+    wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+    vec_npy, id_npy, parq = run.sidecar_files()
+
+    read_rows = []
+
+    def read_row(label: str, files: list[Path], fn, note: str = "", rate: bool = True) -> object:
+        evict(*files)
+        out, t_cold, mem_cold = measure(fn)
+        del out
+        out, t_warm, mem_warm = measure(fn)
+        read_rows.append([label, fmt_s(t_cold), f"{payload / t_cold / MB:,.0f}" if rate else "-", fmt_s(t_warm),
+                          f"{payload / t_warm / MB:,.0f}" if rate else "-", f"{max(mem_cold, mem_warm):,.0f}", note])
+        return out
+
+    ids, vecs = read_row("SQLite: Library.embeddings(model) (what find reads)", [db, wal],
+                         lambda: read_library(db), "count(faces) + join files/faces, ORDER BY face_id, fetchmany blocks")
+    assert len(ids) == n, (len(ids), n)
+    read_row("  of which: SELECT count(*) FROM faces", [db, wal], lambda: read_count(db, "SELECT count(*) FROM faces"),
+             "the upper bound it preallocates for", rate=False)
+    read_row("  not: SELECT count(*) FROM embeddings WHERE model = ?", [db, wal],
+             lambda: read_count(db, "SELECT count(*) FROM embeddings WHERE model = ?", FINGERPRINT),
+             "walks the whole embeddings b-tree", rate=False)
+    read_row("  SQLite: SELECT face_id, vector (no join, no count)", [db, wal], lambda: read_blobs(db, n, dim),
+             "raw sqlite3, row-by-row fill")
+    write_npy(vec_npy, vecs)
+    write_npy(id_npy, ids)
+    write_parquet(parq, ids, vecs)
+    read_row("sidecar .npy: np.load (vectors + ids)", [vec_npy, id_npy], lambda: read_npy(vec_npy, id_npy),
+             f"{(vec_npy.stat().st_size + id_npy.stat().st_size) / MB:,.0f} MB of files")
+    read_row("sidecar .npy: np.load(mmap_mode='r') + one full pass", [vec_npy, id_npy],
+             lambda: pass_mmap(vec_npy, id_npy), "sum over every row; nothing copied")
+    read_row("sidecar Parquet: pyarrow read_table -> numpy", [parq], lambda: read_parquet(parq),
+             f"{parq.stat().st_size / MB:,.0f} MB, uncompressed")
+    print(f"## 2a. Reading all {n:,} vectors + ids back (payload {payload / MB:,.0f} MB)")
+    print_table(["read", "cold s", "cold MB/s", "warm s", "warm MB/s", "peak RSS added MB", "note"], read_rows,
+                right=[False, True, True, True, True, True, False])
+    print("\nmeasured: wall time in this process; cold = after fsync + posix_fadvise(DONTNEED) of the files "
+          "(this VM's page cache; the host's may still hold them), warm = the same read again at once; "
+          "MB/s = N x (512 + 8) B / s.\n")
+    del vecs
+
+
+def table_writes(run: Run) -> None:
+    """2b. Writing one scan batch into the N-face index, and what a sidecar layout would add."""
+    args, db, side, gen = run.args, run.db, run.side, run.gen
+    n, dim, fpf = run.n, run.dim, run.fpf
+    vec_npy, id_npy, parq = run.sidecar_files()
+    log("writes ...")
+    wrng = np.random.default_rng(args.seed + 3)
+    detector = detector_string()
+    others = np.arange(1, len(gen.centres))
+    batches = [gen.faces(wrng.choice(others, WRITE_FILES * fpf)) for _ in range(args.write_reps)]
+    tag_run = f"run-{os.getpid()}-{int(time.time())}"
+    write_rows = []
+
+    def write_row(label: str, secs: list[float], wrote: list[int], kill: str, power: str) -> None:
+        write_rows.append([label, f"{np.median(secs) * 1e3:,.1f}", f"{np.mean(secs) * 1e3:,.1f}",
+                           f"{np.max(secs) * 1e3:,.1f}", f"{np.median(wrote):,.0f}", kill, power])
+
+    with Library.open(db) as lib:
+        recs = [make_records([f"{WRITES_ROOT}/{tag_run}/f{r:03d}/file_{j:02d}.jpg" for j in range(WRITE_FILES)],
+                             batches[r], fpf, wrng, detector, 50_000_000 + r * 100) for r in range(args.write_reps)]
+        secs, wrote = time_reps(lambda r: lib.record(recs[r], FINGERPRINT), args.write_reps)
+        write_row(f"SQLite Library.record: {WRITE_FILES} files, {WRITE_FILES * fpf} faces + embeddings (product)",
+                  secs, wrote, "yes (one transaction)", "last commits may be lost, no corruption (WAL, NORMAL)")
+        recs = [make_records([f"{WRITES_ROOT}/{tag_run}/n{r:03d}/file_{j:02d}.jpg" for j in range(WRITE_FILES)],
+                             np.zeros((0, dim), np.float32), fpf, wrng, detector, 60_000_000 + r * 100)
+                for r in range(args.write_reps)]
+        secs, wrote = time_reps(lambda r: lib.record(recs[r], None), args.write_reps)
+        write_row(f"SQLite Library.record: {WRITE_FILES} face-less files (catalogue rows only)", secs, wrote,
+                  "yes", "as above")
+        gone = lib.mark_gone([WRITES_ROOT], set())
+    log(f"  marked {gone} benchmark write files gone")
+
+    log_path = side / "vectors.log"
+    log_path.unlink(missing_ok=True)
+    new_ids = [np.arange(10**9 + r * 64, 10**9 + r * 64 + len(b), dtype=np.int64) for r, b in enumerate(batches)]
+
+    def append(r: int, sync: bool) -> None:
+        with open(log_path, "ab") as f:
+            f.write(new_ids[r].tobytes() + batches[r].tobytes())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    secs, wrote = time_reps(lambda r: append(r, False), args.write_reps)
+    write_row("+ sidecar append log (ids + vectors), no fsync", secs, wrote,
+              "only with its committed length in the SQLite transaction", "no")
+    secs, wrote = time_reps(lambda r: append(r, True), args.write_reps)
+    write_row("+ sidecar append log + fsync", secs, wrote, "as above", "yes")
+    secs, wrote = time_reps(lambda r: rewrite_npy(vec_npy, batches[r]), min(3, args.write_reps))
+    write_row(f"+ sidecar .npy rewritten ({n:,}+64 rows): temp, fsync, rename", secs, wrote, "yes", "yes")
+    secs, wrote = time_reps(lambda r: rewrite_parquet(parq, new_ids[r], batches[r]), min(2, args.write_reps))
+    write_row(f"+ sidecar Parquet rewritten ({n:,}+64 rows): temp, fsync, rename", secs, wrote, "yes", "yes")
+    for p in (log_path, vec_npy, id_npy, parq):
+        p.unlink(missing_ok=True)
+    print(f"## 2b. Writing one scan batch ({WRITE_FILES} files, {WRITE_FILES * fpf} faces) into the {n:,}-face index")
+    print_table(["write", "median ms", "mean ms", "max ms", "bytes written", "kill -9 safe", "power-cut safe"],
+                write_rows, right=[False, True, True, True, True, False, False])
+    print(f"\nmeasured: wall time per batch over {args.write_reps} batches (rewrites: 3 and 2), page cache warm; "
+          f"bytes = /proc/self/io wchar (SQLite: WAL frames; the mean includes the WAL checkpoints every 1000 "
+          f"pages); '+' rows are what a sidecar layout adds to its own catalogue transaction.\n")
+
+
+def table_find_cli(run: Run) -> None:
+    """3a. `faceverify find` over the index in a subprocess: first (no search index kept) and again."""
+    from index import facesearch
+    from verify.queries.find import search_cache_path
+
+    args, work, db, env, layout = run.args, run.work, run.db, run.env, run.layout
+    n, alice_keys = run.n, run.alice_keys
+    gallery = work / "gallery"
+    make_gallery(gallery, run.alice_gallery, args.threshold)
+    with Library.open(db, readonly=True) as lib:
+        cache = search_cache_path(lib, FINGERPRINT)
+        alice_files = lib.files(sorted({p for p, _ in alice_keys}))
+        per_file = lib.faces([s.id for s in alice_files.values()])
+        alice_ids = np.array(sorted(per_file[alice_files[p].id][0][k] for p, k in alice_keys), np.int64)
+    cache.unlink(missing_ok=True)
+    kind = facesearch.choose_kind(n)
+    reports = work / "reports"
+    reports.mkdir(exist_ok=True)
+    find_rows = []
+
+    def cli_find(label: str, names: list[str], out: Path, timeout: int, kind_note: str) -> None:
+        out.unlink(missing_ok=True)
+        argv = ["timeout", str(timeout), str(FACEVERIFY), "find", *names, "--gallery", str(gallery),
+                "--index", str(db), "--out", str(out)]
+        log(f"  {label} ...")
+        m = run_measured_small(argv, env)
+        if m.returncode == 124:
+            find_rows.append([label, kind_note, f"> {timeout}", "-", "-", "-", "-", "-", "killed at the timeout"])
+            return
+        if m.returncode not in (0, 1) or not out.exists():
+            m.check(label)
+        rows_, found, other = report_counts(out, alice_keys)
+        last = (m.stdout.strip().splitlines() or [""])[-1].split(" -> ")[0]
+        find_rows.append([label, kind_note, fmt_s(m.seconds), f"{m.max_rss_mb:,.0f}", f"{m.tree_peak_mb:,.0f}",
+                          f"{rows_:,}", f"{found / len(alice_keys):.3f} ({found}/{len(alice_keys)})", f"{other:,}",
+                          last[:90]])
+
+    log("find (CLI) ...")
+    cli_find("find alice: first (no search index kept)", ["alice"], reports / "alice1.csv", args.find_timeout,
+             f"{kind}" + (": built + saved" if kind != "flat" else ": built"))
+    kept = cache.exists()
+    cli_find("find alice: again", ["alice"], reports / "alice2.csv", args.find_timeout,
+             f"{kind}" + (": loaded" if kept else ": built"))
+    if args.full_report:
+        cli_find("find (everyone, every file): --full-report", [], reports / "all.csv", args.full_report_timeout,
+                 "none (matches every face)")
+    else:
+        find_rows.append(["find (everyone, every file)", "-", "skipped", "-", "-", "-", "-", "-",
+                          "not run: pass --full-report"])
+    print(f"## 3a. faceverify find over {n:,} faces ({layout.n_files:,} files), subprocess")
+    print_table(["command", "search index", "wall s", "max RSS MB", "tree peak MB", "report rows", "alice recall",
+                 "other faces matched", "its last line"], find_rows,
+                right=[False, False, True, True, True, True, True, True, False])
+    print("\nmeasured: common.run_measured (from a small launcher process) of `.venv/bin/faceverify find [alice] "
+          "--gallery G --index DB --out R.csv` (interpreter start and imports included); max RSS = the largest "
+          "process (wait4), tree = "
+          "sampled sum; recall = alice's library faces matched in the report / all of hers.\n")
+    run.gallery, run.cache, run.alice_ids = gallery, cache, alice_ids
+
+
+def table_search(run: Run) -> None:
+    """3b. find's search step, flat vs IVF, each row in a fresh process."""
+    args, work, db, env = run.args, run.work, run.db, run.env
+    gallery, cache, alice_ids = run.gallery, run.cache, run.alice_ids
+    log("flat vs IVF, one fresh process per row ...")
+    from index.gallery import Gallery
+    from verify.identity.galleries import build_matcher
+
+    matcher = build_matcher(Gallery.open(gallery))
+    pooled = np.asarray(matcher.pooled["alice"], np.float32)  # (m, D)
+    thr = matcher.similarity_threshold_of("alice")
+    pooled_path = work / "alice-pooled.npy"
+    np.save(pooled_path, pooled)
+    search_rows = []
+    flat_found = None
+
+    def search_row(label: str, kind: str, file_note: str = "-") -> None:
+        nonlocal flat_found
+        job = {"repo": str(REPO), "db": str(db), "model": FINGERPRINT, "kind": kind, "pooled": str(pooled_path),
+               "threshold": thr}
+        proc = subprocess.run([sys.executable, "-c", _SEARCH_CHILD, json.dumps(job)], capture_output=True,
+                              text=True, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"{label} failed:\n{proc.stderr[-2000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        cand = np.unique(np.asarray(r["found"], np.int64))
+        if flat_found is None:
+            flat_found = cand
+        rec = np.isin(alice_ids, cand).mean()
+        vs_flat = np.isin(flat_found, cand).mean() if len(flat_found) else 1.0
+        extra = f"nlist {r['nlist']}, nprobe {r['nprobe']}" if r["kind"] == "ivf" else ""
+        if r["kind"] == "ivf" and "build" in label and r.get("seconds"):
+            sec = r["seconds"]
+            extra += f"; train {sec['train']} s, add {sec['add']} s, calibrate {sec['calibrate']} s"
+        search_rows.append([label, r["kind"], fmt_s(r["build_s"]), file_note() if callable(file_note) else file_note,
+                            f"{r['search_s']:.3f}", f"{len(cand):,}", f"{rec:.3f}", f"{vs_flat:.3f}",
+                            f"{r['hwm_mb']:,.0f}", f"{r['rss0_mb']:,.0f}", extra])
+
+    size = lambda: f"{cache.stat().st_size / MB:,.0f} MB"  # noqa: E731
+    cache.unlink(missing_ok=True)  # else library_search loads a fresh saved index whatever the kind
+    search_row("flat: read embeddings + build (every find)", "flat", "not kept")
+    if not args.no_ivf:
+        cache.unlink(missing_ok=True)
+        search_row("ivf: read embeddings + build + save", "ivf", size)
+        evict(cache)
+        search_row("ivf, kept: load the saved index (cold)", "ivf", size)
+        search_row("ivf, kept: load the saved index (warm)", "ivf", size)
+    else:
+        search_rows.append(["ivf", "-", "skipped (--no-ivf)", "-", "-", "-", "-", "-", "-", "-", ""])
+    print(f"## 3b. find's search step: library_search(lib, model, kind) + one range search of alice's "
+          f"{len(pooled)} pooled vectors at similarity >= {thr}")
+    print_table(["library_search", "kind", "build/load s", "file", "search s", "candidates", "alice recall",
+                 "recall vs flat", "peak RSS MB", "RSS before MB", "note"], search_rows,
+                right=[False, False, True, True, True, True, True, True, True, True, False])
+    print("\nmeasured: each row in a fresh Python process (imports and the opened index before the clock): "
+          "the body of verify.queries.find.candidate_faces for one person; candidates = faces with a similarity >= "
+          "the bound to one pooled vector (the matcher then decides on those); peak RSS = the process's "
+          "VmHWM after the search, RSS before = its VmRSS before library_search.\n")
+
+
+# In order: each uses what the ones before it left in the Run.
+TABLES = (make_data, table_build, table_reads, table_writes, table_find_cli, table_search)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -489,303 +856,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    import faiss
-
-    from index import facesearch
-    from verify.queries.find import library_search, search_cache_path
-
     t_start = time.perf_counter()
-    n, dim, fpf = int(args.faces), args.dim, args.faces_per_file
-    layout = Layout(n, fpf)
     keep = args.work is not None
     work = args.work.absolute() if keep else Path(tempfile.mkdtemp(prefix="faceverify-libscale-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
-    db = work / "library.db"
-    side = work / "sidecar"
-    side.mkdir(exist_ok=True)
-    env = {**os.environ, "FACEVERIFY_HOME": str(work / "home")}
+    run = Run(args, Layout(int(args.faces), args.faces_per_file), work, keep,
+              env={**os.environ, "FACEVERIFY_HOME": str(work / "home")})
+    run.side.mkdir(exist_ok=True)
     try:
-        # ---------------------------------------------------------------- data
-        log(f"generating {n:,} synthetic faces ...")
-        rng = np.random.default_rng(args.seed)
-        (x, labels, gen), t_gen = measure(lambda: synthetic_faces(n, dim, rng, per_identity=args.per_identity))[:2]
-        stats_line = face_stats(x, labels, np.random.default_rng(args.seed + 1))
-        alice_rows = np.flatnonzero(labels == ALICE)
-        alice_keys = {(layout.path(int(i) // fpf), int(i) % fpf) for i in alice_rows}
-        gen.rng = np.random.default_rng(args.seed + 2)  # fresh draws below do not depend on N
-        alice_gallery = gen.faces(np.full(args.enroll, ALICE))  # (E, D)
-
-        print(f"# Library index at scale: {n:,} faces, {layout.n_files:,} files, {dim}-d, "
-              f"{args.per_identity} faces per identity, {fpf} faces per file")
-        print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} at start; sqlite {sqlite3.sqlite_version}, "
-              f"faiss {faiss.__version__}, numpy {np.__version__}; work folder {work}")
-        print(f"data: {stats_line}; alice = identity {ALICE}: {len(alice_rows)} library faces, "
-              f"{args.enroll} fresh draws enrolled, threshold {args.threshold}")
-        print(f"index.facesearch: IVF_MIN_FACES = {facesearch.IVF_MIN_FACES:,}, so kind='auto' picks "
-              f"{facesearch.choose_kind(n)!r} at N = {n:,}")
-        print()
-
-        # ---------------------------------------------------------------- 1. build
-        params = {"faces": n, "dim": dim, "per_identity": args.per_identity, "fpf": fpf, "seed": args.seed,
-                  "batch_files": args.batch_files}
-        meta_path = work / "build.json"
-        stored = json.loads(meta_path.read_text()) if keep and meta_path.exists() and db.exists() else None
-        if stored is not None and stored.get("params") == params:
-            with Library.open(db, readonly=True) as lib:
-                present = lib.stats()["faces"]
-            if present != n:
-                stored = None
-        else:
-            stored = None
-        if stored is None:
-            for p in work.glob("library.db*"):
-                p.unlink()
-            log("building the index ...")
-            build = build_index(db, x, layout, args.batch_files, args.seed)
-            build["gen_s"] = t_gen
-            meta_path.write_text(json.dumps({"params": params, "build": build}, indent=1))
-            tag = ""
-        else:
-            build = stored["build"]
-            tag = " (stored)"
-            log("reusing the index in the work folder")
-        del x
-
-        print("## 1a. Building the index through index.library.Library")
-        rows = [
-            ["generate the vectors (synthetic_faces)" + tag, fmt_s(build["gen_s"]), f"{n / build['gen_s']:,.0f}", "-"],
-            ["make the FileRecords" + tag, fmt_s(build["make_s"]), f"{n / build['make_s']:,.0f}",
-             f"{layout.n_files / build['make_s']:,.0f}"],
-            [f"Library.record, {build['transactions']} transactions of {args.batch_files:,} files" + tag,
-             fmt_s(build["record_s"]), f"{n / build['record_s']:,.0f}", f"{layout.n_files / build['record_s']:,.0f}"],
-            ["close (checkpoint the WAL)" + tag, fmt_s(build["close_s"]), "-", "-"],
-        ]
-        print_table(["step", "seconds", "faces/s", "files/s"], rows)
-        print(f"\nmeasured: wall time of each step in this process; record = the calls to Library.record only (one "
-              f"transaction each, WAL, synchronous=NORMAL); WAL before the close: "
-              f"{build['wal_bytes_before_close'] / MB:,.0f} MB.\n")
-
-        parts, db_bytes, wal_bytes = size_parts(db)
-        print("## 1b. Size on disk (after the writer closed: WAL checkpointed into the database)")
-        rows = [[label, f"{b / MB:,.1f}", f"{b / n:,.0f}", ratio(b / n, dim * 4)] for label, b in parts]
-        rows.append(["total: database + WAL", f"{(db_bytes + wal_bytes) / MB:,.1f}", f"{(db_bytes + wal_bytes) / n:,.0f}",
-                     ratio((db_bytes + wal_bytes) / n, dim * 4)])
-        rows.append([f"raw vectors alone ({dim} x float32)", f"{n * dim * 4 / MB:,.1f}", f"{dim * 4}", "1.00x"])
-        print_table(["part", "MB", "bytes/face", "vs raw vector"], rows)
-        emb = parts[0][1] + parts[1][1]
-        print(f"\nmeasured: SQLite dbstat pages per table/index (4 KiB pages); the embeddings take {emb / n:,.0f} B/face "
-              f"({emb / n - dim * 4:,.0f} B over the raw {dim * 4} B: the model fingerprint and face id per row, twice "
-              f"with the index, and page fill), the catalogue {(db_bytes - emb) / n:,.0f} B/face; WAL after close: "
-              f"{wal_bytes:,} B.\n")
-
-        # ---------------------------------------------------------------- 2a. reads
-        log("reads ...")
-        payload = n * (dim * 4 + 8)
-        wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
-        vec_npy, id_npy, parq = side / "vectors.npy", side / "ids.npy", side / "vectors.parquet"
-
-        read_rows = []
-
-        def read_row(label: str, files: list[Path], fn, note: str = "", rate: bool = True) -> object:
-            evict(*files)
-            out, t_cold, mem_cold = measure(fn)
-            del out
-            out, t_warm, mem_warm = measure(fn)
-            read_rows.append([label, fmt_s(t_cold), f"{payload / t_cold / MB:,.0f}" if rate else "-", fmt_s(t_warm),
-                              f"{payload / t_warm / MB:,.0f}" if rate else "-", f"{max(mem_cold, mem_warm):,.0f}", note])
-            return out
-
-        ids, vecs = read_row("SQLite: Library.embeddings(model) (what find reads)", [db, wal],
-                             lambda: read_library(db), "count(faces) + join files/faces, ORDER BY face_id, fetchmany blocks")
-        assert len(ids) == n, (len(ids), n)
-        read_row("  of which: SELECT count(*) FROM faces", [db, wal], lambda: read_count(db, "SELECT count(*) FROM faces"),
-                 "the upper bound it preallocates for", rate=False)
-        read_row("  not: SELECT count(*) FROM embeddings WHERE model = ?", [db, wal],
-                 lambda: read_count(db, "SELECT count(*) FROM embeddings WHERE model = ?", FINGERPRINT),
-                 "walks the whole embeddings b-tree", rate=False)
-        read_row("  SQLite: SELECT face_id, vector (no join, no count)", [db, wal], lambda: read_blobs(db, n, dim),
-                 "raw sqlite3, row-by-row fill")
-        write_npy(vec_npy, vecs)
-        write_npy(id_npy, ids)
-        write_parquet(parq, ids, vecs)
-        read_row("sidecar .npy: np.load (vectors + ids)", [vec_npy, id_npy], lambda: read_npy(vec_npy, id_npy),
-                 f"{(vec_npy.stat().st_size + id_npy.stat().st_size) / MB:,.0f} MB of files")
-        read_row("sidecar .npy: np.load(mmap_mode='r') + one full pass", [vec_npy, id_npy],
-                 lambda: pass_mmap(vec_npy, id_npy), "sum over every row; nothing copied")
-        read_row("sidecar Parquet: pyarrow read_table -> numpy", [parq], lambda: read_parquet(parq),
-                 f"{parq.stat().st_size / MB:,.0f} MB, uncompressed")
-        print(f"## 2a. Reading all {n:,} vectors + ids back (payload {payload / MB:,.0f} MB)")
-        print_table(["read", "cold s", "cold MB/s", "warm s", "warm MB/s", "peak RSS added MB", "note"], read_rows,
-                    right=[False, True, True, True, True, True, False])
-        print("\nmeasured: wall time in this process; cold = after fsync + posix_fadvise(DONTNEED) of the files "
-              "(this VM's page cache; the host's may still hold them), warm = the same read again at once; "
-              "MB/s = N x (512 + 8) B / s.\n")
-        del vecs
-
-        # ---------------------------------------------------------------- 2b. writes
-        log("writes ...")
-        wrng = np.random.default_rng(args.seed + 3)
-        detector = detector_string()
-        others = np.arange(1, len(gen.centres))
-        batches = [gen.faces(wrng.choice(others, WRITE_FILES * fpf)) for _ in range(args.write_reps)]
-        tag_run = f"run-{os.getpid()}-{int(time.time())}"
-        write_rows = []
-
-        def write_row(label: str, secs: list[float], wrote: list[int], kill: str, power: str) -> None:
-            write_rows.append([label, f"{np.median(secs) * 1e3:,.1f}", f"{np.mean(secs) * 1e3:,.1f}",
-                               f"{np.max(secs) * 1e3:,.1f}", f"{np.median(wrote):,.0f}", kill, power])
-
-        with Library.open(db) as lib:
-            recs = [make_records([f"{WRITES_ROOT}/{tag_run}/f{r:03d}/file_{j:02d}.jpg" for j in range(WRITE_FILES)],
-                                 batches[r], fpf, wrng, detector, 50_000_000 + r * 100) for r in range(args.write_reps)]
-            secs, wrote = time_reps(lambda r: lib.record(recs[r], FINGERPRINT), args.write_reps)
-            write_row(f"SQLite Library.record: {WRITE_FILES} files, {WRITE_FILES * fpf} faces + embeddings (product)",
-                      secs, wrote, "yes (one transaction)", "last commits may be lost, no corruption (WAL, NORMAL)")
-            recs = [make_records([f"{WRITES_ROOT}/{tag_run}/n{r:03d}/file_{j:02d}.jpg" for j in range(WRITE_FILES)],
-                                 np.zeros((0, dim), np.float32), fpf, wrng, detector, 60_000_000 + r * 100)
-                    for r in range(args.write_reps)]
-            secs, wrote = time_reps(lambda r: lib.record(recs[r], None), args.write_reps)
-            write_row(f"SQLite Library.record: {WRITE_FILES} face-less files (catalogue rows only)", secs, wrote,
-                      "yes", "as above")
-            gone = lib.mark_gone([WRITES_ROOT], set())
-        log(f"  marked {gone} benchmark write files gone")
-
-        log_path = side / "vectors.log"
-        log_path.unlink(missing_ok=True)
-        new_ids = [np.arange(10**9 + r * 64, 10**9 + r * 64 + len(b), dtype=np.int64) for r, b in enumerate(batches)]
-
-        def append(r: int, sync: bool) -> None:
-            with open(log_path, "ab") as f:
-                f.write(new_ids[r].tobytes() + batches[r].tobytes())
-                if sync:
-                    f.flush()
-                    os.fsync(f.fileno())
-
-        secs, wrote = time_reps(lambda r: append(r, False), args.write_reps)
-        write_row("+ sidecar append log (ids + vectors), no fsync", secs, wrote,
-                  "only with its committed length in the SQLite transaction", "no")
-        secs, wrote = time_reps(lambda r: append(r, True), args.write_reps)
-        write_row("+ sidecar append log + fsync", secs, wrote, "as above", "yes")
-        secs, wrote = time_reps(lambda r: rewrite_npy(vec_npy, batches[r]), min(3, args.write_reps))
-        write_row(f"+ sidecar .npy rewritten ({n:,}+64 rows): temp, fsync, rename", secs, wrote, "yes", "yes")
-        secs, wrote = time_reps(lambda r: rewrite_parquet(parq, new_ids[r], batches[r]), min(2, args.write_reps))
-        write_row(f"+ sidecar Parquet rewritten ({n:,}+64 rows): temp, fsync, rename", secs, wrote, "yes", "yes")
-        for p in (log_path, vec_npy, id_npy, parq):
-            p.unlink(missing_ok=True)
-        print(f"## 2b. Writing one scan batch ({WRITE_FILES} files, {WRITE_FILES * fpf} faces) into the {n:,}-face index")
-        print_table(["write", "median ms", "mean ms", "max ms", "bytes written", "kill -9 safe", "power-cut safe"],
-                    write_rows, right=[False, True, True, True, True, False, False])
-        print(f"\nmeasured: wall time per batch over {args.write_reps} batches (rewrites: 3 and 2), page cache warm; "
-              f"bytes = /proc/self/io wchar (SQLite: WAL frames; the mean includes the WAL checkpoints every 1000 "
-              f"pages); '+' rows are what a sidecar layout adds to its own catalogue transaction.\n")
-
-        # ---------------------------------------------------------------- 3a. find (CLI)
-        gallery = work / "gallery"
-        make_gallery(gallery, alice_gallery, args.threshold)
-        with Library.open(db, readonly=True) as lib:
-            cache = search_cache_path(lib, FINGERPRINT)
-            alice_files = lib.files(sorted({p for p, _ in alice_keys}))
-            per_file = lib.faces([s.id for s in alice_files.values()])
-            alice_ids = np.array(sorted(per_file[alice_files[p].id][0][k] for p, k in alice_keys), np.int64)
-        cache.unlink(missing_ok=True)
-        kind = facesearch.choose_kind(n)
-        reports = work / "reports"
-        reports.mkdir(exist_ok=True)
-        find_rows = []
-
-        def cli_find(label: str, names: list[str], out: Path, timeout: int, kind_note: str) -> None:
-            out.unlink(missing_ok=True)
-            argv = ["timeout", str(timeout), str(FACEVERIFY), "find", *names, "--gallery", str(gallery),
-                    "--index", str(db), "--out", str(out)]
-            log(f"  {label} ...")
-            m = run_measured_small(argv, env)
-            if m.returncode == 124:
-                find_rows.append([label, kind_note, f"> {timeout}", "-", "-", "-", "-", "-", "killed at the timeout"])
-                return
-            if m.returncode not in (0, 1) or not out.exists():
-                m.check(label)
-            rows_, found, other = report_counts(out, alice_keys)
-            last = (m.stdout.strip().splitlines() or [""])[-1].split(" -> ")[0]
-            find_rows.append([label, kind_note, fmt_s(m.seconds), f"{m.max_rss_mb:,.0f}", f"{m.tree_peak_mb:,.0f}",
-                              f"{rows_:,}", f"{found / len(alice_keys):.3f} ({found}/{len(alice_keys)})", f"{other:,}",
-                              last[:90]])
-
-        log("find (CLI) ...")
-        cli_find("find alice: first (no search index kept)", ["alice"], reports / "alice1.csv", args.find_timeout,
-                 f"{kind}" + (": built + saved" if kind != "flat" else ": built"))
-        kept = cache.exists()
-        cli_find("find alice: again", ["alice"], reports / "alice2.csv", args.find_timeout,
-                 f"{kind}" + (": loaded" if kept else ": built"))
-        if args.full_report:
-            cli_find("find (everyone, every file): --full-report", [], reports / "all.csv", args.full_report_timeout,
-                     "none (matches every face)")
-        else:
-            find_rows.append(["find (everyone, every file)", "-", "skipped", "-", "-", "-", "-", "-",
-                              "not run: pass --full-report"])
-        print(f"## 3a. faceverify find over {n:,} faces ({layout.n_files:,} files), subprocess")
-        print_table(["command", "search index", "wall s", "max RSS MB", "tree peak MB", "report rows", "alice recall",
-                     "other faces matched", "its last line"], find_rows,
-                    right=[False, False, True, True, True, True, True, True, False])
-        print("\nmeasured: common.run_measured (from a small launcher process) of `.venv/bin/faceverify find [alice] "
-              "--gallery G --index DB --out R.csv` (interpreter start and imports included); max RSS = the largest "
-              "process (wait4), tree = "
-              "sampled sum; recall = alice's library faces matched in the report / all of hers.\n")
-
-        # ---------------------------------------------------------------- 3b. flat vs IVF, one process each
-        log("flat vs IVF, one fresh process per row ...")
-        from index.gallery import Gallery
-        from verify.identity.galleries import build_matcher
-
-        matcher = build_matcher(Gallery.open(gallery))
-        pooled = np.asarray(matcher.pooled["alice"], np.float32)  # (m, D)
-        thr = matcher.similarity_threshold_of("alice")
-        pooled_path = work / "alice-pooled.npy"
-        np.save(pooled_path, pooled)
-        search_rows = []
-        flat_found = None
-
-        def search_row(label: str, kind: str, file_note: str = "-") -> None:
-            nonlocal flat_found
-            job = {"repo": str(REPO), "db": str(db), "model": FINGERPRINT, "kind": kind, "pooled": str(pooled_path),
-                   "threshold": thr}
-            proc = subprocess.run([sys.executable, "-c", _SEARCH_CHILD, json.dumps(job)], capture_output=True,
-                                  text=True, env=env)
-            if proc.returncode != 0:
-                raise SystemExit(f"{label} failed:\n{proc.stderr[-2000:]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            cand = np.unique(np.asarray(r["found"], np.int64))
-            if flat_found is None:
-                flat_found = cand
-            rec = np.isin(alice_ids, cand).mean()
-            vs_flat = np.isin(flat_found, cand).mean() if len(flat_found) else 1.0
-            extra = f"nlist {r['nlist']}, nprobe {r['nprobe']}" if r["kind"] == "ivf" else ""
-            if r["kind"] == "ivf" and "build" in label and r.get("seconds"):
-                sec = r["seconds"]
-                extra += f"; train {sec['train']} s, add {sec['add']} s, calibrate {sec['calibrate']} s"
-            search_rows.append([label, r["kind"], fmt_s(r["build_s"]), file_note() if callable(file_note) else file_note,
-                                f"{r['search_s']:.3f}", f"{len(cand):,}", f"{rec:.3f}", f"{vs_flat:.3f}",
-                                f"{r['hwm_mb']:,.0f}", f"{r['rss0_mb']:,.0f}", extra])
-
-        size = lambda: f"{cache.stat().st_size / MB:,.0f} MB"  # noqa: E731
-        cache.unlink(missing_ok=True)  # else library_search loads a fresh saved index whatever the kind
-        search_row("flat: read embeddings + build (every find)", "flat", "not kept")
-        if not args.no_ivf:
-            cache.unlink(missing_ok=True)
-            search_row("ivf: read embeddings + build + save", "ivf", size)
-            evict(cache)
-            search_row("ivf, kept: load the saved index (cold)", "ivf", size)
-            search_row("ivf, kept: load the saved index (warm)", "ivf", size)
-        else:
-            search_rows.append(["ivf", "-", "skipped (--no-ivf)", "-", "-", "-", "-", "-", "-", "-", ""])
-        print(f"## 3b. find's search step: library_search(lib, model, kind) + one range search of alice's "
-              f"{len(pooled)} pooled vectors at similarity >= {thr}")
-        print_table(["library_search", "kind", "build/load s", "file", "search s", "candidates", "alice recall",
-                     "recall vs flat", "peak RSS MB", "RSS before MB", "note"], search_rows,
-                    right=[False, False, True, True, True, True, True, True, True, True, False])
-        print("\nmeasured: each row in a fresh Python process (imports and the opened index before the clock): "
-              "the body of verify.queries.find.candidate_faces for one person; candidates = faces with a similarity >= "
-              "the bound to one pooled vector (the matcher then decides on those); peak RSS = the process's "
-              "VmHWM after the search, RSS before = its VmRSS before library_search.\n")
+        for table in TABLES:
+            table(run)
         print(f"total run time {time.perf_counter() - t_start:,.0f} s")
     finally:
         if not keep:

@@ -294,6 +294,79 @@ def load_photos(args) -> tuple[np.ndarray, np.ndarray, str]:
     return imgs, calib, f"{len(imgs)} LFW photos 250x250"
 
 
+# The float graphs as OnnxMTCNN runs them, and two other ways to batch them: (label, OnnxMTCNN keywords).
+FLOAT_CASES = (
+    ("onnx float", {}),
+    ("onnx float, R/O-net in one run", {"chunk": 0}),
+    ("onnx float, P-net per batch, R/O-net by 512", {"chunk": 512, "pnet_pixels": 1 << 40}),
+)
+# int8 variants, measured not shipped: (label, quantisation kind, graphs quantised).
+INT8_CASES = (
+    ("int8 dynamic R/O-net", "dynamic", ("rnet", "onet")),
+    ("int8 dynamic P/R/O-net", "dynamic", GRAPHS),
+    ("int8 static R/O-net", "static", ("rnet", "onet")),
+    ("int8 static P/R/O-net", "static", GRAPHS),
+)
+
+
+def graph_variants(args: argparse.Namespace, tmp: Path, calib: np.ndarray, thresholds: list, factor: float,
+                   notes: list[str]) -> list[tuple[str, Path, dict]]:
+    """(label, graph folder, OnnxMTCNN keywords) of every ONNX row: the float cases, the export without
+    the PReLU rewrite, and (unless --no-int8) the int8 cases; what could not be made goes to `notes`."""
+    variants = [(label, MTCNN_DIR, kw) for label, kw in FLOAT_CASES]
+    plain = tmp / "plain-prelu"  # the export without the PReLU rewrite (scripts/export_mtcnn.py)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export_mtcnn.py"), "--plain-prelu", "--check", "0",
+                           "--out", str(plain)], capture_output=True, text=True)
+    if proc.returncode == 0:
+        variants.append(("onnx float, PReLU as exported (no rewrite)", plain, {}))
+    else:
+        notes.append(f"plain-PReLU export failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:120]}")
+    if args.no_int8:
+        return variants
+    samples = calibration_inputs(calib, args.min_face, thresholds, factor, 16)
+    for label, kind, which in INT8_CASES:
+        d = tmp / label.replace(" ", "_").replace("/", "")
+        why = quantise(d, kind, which, samples, plain if plain.is_dir() else MTCNN_DIR)
+        if why:
+            notes.append(f"{label}: quantisation failed ({why})")
+            continue
+        size = sum((d / f"{n}.onnx").stat().st_size for n in GRAPHS) / 1e6
+        variants.append((f"{label} ({size:.1f} MB)", d, {}))
+    return variants
+
+
+def min_face_table(min_face: int, nets, variants: list[tuple[str, Path, dict]], chunks: list[np.ndarray],
+                   n: int, thresholds: list, factor: float, repeats: int, notes: list[str]) -> None:
+    """One table at one minimum face size: the torch driver, then every variant that runs here."""
+    min_size = max(12, min_face)
+    print(f"\n## min face {min_face} px\n")
+    runs, labels = [torch_driver(nets, min_size, thresholds, factor)], ["torch driver (verify.faces.mtcnn)"]
+    for label, d, kw in variants:
+        try:
+            det = OnnxMTCNN(d, threads=1, **kw)
+            det.detect_faces(chunks[0][:1], min_size, thresholds, factor)  # an int8 graph may not run here
+        except Exception as e:
+            notes.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            continue
+        runs.append(onnx_driver(det, min_size, thresholds, factor))
+        labels.append(label)
+    results = measure(runs, chunks, repeats)
+    ref, base = results[0]
+    rows = [(labels[0], *(f"{1000 * s / n:.2f}" for s in base), f"{1000 * base.sum() / n:.2f}",
+             sum(len(b) for b, _ in ref), "1.00x", "-", "-", "-")]
+    float_faces = results[1][0]
+    for k, (label, (faces, secs)) in enumerate(zip(labels[1:], results[1:])):
+        # the float graphs vs the torch driver; int8 (and other) rows vs the float graphs
+        same, dbox, dpts, dprob = agreement(ref if k == 0 else float_faces, faces)
+        rows.append((label, *(f"{1000 * s / n:.2f}" for s in secs), f"{1000 * secs.sum() / n:.2f}",
+                     sum(len(b) for b, _ in faces), ratio(base.sum(), secs.sum()), f"{same}/{n}",
+                     f"{dbox:.2g}", f"{dprob:.2g}"))
+    print_table(("driver", "P ms/img", "R ms/img", "O ms/img", "detect ms/img", "faces", "speed-up",
+                 "count agree", "max box Δ px", "max prob Δ"), rows,
+                right=[False] + [True] * 9)
+    print("\n(agreement: onnx float vs the torch driver; int8 rows vs onnx float)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=64)
@@ -314,66 +387,14 @@ def main() -> None:
 
     m = MTCNN(keep_all=True).eval()
     nets = (m.pnet, m.rnet, m.onet)
-
-    variants: list[tuple[str, Path, dict]] = [
-        ("onnx float", MTCNN_DIR, {}),
-        ("onnx float, R/O-net in one run", MTCNN_DIR, {"chunk": 0}),
-        ("onnx float, P-net per batch, R/O-net by 512", MTCNN_DIR, {"chunk": 512, "pnet_pixels": 1 << 40}),
-    ]
-    notes = []
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-runtime-int8-") as tmp:
-        plain = Path(tmp) / "plain-prelu"  # the export without the PReLU rewrite (scripts/export_mtcnn.py)
-        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export_mtcnn.py"), "--plain-prelu", "--check", "0",
-                               "--out", str(plain)], capture_output=True, text=True)
-        if proc.returncode == 0:
-            variants.append(("onnx float, PReLU as exported (no rewrite)", plain, {}))
-        else:
-            notes.append(f"plain-PReLU export failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:120]}")
-        if not args.no_int8:
-            samples = calibration_inputs(calib, args.min_face, thresholds, factor, 16)
-            for label, kind, which in (("int8 dynamic R/O-net", "dynamic", ("rnet", "onet")),
-                                       ("int8 dynamic P/R/O-net", "dynamic", GRAPHS),
-                                       ("int8 static R/O-net", "static", ("rnet", "onet")),
-                                       ("int8 static P/R/O-net", "static", GRAPHS)):
-                d = Path(tmp) / label.replace(" ", "_").replace("/", "")
-                why = quantise(d, kind, which, samples, plain if plain.is_dir() else MTCNN_DIR)
-                if why:
-                    notes.append(f"{label}: quantisation failed ({why})")
-                    continue
-                size = sum((d / f"{n}.onnx").stat().st_size for n in GRAPHS) / 1e6
-                variants.append((f"{label} ({size:.1f} MB)", d, {}))
-
+        variants = graph_variants(args, Path(tmp), calib, thresholds, factor, notes)
         print(f"# {what}, batches of {args.batch}, 1 thread, median of {args.repeats}; "
               f"float graphs {sum((MTCNN_DIR / f'{n}.onnx').stat().st_size for n in GRAPHS) / 1e6:.1f} MB; "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
         for min_face in args.min_face:
-            min_size = max(12, min_face)
-            print(f"\n## min face {min_face} px\n")
-            runs, labels = [torch_driver(nets, min_size, thresholds, factor)], ["torch driver (verify.faces.mtcnn)"]
-            for label, d, kw in variants:
-                try:
-                    det = OnnxMTCNN(d, threads=1, **kw)
-                    det.detect_faces(chunks[0][:1], min_size, thresholds, factor)  # an int8 graph may not run here
-                except Exception as e:
-                    notes.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-                    continue
-                runs.append(onnx_driver(det, min_size, thresholds, factor))
-                labels.append(label)
-            results = measure(runs, chunks, args.repeats)
-            (ref, base), n = results[0], len(imgs)
-            rows = [(labels[0], *(f"{1000 * s / n:.2f}" for s in base), f"{1000 * base.sum() / n:.2f}",
-                     sum(len(b) for b, _ in ref), "1.00x", "-", "-", "-")]
-            float_faces = results[1][0]
-            for k, (label, (faces, secs)) in enumerate(zip(labels[1:], results[1:])):
-                # the float graphs vs the torch driver; int8 (and other) rows vs the float graphs
-                same, dbox, dpts, dprob = agreement(ref if k == 0 else float_faces, faces)
-                rows.append((label, *(f"{1000 * s / n:.2f}" for s in secs), f"{1000 * secs.sum() / n:.2f}",
-                             sum(len(b) for b, _ in faces), ratio(base.sum(), secs.sum()), f"{same}/{n}",
-                             f"{dbox:.2g}", f"{dprob:.2g}"))
-            print_table(("driver", "P ms/img", "R ms/img", "O ms/img", "detect ms/img", "faces", "speed-up",
-                         "count agree", "max box Δ px", "max prob Δ"), rows,
-                        right=[False] + [True] * 9)
-            print("\n(agreement: onnx float vs the torch driver; int8 rows vs onnx float)")
+            min_face_table(min_face, nets, variants, chunks, len(imgs), thresholds, factor, args.repeats, notes)
     for line in notes:
         print(f"note: {line}")
     print(f"\n(load average {os.getloadavg()[0]:.1f} at the end: other processes on the machine skew the times)")
@@ -381,7 +402,6 @@ def main() -> None:
     if not args.no_startup:
         print("\n## start-up: fresh process, import + build the detector (median of 3)\n")
         print_table(("process", "import s", "build s", "process wall s", "RSS MB", "peak RSS MB"), startup_rows())
-
 
 if __name__ == "__main__":
     main()

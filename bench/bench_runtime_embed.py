@@ -359,6 +359,80 @@ def cold_start(runtime: str, path: Path, size: int, runs: int = 3) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def print_header(args: argparse.Namespace, results: list[dict], load0: float, t_start: float) -> None:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    print(f"\nembedding: PyTorch Embedder vs ONNX Runtime OnnxEmbedder (runtime graph), CPU, {os.cpu_count()} cpus "
+          f"({cpu}), torch {torch.__version__}, onnxruntime {ort.__version__}, load average {load0:.2f} at start / "
+          f"{os.getloadavg()[0]:.2f} at end, {time.perf_counter() - t_start:.0f} s in all")
+    print(f"median of {args.repeats} interleaved rounds; ms per image and images/s; every model with its own flip "
+          f"TTA setting (on: two network passes per face)")
+    for r in results:
+        print(f"- {r['label']}: {r['path']} ({r['size']} px, {r['dim']}-d, flip TTA {'on' if r['flip'] else 'off'}); "
+              f"graph {r['graph']} ({r['graph_where']}); timing input: {r['source']}; "
+              f"min cosine onnx vs torch on them {r['parity_min_cos']:.7f}; 1-minute load average "
+              f"{r['load'][0]:.2f} -> {r['load'][1]:.2f} while timing the speed table")
+
+
+def speed_table(results: list[dict], cold: dict) -> None:
+    print("\n### Speed\n")
+    rows = []
+    for r in results:
+        for b in BATCHES:
+            for t in (1, 2):
+                tt, to = r["speed"][(f"torch {t}", b)], r["speed"][(f"onnx {t}", b)]
+                rows.append((r["label"], b, t, f"{tt * 1e3:.2f}", f"{1 / tt:.0f}", f"{to * 1e3:.2f}", f"{1 / to:.0f}",
+                             ratio(1 / to, 1 / tt)))
+    print_table(("model", "batch", "threads", "torch ms/img", "torch img/s", "onnx ms/img", "onnx img/s",
+                 "onnx vs torch"), rows, right=(False, True, True, True, True, True, True, True))
+
+
+def variants_table(results: list[dict], cold: dict) -> None:
+    print("\n### ONNX Runtime variants (1 thread)\n")
+    rows = []
+    for r in results:
+        base = {b: r["variants"][("runtime graph, ORT_ENABLE_ALL (shipped)", b)] for b in (1, 64)}
+        for name in dict.fromkeys(k for k, _ in r["variants"]):
+            v1, v64 = r["variants"][(name, 1)], r["variants"][(name, 64)]
+            rows.append((r["label"], name, f"{v1 * 1e3:.2f}", ratio(base[1], v1), f"{v64 * 1e3:.2f}",
+                         ratio(base[64], v64)))
+    print_table(("model", "variant", "b1 ms/img", "speed vs shipped", "b64 ms/img", "speed vs shipped"), rows,
+                right=(False, False, True, True, True, True))
+
+
+def quant_table(results: list[dict], cold: dict) -> None:
+    print("\n### int8 quantisation (report only; 1 thread)\n")
+    rows = []
+    for r in results:
+        f1, f64 = r["quant"][0][2], r["quant"][0][3]
+        for name, mb, s1, s64, cmean, cmin, _, _ in r["quant"]:
+            rows.append((r["label"], name, f"{mb:.1f}", f"{s1 * 1e3:.2f}", f"{s64 * 1e3:.2f}", ratio(f64, s64),
+                         f"{cmean:.5f}", f"{cmin:.5f}"))
+    print_table(("model", "graph", "MB", "b1 ms/img", "b64 ms/img", "b64 speed vs float", "cos mean", "cos min"),
+                rows, right=(False, False, True, True, True, True, True, True))
+    print(f"cosines: to the float32 runtime graph's embeddings of {results[0]['quant'][0][6]}; static "
+          f"calibration on CelebA crops not among them")
+
+
+def cold_table(results: list[dict], cold: dict) -> None:
+    print("\n### Cold start: fresh process, import + load + embed 1 crop\n")
+    rows = []
+    for (label, runtime), c in cold.items():
+        rows.append((label, runtime, f"{c['wall']:.2f}", f"{c['import']:.2f}", f"{c['load']:.2f}",
+                     f"{c['embed'] * 1e3:.0f}", f"{c['rss']:.0f}", "yes" if c["torch_loaded"] else "no"))
+    print_table(("model", "runtime", "wall s", "import s", "load s", "first embed ms", "peak RSS MB",
+                 "torch imported"), rows, right=(False, False, True, True, True, True, True, False))
+
+
+# The tables, in order: (the option that turns it off (args attribute) or None, what prints it).
+TABLES = (
+    (None, speed_table),
+    ("variants", variants_table),
+    ("quant", quant_table),
+    ("cold", cold_table),
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="a second model file to bench after the shipped one (e.g. dlib's)")
@@ -387,64 +461,10 @@ def main(argv: list[str] | None = None) -> None:
                     cold[(r["label"], runtime)] = cold_start(runtime, r["path"] if runtime == "torch" else r["graph"],
                                                              r["size"])
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    print(f"\nembedding: PyTorch Embedder vs ONNX Runtime OnnxEmbedder (runtime graph), CPU, {os.cpu_count()} cpus "
-          f"({cpu}), torch {torch.__version__}, onnxruntime {ort.__version__}, load average {load0:.2f} at start / "
-          f"{os.getloadavg()[0]:.2f} at end, {time.perf_counter() - t_start:.0f} s in all")
-    print(f"median of {args.repeats} interleaved rounds; ms per image and images/s; every model with its own flip "
-          f"TTA setting (on: two network passes per face)")
-    for r in results:
-        print(f"- {r['label']}: {r['path']} ({r['size']} px, {r['dim']}-d, flip TTA {'on' if r['flip'] else 'off'}); "
-              f"graph {r['graph']} ({r['graph_where']}); timing input: {r['source']}; "
-              f"min cosine onnx vs torch on them {r['parity_min_cos']:.7f}; 1-minute load average "
-              f"{r['load'][0]:.2f} -> {r['load'][1]:.2f} while timing the speed table")
-
-    print("\n### Speed\n")
-    rows = []
-    for r in results:
-        for b in BATCHES:
-            for t in (1, 2):
-                tt, to = r["speed"][(f"torch {t}", b)], r["speed"][(f"onnx {t}", b)]
-                rows.append((r["label"], b, t, f"{tt * 1e3:.2f}", f"{1 / tt:.0f}", f"{to * 1e3:.2f}", f"{1 / to:.0f}",
-                             ratio(1 / to, 1 / tt)))
-    print_table(("model", "batch", "threads", "torch ms/img", "torch img/s", "onnx ms/img", "onnx img/s",
-                 "onnx vs torch"), rows, right=(False, True, True, True, True, True, True, True))
-
-    if args.variants:
-        print("\n### ONNX Runtime variants (1 thread)\n")
-        rows = []
-        for r in results:
-            base = {b: r["variants"][("runtime graph, ORT_ENABLE_ALL (shipped)", b)] for b in (1, 64)}
-            for name in dict.fromkeys(k for k, _ in r["variants"]):
-                v1, v64 = r["variants"][(name, 1)], r["variants"][(name, 64)]
-                rows.append((r["label"], name, f"{v1 * 1e3:.2f}", ratio(base[1], v1), f"{v64 * 1e3:.2f}",
-                             ratio(base[64], v64)))
-        print_table(("model", "variant", "b1 ms/img", "speed vs shipped", "b64 ms/img", "speed vs shipped"), rows,
-                    right=(False, False, True, True, True, True))
-
-    if args.quant:
-        print("\n### int8 quantisation (report only; 1 thread)\n")
-        rows = []
-        for r in results:
-            f1, f64 = r["quant"][0][2], r["quant"][0][3]
-            for name, mb, s1, s64, cmean, cmin, _, _ in r["quant"]:
-                rows.append((r["label"], name, f"{mb:.1f}", f"{s1 * 1e3:.2f}", f"{s64 * 1e3:.2f}", ratio(f64, s64),
-                             f"{cmean:.5f}", f"{cmin:.5f}"))
-        print_table(("model", "graph", "MB", "b1 ms/img", "b64 ms/img", "b64 speed vs float", "cos mean", "cos min"),
-                    rows, right=(False, False, True, True, True, True, True, True))
-        print(f"cosines: to the float32 runtime graph's embeddings of {results[0]['quant'][0][6]}; static "
-              f"calibration on CelebA crops not among them")
-
-    if cold:
-        print("\n### Cold start: fresh process, import + load + embed 1 crop\n")
-        rows = []
-        for (label, runtime), c in cold.items():
-            rows.append((label, runtime, f"{c['wall']:.2f}", f"{c['import']:.2f}", f"{c['load']:.2f}",
-                         f"{c['embed'] * 1e3:.0f}", f"{c['rss']:.0f}", "yes" if c["torch_loaded"] else "no"))
-        print_table(("model", "runtime", "wall s", "import s", "load s", "first embed ms", "peak RSS MB",
-                     "torch imported"), rows, right=(False, False, True, True, True, True, True, False))
-
+    print_header(args, results, load0, t_start)
+    for flag, table in TABLES:
+        if flag is None or getattr(args, flag):
+            table(results, cold)
 
 if __name__ == "__main__":
     main()

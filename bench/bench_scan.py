@@ -102,7 +102,7 @@ def in_process_breakdown(folder: Path, gallery: Path, model: Path, workers: int,
     """The ScanSummary of verify.scan.run_scan on `folder`, matcher built as the CLI
     builds it (verify.identity.enroll.build_matcher), DetectorConfig defaults."""
     from verify.model.file import Embedder
-    from verify.identity.enroll import build_matcher, open_gallery
+    from verify.identity.galleries import build_matcher, open_gallery
     from verify.scan import run_scan
 
     embedder = Embedder.load(model)
@@ -185,74 +185,33 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="with --html: runs of each, alternating")
     args = ap.parse_args(argv)
 
-    fr_cli = Path(args.fr_env) / "bin" / "face_recognition"
     person, enroll_photos, scan_photos = pick_photos(Path(args.lfw), args.images, args.person, args.enroll_photos)
     tmp = Path(tempfile.mkdtemp(prefix="bench-scan-"))
     try:
         known, folder, gallery = tmp / "known", tmp / "photos", tmp / "gallery"
         copy_into(enroll_photos, known)
-        if args.photo_size:
-            import numpy as np
-            from bench_decode import upscale_photo
-
-            size = parse_size(args.photo_size)
-            folder.mkdir(parents=True)
-            rng = np.random.default_rng(0)
-            for f in scan_photos:
-                upscale_photo(f, folder / f.name, size, rng)
-            what = f"LFW photos upscaled to {size[0]}x{size[1]} JPEG (+ grain)"
-        else:
-            copy_into(scan_photos, folder)
-            what = "LFW photos (250x250 JPEG)"
+        what = make_scan_folder(scan_photos, folder, args.photo_size)
         model, model_note = resolve_model(args.model, tmp)
-        model_args = ["--model", str(model)]
         env = {**os.environ, "FACEVERIFY_HOME": str(tmp / "home")}  # never touch the user's gallery
-
-        rows, notes = [], []
         if not FACEVERIFY.exists():
             raise SystemExit(f"{FACEVERIFY} not found: install the project (pip install -e .) into .venv")
         enrolled = run_measured([str(FACEVERIFY), "enroll", person, *map(str, enroll_photos), "--gallery", str(gallery),
-                                 *model_args], env=env).check("faceverify enroll")
-        report = tmp / "report.csv"
-        ours = None
-        for runtime in args.runtimes:  # each on its own fresh library index: nothing reused between rows
-            argv = [str(FACEVERIFY), "scan", str(folder), "--gallery", str(gallery), "--out", str(report), "--stats",
-                    "--workers", str(args.workers), "--runtime", runtime, "--index", str(tmp / f"library-{runtime}.db"),
-                    *model_args]
-            if args.min_face is not None:
-                argv += ["--min-face", str(args.min_face)]
-            run = run_measured(argv, env=env).check(f"faceverify scan --runtime {runtime}")
-            rows.append((f"faceverify scan --runtime {runtime}", run.seconds, run.max_rss_mb, run.tree_peak_mb,
-                         scan_result(report, person)))
-            if ours is None:
-                ours, scan_argv = run, argv
+                                 "--model", str(model)], env=env).check("faceverify enroll")
+
+        # The commands, each a row: faceverify scan per runtime, then face_recognition's CLI.
+        rows, scans = faceverify_scans(args, folder, gallery, model, tmp, env, person)
+        ours, scan_argv = scans[0] if scans else (None, None)
         show_html_costs = None
         if args.html and ours is not None:
-            show_html_costs = html_costs(scan_argv, report, tmp, env, args.repeats, len(scan_photos),
+            show_html_costs = html_costs(scan_argv, tmp / "report.csv", tmp, env, args.repeats, len(scan_photos),
                                          first_plain=ours.seconds)
+        fr_row, notes = face_recognition_scan(args, known, folder, person)
+        rows += [fr_row] if fr_row else []
 
-        if fr_cli.exists():
-            fr = run_measured([str(fr_cli), str(known), str(folder), "--cpus", str(args.workers)])
-            fr.check("face_recognition")
-            if not fr.stdout.strip():  # e.g. a setuptools without pkg_resources: it exits 0, silently
-                raise SystemExit(f"face_recognition printed nothing (stderr: {fr.stderr.strip()[-300:]!r}); "
-                                 "see bench/README.md")
-            rows.append(("face_recognition CLI", fr.seconds, fr.max_rss_mb, fr.tree_peak_mb,
-                         fr_result(fr.stdout, person)))
-        else:
-            notes.append(FR_NOT_INSTALLED + f" [looked for {fr_cli}]")
-
-        stages, stage_src, face_workers = None, "", 0
-        if args.breakdown == "auto":
-            stages = parse_stage_seconds(ours.stdout + "\n" + ours.stderr) if ours else None
-            face_workers = parse_face_workers(ours.stdout) if ours else 0
-            stage_src = "printed by faceverify scan"
-        if stages is None and args.breakdown != "none":
-            summary = in_process_breakdown(folder, gallery, model, args.workers, tmp / "report-in-process.csv")
-            stages, face_workers = summary.stage_seconds, summary.face_workers
-            stage_src = "verify.scan.run_scan in-process on the same folder"
-            rows.insert(1 if ours else 0, ("run_scan in-process (model preloaded)", summary.seconds, None, None,
-                                           scan_result(summary.report, person)))
+        stages, stage_src, face_workers, in_process_row = stage_breakdown(args, ours, folder, gallery, model, tmp,
+                                                                          person)
+        if in_process_row:
+            rows.insert(1 if ours else 0, in_process_row)
 
         n = len(scan_photos)
         print(f"\n{n} {what} in {folder}; enrolled {person} from {len(enroll_photos)} photos "
@@ -261,28 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         for note in notes:
             print(note)
         print()
-        base = rows[-1][1] if rows and rows[-1][0].startswith("face_recognition") else None
-        mb = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
-        print_table(
-            ("command", "wall s", "images/s", "vs face_recognition", "peak MB (largest process)", "peak MB (tree)",
-             "result"),
-            [(name, f"{sec:.1f}", f"{n / sec:.1f}", f"{base / sec:.2f}x" if base else "-", mb(big), mb(tree), result)
-             for name, sec, big, tree, result in rows],
-            right=(False, True, True, True, True, True, False),
-        )
+        print_scan_table(rows, n)
         if stages:
-            in_workers = {"decode"} | ({"detect", "align", "embed"} if face_workers else set())
-            where = f"{args.workers} workers, summed" if args.workers > 0 else "main process"
-            print(f"\nfaceverify per stage ({stage_src}); "
-                  + (f"detection, alignment and embedding ran in the {face_workers} worker processes (one "
-                     "thread each); " if face_workers else "detection, alignment and embedding ran in the main "
-                     "process; ")
-                  + "start = until the first worker was ready, decode_wait = time the main process waited for "
-                  "the workers after that\n")
-            keys = [k for k in STAGE_ORDER if k in stages] + [k for k in stages if k not in STAGE_ORDER]
-            print_table(("stage", "seconds", "ms/image", "where"),
-                        [(k, f"{stages[k]:.2f}", f"{1000 * stages[k] / n:.1f}",
-                          where if k in in_workers else "main process") for k in keys])
+            print_stages(stages, stage_src, face_workers, args.workers, n)
         if show_html_costs is not None:
             show_html_costs()
     finally:
@@ -291,6 +231,99 @@ def main(argv: list[str] | None = None) -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
+
+Row = tuple  # (command, wall s, peak MB largest process | None, peak MB tree | None, result)
+
+
+def make_scan_folder(scan_photos: list[Path], folder: Path, photo_size: str | None) -> str:
+    """Copy (or, with --photo-size, upscale) the photos to scan into `folder`; says what they are."""
+    if not photo_size:
+        copy_into(scan_photos, folder)
+        return "LFW photos (250x250 JPEG)"
+    import numpy as np
+    from bench_decode import upscale_photo
+
+    size = parse_size(photo_size)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for f in scan_photos:
+        upscale_photo(f, folder / f.name, size, rng)
+    return f"LFW photos upscaled to {size[0]}x{size[1]} JPEG (+ grain)"
+
+
+def faceverify_scans(args: argparse.Namespace, folder: Path, gallery: Path, model: Path, tmp: Path, env: dict,
+                     person: str) -> tuple[list[Row], list[tuple]]:
+    """One `faceverify scan` per --runtimes, each on its own fresh library index (nothing reused between
+    rows): (rows, [(the run, its argv)])."""
+    report = tmp / "report.csv"
+    rows, scans = [], []
+    for runtime in args.runtimes:
+        argv = [str(FACEVERIFY), "scan", str(folder), "--gallery", str(gallery), "--out", str(report), "--stats",
+                "--workers", str(args.workers), "--runtime", runtime, "--index", str(tmp / f"library-{runtime}.db"),
+                "--model", str(model)]
+        if args.min_face is not None:
+            argv += ["--min-face", str(args.min_face)]
+        run = run_measured(argv, env=env).check(f"faceverify scan --runtime {runtime}")
+        rows.append((f"faceverify scan --runtime {runtime}", run.seconds, run.max_rss_mb, run.tree_peak_mb,
+                     scan_result(report, person)))
+        scans.append((run, argv))
+    return rows, scans
+
+
+def face_recognition_scan(args: argparse.Namespace, known: Path, folder: Path,
+                          person: str) -> tuple[Row | None, list[str]]:
+    """(face_recognition's CLI row, notes): no row, and a note, where its venv is not installed."""
+    fr_cli = Path(args.fr_env) / "bin" / "face_recognition"
+    if not fr_cli.exists():
+        return None, [FR_NOT_INSTALLED + f" [looked for {fr_cli}]"]
+    fr = run_measured([str(fr_cli), str(known), str(folder), "--cpus", str(args.workers)])
+    fr.check("face_recognition")
+    if not fr.stdout.strip():  # e.g. a setuptools without pkg_resources: it exits 0, silently
+        raise SystemExit(f"face_recognition printed nothing (stderr: {fr.stderr.strip()[-300:]!r}); "
+                         "see bench/README.md")
+    return ("face_recognition CLI", fr.seconds, fr.max_rss_mb, fr.tree_peak_mb, fr_result(fr.stdout, person)), []
+
+
+def stage_breakdown(args: argparse.Namespace, ours, folder: Path, gallery: Path, model: Path, tmp: Path,
+                    person: str) -> tuple[dict | None, str, int, Row | None]:
+    """(seconds per stage, where they come from, face workers, the in-process row if run_scan was run)."""
+    stages, stage_src, face_workers = None, "", 0
+    if args.breakdown == "auto":
+        stages = parse_stage_seconds(ours.stdout + "\n" + ours.stderr) if ours else None
+        face_workers = parse_face_workers(ours.stdout) if ours else 0
+        stage_src = "printed by faceverify scan"
+    if stages is not None or args.breakdown == "none":
+        return stages, stage_src, face_workers, None
+    summary = in_process_breakdown(folder, gallery, model, args.workers, tmp / "report-in-process.csv")
+    row = ("run_scan in-process (model preloaded)", summary.seconds, None, None, scan_result(summary.report, person))
+    return summary.stage_seconds, "verify.scan.run_scan in-process on the same folder", summary.face_workers, row
+
+
+def print_scan_table(rows: list[Row], n: int) -> None:
+    base = rows[-1][1] if rows and rows[-1][0].startswith("face_recognition") else None
+    mb = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+    print_table(
+        ("command", "wall s", "images/s", "vs face_recognition", "peak MB (largest process)", "peak MB (tree)",
+         "result"),
+        [(name, f"{sec:.1f}", f"{n / sec:.1f}", f"{base / sec:.2f}x" if base else "-", mb(big), mb(tree), result)
+         for name, sec, big, tree, result in rows],
+        right=(False, True, True, True, True, True, False),
+    )
+
+
+def print_stages(stages: dict, stage_src: str, face_workers: int, workers: int, n: int) -> None:
+    in_workers = {"decode"} | ({"detect", "align", "embed"} if face_workers else set())
+    where = f"{workers} workers, summed" if workers > 0 else "main process"
+    print(f"\nfaceverify per stage ({stage_src}); "
+          + (f"detection, alignment and embedding ran in the {face_workers} worker processes (one "
+             "thread each); " if face_workers else "detection, alignment and embedding ran in the main "
+             "process; ")
+          + "start = until the first worker was ready, decode_wait = time the main process waited for "
+          "the workers after that\n")
+    keys = [k for k in STAGE_ORDER if k in stages] + [k for k in stages if k not in STAGE_ORDER]
+    print_table(("stage", "seconds", "ms/image", "where"),
+                [(k, f"{stages[k]:.2f}", f"{1000 * stages[k] / n:.1f}",
+                  where if k in in_workers else "main process") for k in keys])
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,7 @@ identities = centre + noise, 20 faces per identity on average) and method:
   the loaded index holds in RAM.
 - load s: `FaceSearch.load` of that file (page cache warm: it was just written).
 - nprobe: calibrated (IVF-Flat: range recall 0.99 at similarity 0.5; IVF-PQ: 0.99 of those pairs in
-  the probed cells, see index/facesearch.py).
+  the probed cells, see index/facesearch/calibration.py).
 - recall@10: of `--people` x `--per-person` fresh faces of library identities (a gallery of 100 people
   x 10 vectors), the fraction of the exact 10 nearest (flat search) found in the returned 10.
   rescored@10: the same after re-scoring the index's top `--rescore` exactly (what a caller gets that
@@ -139,6 +139,170 @@ def fmt_gb(b: float) -> str:
     return f"{b / 1e9:.2f}"
 
 
+class OneSize:
+    """Everything measured at one library size N: the data, the exact answers, and each method's row."""
+
+    def __init__(self, args: argparse.Namespace, n: int, rng: np.random.Generator, tmp: Path,
+                 sweep_rows: list[list[str]]) -> None:
+        self.args, self.n, self.tmp, self.sweep_rows = args, n, tmp, sweep_rows
+        (x, labels, gen), t_data = timed(lambda: synthetic_faces(n, args.dim, rng, args.per_identity))
+        self.x, self.labels, self.gen = x, labels, gen  # (N, D), (N,)
+        self.ids = ID_BASE + ID_STEP * np.arange(n, dtype=np.int64)  # (N,)
+        print(f"  data: {face_stats(x, labels, rng)}; made in {t_data:.1f} s", flush=True)
+        counts = np.bincount(labels, minlength=len(gen.centres))
+        present = np.flatnonzero(counts >= 1)
+        people = rng.choice(present, args.people, replace=False)
+        self.gallery = gen.faces(np.repeat(people, args.per_person))  # (P*V, D)
+        self.finders = people[: args.persons]
+        self.person_q = [gen.faces(np.full(args.person_queries, p)) for p in self.finders]  # persons x (Qp, D)
+        self.results: dict[str, dict] = {}
+        # The coarse quantiser of the IVF-PQ M16 build, shared by the methods after it (None: their own).
+        self.centroids: np.ndarray | None = None
+        self.assignment: np.ndarray | None = None
+        self.shared_s = 0.0  # its k-means + assignment seconds
+
+    def build(self, name: str, fn, shared_s: float = 0.0) -> FaceSearch:
+        n, results = self.n, self.results
+        sampler = TreeMemorySampler(os.getpid()).start()
+        fs, t_build = timed(fn)
+        path = self.tmp / f"{name.replace(' ', '_')}-{n}.fsidx"
+        fs.save(path)
+        sampler.stop()
+        size_b = path.stat().st_size
+        fs = None  # not two copies in memory while loading
+        fs, t_load = timed(lambda: FaceSearch.load(path))
+        path.unlink()
+        results[name] = {"build": t_build + shared_s, "own": t_build, "bytes": size_b, "load": t_load,
+                         "rss": sampler.peak_kb * 1024, "fs": fs, "nprobe": fs.nprobe,
+                         "seconds": dict(fs.header.calibration.get("seconds", {}))}
+        print(f"  {name}: built in {t_build:.1f} s (+ shared {shared_s:.1f} s), {size_b / n:.1f} B/face, "
+              f"load {t_load:.2f} s, peak RSS {sampler.peak_mb / 1024:.2f} GB; {fs!r}", flush=True)
+        cal = fs.header.calibration
+        if cal:
+            print(f"    calibration: {cal}", flush=True)
+        return fs
+
+    def exact(self) -> None:
+        """The exact flat index: the ground truth (k-NN of the gallery, range results per person)."""
+        args = self.args
+        flat = self.build("exact flat", lambda: FaceSearch.build(self.x, self.ids, "flat"))
+        (_, self.ex_ids), t_exact = median_time(lambda: flat.search(self.gallery, args.k), 1)
+        self.ex_range = []
+        t_find = []
+        for q in self.person_q:
+            res, t = median_time(lambda: flat.range_search(q, args.bound), 1)
+            self.ex_range.append(res)
+            t_find.append(t)
+        self.results["exact flat"].update(gallery_s=t_exact, recall=1.0, find_s=float(np.median(t_find)),
+                                          range_recall=1.0, own_recall=1.0, precision=1.0)
+        print(f"  exact: gallery {t_exact:.2f} s, find {np.median(t_find):.2f} s, "
+              f"{np.mean([r[0][-1] for r in self.ex_range]) / args.person_queries:.0f} results per pooled vector",
+              flush=True)
+        self.results["exact flat"]["fs"] = None
+
+    def measure(self, name: str) -> None:
+        args, x, gallery, labels, ex_ids = self.args, self.x, self.gallery, self.labels, self.ex_ids
+        r = self.results[name]
+        fs: FaceSearch = r["fs"]
+        (_, got), t_gal = median_time(lambda: fs.search(gallery, args.k))
+        r.update(gallery_s=t_gal, recall=knn_recall(got, ex_ids))
+        if fs.kind == "ivfpq":
+            (_, cand), t_short = median_time(lambda: fs.search(gallery, args.rescore))
+            best, t_rs = timed(lambda: rescore(x, gallery, cand, args.k))
+            r.update(rescored=knn_recall(best, ex_ids), rescore_s=t_rs, shortlist_s=t_short,
+                     gallery_rescored_s=t_short + t_rs)
+        finds, recalls, own, prec = [], [], [], []
+        for p, q, (ex_lims, ex_found, _) in zip(self.finders, self.person_q, self.ex_range):
+            (lims, found, _), t = median_time(lambda: fs.range_search(q, args.bound))
+            finds.append(t)
+            hit = tot = own_hit = own_tot = true_ret = 0
+            for i in range(len(q)):
+                e = ex_found[ex_lims[i] : ex_lims[i + 1]]
+                f = found[lims[i] : lims[i + 1]]
+                ok = np.isin(e, f)
+                mine = labels[rows_of(e)] == p
+                hit, tot = hit + int(ok.sum()), tot + len(e)
+                own_hit, own_tot = own_hit + int(ok[mine].sum()), own_tot + int(mine.sum())
+                true_ret += int(np.isin(f, e).sum())
+            recalls.append(hit / max(1, tot))
+            own.append(own_hit / max(1, own_tot))
+            prec.append(true_ret / max(1, lims[-1]))
+        r.update(find_s=float(np.median(finds)), range_recall=float(np.mean(recalls)),
+                 own_recall=float(np.mean(own)), precision=float(np.mean(prec)))
+        extra = (f", rescored@{args.k} from {args.rescore}: {r['rescored']:.3f} (gallery top-{args.rescore} "
+                 f"{r['shortlist_s']:.3f} s + rescore {r['rescore_s']:.3f} s)"
+                 if "rescored" in r else "")
+        print(f"    {name}: recall@{args.k} {r['recall']:.3f}{extra}, gallery {t_gal:.3f} s; find "
+              f"{r['find_s']:.3f} s, range recall {r['range_recall']:.3f}, own {r['own_recall']:.3f}, "
+              f"precision {r['precision']:.3f}", flush=True)
+
+    def sweep(self, name: str, fs: FaceSearch) -> None:
+        """recall@k over nprobe x re-scored shortlist, at the largest N only."""
+        args, n = self.args, self.n
+        if args.no_sweep or n != int(max(args.sizes)):
+            return
+        base = fs.nprobe
+        probes = sorted({max(1, base // 4), max(1, base // 2), base})
+        for p in probes:
+            for shortlist in args.shortlists:
+                (_, cand), t_s = median_time(lambda: fs.search(self.gallery, shortlist, nprobe=p), 1)
+                best, t_r = timed(lambda: rescore(self.x, self.gallery, cand, args.k))
+                self.sweep_rows.append([f"{n:,}", name, f"{p}" + (" (calibrated)" if p == base else ""),
+                                        f"{shortlist}" + (" (none)" if shortlist == args.k else ""),
+                                        f"{knn_recall(best, self.ex_ids):.3f}", f"{t_s:.3f}", f"{t_r:.3f}",
+                                        f"{t_s + t_r:.3f}"])
+                print(f"    sweep {name} nprobe {p} shortlist {shortlist}: {self.sweep_rows[-1][4]}", flush=True)
+
+    def share_quantiser(self, fs: FaceSearch) -> None:
+        """Keep `fs`'s centroids and every face's cell for the builds after it (no k-means, no assignment)."""
+        sec = fs.header.calibration["seconds"]
+        self.shared_s = sec["kmeans"] + sec["assign"]
+        self.centroids = fs.centroids()
+        cell_ids, cells = fs.cells()
+        self.assignment = np.empty(self.n, np.int64)
+        self.assignment[rows_of(cell_ids)] = cells
+
+    def seconds(self) -> dict:
+        """The build parts of the IVF-PQ build that did its own k-means (M16, else M8), for the extrapolation."""
+        for name in ("IVF-PQ M16", "IVF-PQ M8"):
+            if name in self.results:
+                return self.results[name]["seconds"]
+        return {}
+
+
+# The methods besides exact flat, in order: (name, --methods key, build, sweep it, shares its coarse quantiser).
+# IVF-PQ M16 is the product path (k-means and assignment included); the others reuse its quantiser when it
+# ran (`build(..., centroids=, assignment=)`), else run their own k-means.
+METHODS = (
+    ("IVF-PQ M16", "M16", lambda r: FaceSearch.build(r.x, r.ids, "ivfpq", key=f"bench:{r.n}"), True, True),
+    ("IVF-Flat", "ivf", lambda r: FaceSearch.build(r.x, r.ids, "ivf", centroids=r.centroids,
+                                                  assignment=r.assignment), False, False),
+    ("IVF-PQ M8", "M8", lambda r: FaceSearch.build(r.x, r.ids, "ivfpq", pq_m=8, centroids=r.centroids,
+                                                   assignment=r.assignment), True, False),
+)
+
+
+def measure_size(args: argparse.Namespace, n: int, rng: np.random.Generator, tmp: Path,
+                 sweep_rows: list[list[str]]) -> dict:
+    """The measured rows of every method at N faces (what --json keeps)."""
+    run = OneSize(args, n, rng, tmp, sweep_rows)
+    run.exact()
+    for name, key, make, sweep, shares in METHODS:
+        if key not in args.methods:
+            continue
+        fs = run.build(name, lambda: make(run), run.shared_s)
+        run.measure(name)
+        if shares:
+            run.share_quantiser(fs)
+        if sweep:
+            run.sweep(name, fs)
+        run.results[name]["fs"] = fs = None
+    out = {name: {k: v for k, v in r.items() if k != "fs"} for name, r in run.results.items()}
+    out["seconds"] = run.seconds()
+    out["nlist"] = facesearch.ivf_nlist(n)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=float, nargs="*", default=[1e6, 1e7],
@@ -179,149 +343,18 @@ def main() -> None:
         for size in args.sizes:
             n = int(size)
             print(f"\nN {n:,}: {load_line()}", flush=True)
-            (x, labels, gen), t_data = timed(lambda: synthetic_faces(n, args.dim, rng, args.per_identity))
-            ids = ID_BASE + ID_STEP * np.arange(n, dtype=np.int64)  # (N,)
-            print(f"  data: {face_stats(x, labels, rng)}; made in {t_data:.1f} s", flush=True)
-            counts = np.bincount(labels, minlength=len(gen.centres))
-            present = np.flatnonzero(counts >= 1)
-            people = rng.choice(present, args.people, replace=False)
-            gallery = gen.faces(np.repeat(people, args.per_person))  # (P*V, D)
-            finders = people[: args.persons]
-            person_q = [gen.faces(np.full(args.person_queries, p)) for p in finders]  # persons x (Qp, D)
-
-            results: dict[str, dict] = {}
-
-            def build(name: str, fn, shared_s: float = 0.0) -> FaceSearch:
-                sampler = TreeMemorySampler(os.getpid()).start()
-                fs, t_build = timed(fn)
-                path = Path(tmp) / f"{name.replace(' ', '_')}-{n}.fsidx"
-                fs.save(path)
-                sampler.stop()
-                size_b = path.stat().st_size
-                fs = None  # not two copies in memory while loading
-                fs, t_load = timed(lambda: FaceSearch.load(path))
-                path.unlink()
-                results[name] = {"build": t_build + shared_s, "own": t_build, "bytes": size_b, "load": t_load,
-                                 "rss": sampler.peak_kb * 1024, "fs": fs, "nprobe": fs.nprobe,
-                                 "seconds": dict(fs.header.calibration.get("seconds", {}))}
-                print(f"  {name}: built in {t_build:.1f} s (+ shared {shared_s:.1f} s), {size_b / n:.1f} B/face, "
-                      f"load {t_load:.2f} s, peak RSS {sampler.peak_mb / 1024:.2f} GB; {fs!r}", flush=True)
-                cal = fs.header.calibration
-                if cal:
-                    print(f"    calibration: {cal}", flush=True)
-                return fs
-
-            # ---- exact: flat (the ground truth)
-            flat = build("exact flat", lambda: FaceSearch.build(x, ids, "flat"))
-            (ex_sims, ex_ids), t_exact = median_time(lambda: flat.search(gallery, args.k), 1)
-            ex_range = []
-            t_find = []
-            for q in person_q:
-                res, t = median_time(lambda: flat.range_search(q, args.bound), 1)
-                ex_range.append(res)
-                t_find.append(t)
-            results["exact flat"].update(gallery_s=t_exact, recall=1.0, find_s=float(np.median(t_find)),
-                                         range_recall=1.0, own_recall=1.0, precision=1.0)
-            print(f"  exact: gallery {t_exact:.2f} s, find {np.median(t_find):.2f} s, "
-                  f"{np.mean([r[0][-1] for r in ex_range]) / args.person_queries:.0f} results per pooled vector",
-                  flush=True)
-            results["exact flat"]["fs"] = None
-            del flat
-
-            def measure(name: str) -> None:
-                r = results[name]
-                fs: FaceSearch = r["fs"]
-                (_, got), t_gal = median_time(lambda: fs.search(gallery, args.k))
-                r.update(gallery_s=t_gal, recall=knn_recall(got, ex_ids))
-                if fs.kind == "ivfpq":
-                    (_, cand), t_short = median_time(lambda: fs.search(gallery, args.rescore))
-                    best, t_rs = timed(lambda: rescore(x, gallery, cand, args.k))
-                    r.update(rescored=knn_recall(best, ex_ids), rescore_s=t_rs, shortlist_s=t_short,
-                             gallery_rescored_s=t_short + t_rs)
-                finds, recalls, own, prec = [], [], [], []
-                for p, q, (ex_lims, ex_found, _) in zip(finders, person_q, ex_range):
-                    (lims, found, _), t = median_time(lambda: fs.range_search(q, args.bound))
-                    finds.append(t)
-                    hit = tot = own_hit = own_tot = true_ret = 0
-                    for i in range(len(q)):
-                        e = ex_found[ex_lims[i] : ex_lims[i + 1]]
-                        f = found[lims[i] : lims[i + 1]]
-                        ok = np.isin(e, f)
-                        mine = labels[rows_of(e)] == p
-                        hit, tot = hit + int(ok.sum()), tot + len(e)
-                        own_hit, own_tot = own_hit + int(ok[mine].sum()), own_tot + int(mine.sum())
-                        true_ret += int(np.isin(f, e).sum())
-                    recalls.append(hit / max(1, tot))
-                    own.append(own_hit / max(1, own_tot))
-                    prec.append(true_ret / max(1, lims[-1]))
-                r.update(find_s=float(np.median(finds)), range_recall=float(np.mean(recalls)),
-                         own_recall=float(np.mean(own)), precision=float(np.mean(prec)))
-                extra = (f", rescored@{args.k} from {args.rescore}: {r['rescored']:.3f} (gallery top-{args.rescore} "
-                         f"{r['shortlist_s']:.3f} s + rescore {r['rescore_s']:.3f} s)"
-                         if "rescored" in r else "")
-                print(f"    {name}: recall@{args.k} {r['recall']:.3f}{extra}, gallery {t_gal:.3f} s; find "
-                      f"{r['find_s']:.3f} s, range recall {r['range_recall']:.3f}, own {r['own_recall']:.3f}, "
-                      f"precision {r['precision']:.3f}", flush=True)
-
-            def sweep(name: str, fs: FaceSearch) -> None:
-                """recall@k over nprobe x re-scored shortlist, at the largest N only."""
-                if args.no_sweep or size != max(args.sizes):
-                    return
-                base = fs.nprobe
-                probes = sorted({max(1, base // 4), max(1, base // 2), base})
-                for p in probes:
-                    for shortlist in args.shortlists:
-                        (_, cand), t_s = median_time(lambda: fs.search(gallery, shortlist, nprobe=p), 1)
-                        best, t_r = timed(lambda: rescore(x, gallery, cand, args.k))
-                        sweep_rows.append([f"{n:,}", name, f"{p}" + (" (calibrated)" if p == base else ""),
-                                           f"{shortlist}" + (" (none)" if shortlist == args.k else ""),
-                                           f"{knn_recall(best, ex_ids):.3f}", f"{t_s:.3f}", f"{t_r:.3f}",
-                                           f"{t_s + t_r:.3f}"])
-                        print(f"    sweep {name} nprobe {p} shortlist {shortlist}: {sweep_rows[-1][4]}", flush=True)
-
-            # ---- IVF-PQ M16: the product path, k-means and assignment included
-            centroids = assignment = None
-            shared = 0.0
-            if "M16" in args.methods:
-                pq16 = build("IVF-PQ M16", lambda: FaceSearch.build(x, ids, "ivfpq", key=f"bench:{n}"))
-                measure("IVF-PQ M16")
-                sec = pq16.header.calibration["seconds"]
-                shared = sec["kmeans"] + sec["assign"]
-                centroids = pq16.centroids()
-                cell_ids, cells = pq16.cells()
-                assignment = np.empty(n, np.int64)
-                assignment[rows_of(cell_ids)] = cells
-                del cell_ids, cells
-                sweep("IVF-PQ M16", pq16)
-                results["IVF-PQ M16"]["fs"] = None
-                del pq16
-
-            # ---- IVF-Flat and IVF-PQ M8 on the same coarse quantiser (from scratch without M16)
-            if "ivf" in args.methods:
-                build("IVF-Flat", lambda: FaceSearch.build(x, ids, "ivf", centroids=centroids,
-                                                           assignment=assignment), shared)
-                measure("IVF-Flat")
-                results["IVF-Flat"]["fs"] = None
-            if "M8" in args.methods:
-                build("IVF-PQ M8", lambda: FaceSearch.build(x, ids, "ivfpq", pq_m=8, centroids=centroids,
-                                                             assignment=assignment), shared)
-                measure("IVF-PQ M8")
-                if "M16" not in args.methods:
-                    sec = results["IVF-PQ M8"]["seconds"]  # its own k-means and assignment
-                sweep("IVF-PQ M8", results["IVF-PQ M8"]["fs"])
-                results["IVF-PQ M8"]["fs"] = None
-
-            measured[n] = {name: {k: v for k, v in r.items() if k != "fs"} for name, r in results.items()}
-            measured[n]["seconds"] = sec if any(m in args.methods for m in ("M16", "M8")) else {}
-            measured[n]["nlist"] = facesearch.ivf_nlist(n)
-            del x, labels, gen, gallery, person_q, centroids, assignment, ex_range
+            measured[n] = measure_size(args, n, rng, Path(tmp), sweep_rows)
             print(f"  done N {n:,} at {time.perf_counter() - t_start:.0f} s; {load_line()}", flush=True)
             if args.json:
                 args.json.write_text(json.dumps({str(k): v for k, v in measured.items()}, indent=1))
             print(f"\nmeasured so far (N {n:,} done):\n", flush=True)
             print_main_table(args, measured, prior, [])
             sys.stdout.flush()
+    report(args, t_start, measured, prior, sweep_rows)
 
+
+def report(args: argparse.Namespace, t_start: float, measured: dict, prior: dict, sweep_rows: list[list[str]]) -> None:
+    """The final tables: measured + earlier + extrapolated rows, the sweep, the issue's goal."""
     extrapolated = extrapolate(args, {**prior, **measured})
     print()
     print(f"end: {load_line()}; total {time.perf_counter() - t_start:.0f} s; process peak RSS "

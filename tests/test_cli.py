@@ -5,6 +5,10 @@ recognition quality uses the shipped default model."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import pytest
@@ -132,3 +136,49 @@ def test_enroll_flags_a_photo_of_someone_else(tmp_path, lfw_root):
     assert any("Hans_Blix" in line for line in flagged), r.output
     assert len(flagged) <= 2, flagged
 
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS` in a fresh interpreter, as a user starts the CLI, with extra environment."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="shipped model missing")
+def test_version_names_the_package_and_the_shipped_model_without_torch():
+    from verify.model.file import read_model_file
+
+    code = ("import sys; from verify.cli import main; sys.argv = ['faceverify', '--version']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    r = run_python("-c", code)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"faceverify {package_version('faceverify')}"
+    assert lines[1].startswith(f"shipped model {read_model_file(DEFAULT_MODEL)['fingerprint']} ")
+    assert lines[2] == "no torch"
+
+
+def test_version_says_in_one_line_when_the_shipped_graph_is_missing(tmp_path, monkeypatch):
+    from verify.model import onnx_embedder
+
+    missing = tmp_path / "default.onnx"
+    monkeypatch.setattr(onnx_embedder, "DEFAULT_GRAPH", missing)
+    r = invoke("--version")
+    assert r.exit_code == 0
+    assert r.output.splitlines()[1] == f"shipped model unavailable: {missing}: runtime graph not found"
+
+
+def test_shell_completion_completes_commands_and_subcommands():
+    r = run_python("-m", "verify", "--show-completion", "bash")
+    assert r.returncode == 0 and "_FACEVERIFY_COMPLETE=complete_bash" in r.stdout, r.stdout + r.stderr
+    bash = {"_FACEVERIFY_COMPLETE": "complete_bash", "COMP_WORDS": "faceverify sc", "COMP_CWORD": "1"}
+    assert run_python("-m", "verify", env=bash).stdout.split() == ["scan"]
+    bash.update(COMP_WORDS="faceverify gallery ", COMP_CWORD="2")
+    assert set(run_python("-m", "verify", env=bash).stdout.split()) == {"list", "remove", "info"}
+    zsh = {"_FACEVERIFY_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "faceverify --vers"}
+    assert '"--version"' in run_python("-m", "verify", env=zsh).stdout

@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 
 import index.facesearch as fsmod
+from index.facesearch import ivfpq as ivfpq_mod
+from index.facesearch import policy
+from index.facesearch import storage as storage_mod
 from index.facesearch import FaceSearch, FaceSearchError, StaleIndexError, choose_kind, unit_rows
 
 DIM = 32
@@ -157,10 +160,26 @@ def test_auto_picks_by_size(monkeypatch, data):
     x, _, ids, _ = data
     assert choose_kind(0) == "flat" and choose_kind(fsmod.IVF_MIN_FACES - 1) == "flat"
     assert choose_kind(fsmod.IVF_MIN_FACES) == "ivf"
-    monkeypatch.setattr(fsmod, "IVF_MIN_FACES", 2000)
+    monkeypatch.setattr(policy, "IVF_MIN_FACES", 2000)
     assert FaceSearch.build(x[:1999], ids[:1999]).kind == "flat"
     big = FaceSearch.build(x[:2000], ids[:2000], key="k")
     assert big.kind == "ivf" and big.nlist == fsmod.ivf_nlist(2000) and big.key == "k"
+
+
+def test_constants_set_on_the_package_reach_the_modules_that_read_them(monkeypatch, data):
+    """Callers patched `index.facesearch.X` when it was one module: that still changes what the code does."""
+    x, _, ids, _ = data
+    monkeypatch.setattr(fsmod, "IVF_MIN_FACES", 2000)
+    assert policy.IVF_MIN_FACES == fsmod.IVF_MIN_FACES == 2000
+    assert choose_kind(2000) == "ivf" and FaceSearch.build(x[:2000], ids[:2000]).kind == "ivf"
+    monkeypatch.setattr(fsmod, "MIN_TRAIN_PER_LIST", 100)  # read by policy and by ivf (imported by name there)
+    assert fsmod.ivf_nlist(4000) == 40
+    from index.facesearch import ivf as ivf_mod
+
+    assert ivf_mod.MIN_TRAIN_PER_LIST == 100 and ivf_mod.kmeans_sample_size(10_000, 10, 1) == 1000
+    monkeypatch.undo()
+    assert policy.IVF_MIN_FACES == fsmod.IVF_MIN_FACES == 1_000_000
+    assert ivf_mod.MIN_TRAIN_PER_LIST == policy.MIN_TRAIN_PER_LIST == 39
 
 
 def test_nlist_rule():
@@ -269,7 +288,7 @@ def test_save_failure_keeps_old_file(tmp_path, data, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(fsmod.os, "fsync", boom)
+    monkeypatch.setattr(storage_mod.os, "fsync", boom)
     with pytest.raises(OSError, match="disk full"):
         FaceSearch.build(x, ids, "flat", key="new").save(path)
     assert path.read_bytes() == before
@@ -341,9 +360,9 @@ def fast_opq():
     """OPQ and PQ trained with less effort (OPQ: 4,096 residuals, 4 rounds instead of 65,536 and 25; PQ:
     8,192 residuals instead of 65,536): same code path, seconds less per build."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fsmod, "OPQ_TRAIN_ROWS", 4096)
-        mp.setattr(fsmod, "OPQ_ITERATIONS", 4)
-        mp.setattr(fsmod, "PQ_TRAIN_ROWS", 8192)
+        mp.setattr(ivfpq_mod, "OPQ_TRAIN_ROWS", 4096)
+        mp.setattr(ivfpq_mod, "OPQ_ITERATIONS", 4)
+        mp.setattr(ivfpq_mod, "PQ_TRAIN_ROWS", 8192)
         yield
 
 
@@ -389,8 +408,8 @@ def test_kind_by_size_flat_ivf_ivfpq(monkeypatch, scale_data, fast_opq):
     assert [kind for _, kind in fsmod.kind_table()] == ["flat", "ivf", "ivfpq"]
     assert choose_kind(fsmod.IVFPQ_MIN_FACES - 1) == "ivf" and choose_kind(fsmod.IVFPQ_MIN_FACES) == "ivfpq"
     assert choose_kind(10**8) == "ivfpq"
-    monkeypatch.setattr(fsmod, "IVF_MIN_FACES", 2000)
-    monkeypatch.setattr(fsmod, "IVFPQ_MIN_FACES", 6000)
+    monkeypatch.setattr(policy, "IVF_MIN_FACES", 2000)
+    monkeypatch.setattr(policy, "IVFPQ_MIN_FACES", 6000)
     assert [choose_kind(n) for n in (1999, 2000, 5999, 6000)] == ["flat", "ivf", "ivf", "ivfpq"]
     assert FaceSearch.build(x[:1999], ids[:1999]).kind == "flat"
     assert FaceSearch.build(x[:5999], ids[:5999]).kind == "ivf"

@@ -134,7 +134,7 @@ def test_actor_killed_mid_scan_is_retried(tmp_path, cluster, photos, gallery, lo
     from verify.identity.galleries import open_gallery
     from verify.faces import DetectorConfig
     from verify.model.runtimes import load_embedder
-    from verify.identity.enroll import build_matcher
+    from verify.identity.galleries import build_matcher
     from verify.scan.indexed import run_indexed_scan
     from verify.scan.ray_engine import RayEngine, RayOptions
 

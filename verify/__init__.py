@@ -5,8 +5,9 @@ light submodule, e.g. in a decode worker, never pulls in torch or FAISS):
 
     from verify import Embedder, FacePipeline, FaceDetector, open_gallery, build_matcher, verify_photos
 
-Rooms: `faces` (photo -> aligned faces -> embeddings), `scan` (folder trees -> one report),
-`training` (stage 1 and 2), `people` (enroll, recalibrate, match; the one module that uses `index`).
+Rooms: `faces` (photo -> aligned faces -> embeddings), `model` (the embedding model, its file and runtime
+graph), `identity` (enroll, match and score known people), `queries` (answers from the library index),
+`scan` (folder trees -> one report), `training`, `evaluation`, `data`; docs/house.md draws the map.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ _EXPORTS = {
     "run_scan": "verify.scan",
     "ScanSummary": "verify.scan",
     "evaluate_pairs": "verify.evaluation.evaluate",
-    "open_gallery": "verify.identity.enroll",
+    "open_gallery": "verify.identity.galleries",
     "face_pipeline": "verify.identity.enroll",
     "enroll_person": "verify.identity.enroll",
-    "build_matcher": "verify.identity.enroll",
-    "verify_photos": "verify.identity.enroll",
+    "build_matcher": "verify.identity.galleries",
+    "verify_photos": "verify.identity.match",
+    "PhotoVerdict": "verify.identity.match",
     "Verdicts": "verify.identity.decisions",
     "apply_decisions": "verify.identity.decisions",
 }

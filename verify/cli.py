@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Face verification: is this photo me?")
+app = typer.Typer(no_args_is_help=True, help="Face verification: is this photo me?")
 train_app = typer.Typer(no_args_is_help=True, help="Train a stage: attributes (stage 1) or identity (stage 2).")
 app.add_typer(train_app, name="train")
 model_app = typer.Typer(no_args_is_help=True, help="Model files: import third-party networks, export runtime graphs.")
@@ -25,8 +25,33 @@ def _fail(msg: str) -> None:
     raise typer.Exit(EXIT_ERROR)
 
 
+def _print_version(value: bool) -> None:
+    """--version: the package version and the shipped model's fingerprint (from its runtime graph, no torch)."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from verify.model.onnx_embedder import DEFAULT_GRAPH, read_graph_fingerprint
+    from verify.model.onnx_session import RuntimeGraphError
+
+    try:
+        package = version("faceverify")
+    except PackageNotFoundError:
+        package = "unknown (not installed)"
+    try:
+        model = f"{read_graph_fingerprint()} ({DEFAULT_GRAPH.name})"
+    except RuntimeGraphError as e:
+        model = f"unavailable: {e}"
+    typer.echo(f"faceverify {package}\nshipped model {model}")
+    raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    show_version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print the version and the shipped model's fingerprint.")] = False,
+) -> None:
     import logging
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -255,9 +280,9 @@ def verify_cmd(
 
     Exit code 0 when every photo has a matching face, 1 when any has none, 2 on error."""
     from verify.identity.decisions import Verdicts
-    from verify.identity.enroll import build_matcher, verify_photos
+    from verify.identity.galleries import build_matcher
+    from verify.identity.match import verify_photos
     from verify.queries.find import default_library
-
 
     embedder = _load_embedder(model, device, runtime)
     g = _open_gallery(gallery, embedder, create=False)
@@ -347,7 +372,7 @@ def scan(
     from index.library import LibraryError
 
     from verify.faces import DetectorConfig
-    from verify.identity.enroll import build_matcher
+    from verify.identity.galleries import build_matcher
     from verify.scan import ScanError, prestart_face_workers, run_scan
 
     page = _page_options(near_miss, show_unmatched)
@@ -907,7 +932,9 @@ def model_export(
 
 
 def main() -> None:
-    app()
+    # One program name however it is started (`faceverify` or `python -m verify`): shell completion
+    # finds the command by it (_FACEVERIFY_COMPLETE).
+    app(prog_name="faceverify")
 
 
 if __name__ == "__main__":

@@ -325,19 +325,8 @@ def evaluate_pairs(
     fold_ids = pairs["fold"].to_numpy()
     has_folds = bool((fold_ids >= 0).all() and len(np.unique(fold_ids)) >= 2)
 
-    ref = None
-    if threshold_from is not None:
-        if has_folds:
-            log.warning("%s has folds: accuracy is %d-fold, --threshold-from %s is ignored",
-                        pairs_file, len(np.unique(fold_ids)), threshold_from)
-        else:
-            ref = read_lfw_pairs(threshold_from)
-
-    p1, p2 = _pair_paths(pairs, images_root)
-    all_paths = p1 + p2
-    if ref is not None:
-        r1, r2 = _pair_paths(ref, images_root)
-        all_paths += r1 + r2
+    ref = _reference_pairs(pairs_file, fold_ids, has_folds, threshold_from)
+    all_paths = _all_pair_paths(images_root, pairs, ref)
     emb, errors, statuses = _embed_status(all_paths, embedder, aligned=aligned, detector_config=detector_config,
                                           batch_size=batch_size, progress=progress, face_choice=face_choice,
                                           no_face=no_face, cache=cache)
@@ -345,18 +334,8 @@ def evaluate_pairs(
     scores = pair_scores(emb[:n], emb[n : 2 * n])  # (n,)
 
     # Image counts: this file's unique images only (not those of threshold_from).
-    per_image: dict[Path, tuple[str, str | None]] = {}
-    for p, status, err in zip(all_paths[: 2 * n], statuses[: 2 * n], errors[: 2 * n]):
-        per_image[p] = (status, err)
-    counts = {k: sum(1 for st, _ in per_image.values() if st == k) for k in STATUSES}
-    unreadable = [e for st, e in per_image.values() if st == "unreadable"]
-    if len(unreadable) == len(per_image):
-        raise ValueError(
-            f"{pairs_file}: none of its {len(per_image)} images could be read under {images_root} "
-            f"(is that the folder holding the NAME/ folders?); first error: {unreadable[0]}"
-        )
-    for e in unreadable[:5]:
-        log.warning("unreadable: %s", e)
+    counts = _image_counts(pairs_file, images_root, all_paths[: 2 * n], statuses[: 2 * n], errors[: 2 * n])
+    n_images = len(set(all_paths[: 2 * n]))
 
     if has_folds:
         k = len(np.unique(fold_ids))
@@ -368,10 +347,7 @@ def evaluate_pairs(
         protocol = f"threshold chosen on {Path(threshold_from).name} ({len(ref)} pairs, best accuracy)"
         summary = summarise_verification(scores, labels, threshold=thr, fars=fars)
     else:
-        cal = embedder.meta.get("calibration") or {}
-        where = cal.get("data", "data not recorded in the model file")
-        at = f" at FAR {float(cal['target_far']):g}" if "target_far" in cal else ""
-        protocol = f"threshold from the model file (calibrated on {where}{at})"
+        protocol = _model_threshold_protocol(embedder)
         summary = summarise_verification(scores, labels, threshold=embedder.similarity_threshold, fars=fars)
 
     caveats = [f"accuracy_oracle is {ORACLE_NOTE}"]
@@ -384,16 +360,7 @@ def evaluate_pairs(
         "aligned": bool(aligned),
         "accuracy_protocol": protocol,
         **summary,
-        "images": len(per_image),
-        "failed_images": len(per_image) - counts["ok"],  # no usable face, whatever the reason
-        "unreadable_images": counts["unreadable"],
-        "no_face_images": counts["centre_crop"] + counts["no_face"],
-        "centre_crop_images": counts["centre_crop"],
-        "failed_pairs": int(np.sum(scores == FAILED_SCORE)),
-        "failure_policy": (
-            "no face: centre crop of the same scale (still scored); unreadable: pair scored below every "
-            "other" if no_face == "centre" else "no face or unreadable: pair scored below every other"
-        ),
+        **_failure_fields(counts, n_images, scores, no_face),
         "caveats": caveats,
     }
     if plot is not None:
@@ -406,6 +373,72 @@ def evaluate_pairs(
              result["failed_images"], result["images"])
     return result
 
+
+
+def _reference_pairs(pairs_file: Path, fold_ids: np.ndarray, has_folds: bool,
+                     threshold_from: Path | None) -> Any:
+    """The pairs (a DataFrame) the accuracy threshold is chosen on (`threshold_from`); None without one
+    or when `pairs_file` has folds (then its own folds choose it)."""
+    if threshold_from is None:
+        return None
+    if has_folds:
+        log.warning("%s has folds: accuracy is %d-fold, --threshold-from %s is ignored",
+                    pairs_file, len(np.unique(fold_ids)), threshold_from)
+        return None
+    return read_lfw_pairs(threshold_from)
+
+
+
+def _all_pair_paths(images_root: Path, pairs: Any, ref: Any) -> list[Path]:
+    """The images of every pair, in order: this file's first images, its second images, then the same
+    for the reference pairs (`ref`, when the threshold is chosen on them)."""
+    p1, p2 = _pair_paths(pairs, images_root)
+    if ref is None:
+        return p1 + p2
+    r1, r2 = _pair_paths(ref, images_root)
+    return p1 + p2 + r1 + r2
+
+def _image_counts(pairs_file: Path, images_root: Path, paths: Sequence[Path], statuses: Sequence[str],
+                  errors: Sequence[str | None]) -> dict[str, int]:
+    """Unique images per status (STATUSES); ValueError when none could be read, the first few
+    unreadable ones logged."""
+    per_image: dict[Path, tuple[str, str | None]] = {}
+    for p, status, err in zip(paths, statuses, errors):
+        per_image[p] = (status, err)
+    counts = {k: sum(1 for st, _ in per_image.values() if st == k) for k in STATUSES}
+    unreadable = [e for st, e in per_image.values() if st == "unreadable"]
+    if len(unreadable) == len(per_image):
+        raise ValueError(
+            f"{pairs_file}: none of its {len(per_image)} images could be read under {images_root} "
+            f"(is that the folder holding the NAME/ folders?); first error: {unreadable[0]}"
+        )
+    for e in unreadable[:5]:
+        log.warning("unreadable: %s", e)
+    return counts
+
+
+
+def _failure_fields(counts: dict[str, int], n_images: int, scores: np.ndarray, no_face: str) -> dict[str, Any]:
+    """The result's image and pair failure counts, and the policy that scored them."""
+    return {
+        "images": n_images,
+        "failed_images": n_images - counts["ok"],  # no usable face, whatever the reason
+        "unreadable_images": counts["unreadable"],
+        "no_face_images": counts["centre_crop"] + counts["no_face"],
+        "centre_crop_images": counts["centre_crop"],
+        "failed_pairs": int(np.sum(scores == FAILED_SCORE)),
+        "failure_policy": (
+            "no face: centre crop of the same scale (still scored); unreadable: pair scored below every "
+            "other" if no_face == "centre" else "no face or unreadable: pair scored below every other"
+        ),
+    }
+
+def _model_threshold_protocol(embedder: Embedder) -> str:
+    """How the model file's own threshold was set, as the accuracy protocol says it."""
+    cal = embedder.meta.get("calibration") or {}
+    where = cal.get("data", "data not recorded in the model file")
+    at = f" at FAR {float(cal['target_far']):g}" if "target_far" in cal else ""
+    return f"threshold from the model file (calibrated on {where}{at})"
 
 def roc_plot(result_or_scores: Mapping | tuple, path: Path, title: str | None = None) -> None:
     """ROC curve (TAR against FAR, log FAR axis) as a PNG at `path`, written atomically.

@@ -1,4 +1,5 @@
-"""People: enroll a person into a gallery, recalibrate their threshold, verify photos.
+"""People: enroll a person into a gallery and recalibrate their threshold (matching photos against the
+gallery is verify.identity.match).
 
 Joins `verify` (faces, embeddings, scores) and `index` (the FAISS gallery), with verify.identity.galleries
 (where galleries live, opening one, the matcher over it: torch-free) and verify.queries.find (the photo
@@ -15,20 +16,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import numpy as np
-
-from index import Gallery, GalleryError
+from index import Gallery
 
 from verify.identity.embed import EnrollmentBatch, embed_enrollment, expand_inputs, outlier_photos
 from verify.faces import DetectorConfig, FaceDetector, FacePipeline
-from verify.identity.galleries import build_matcher, data_home, default_gallery, open_gallery
 from verify.identity.scoring import calibrate_identity, pool_photos
 
 if TYPE_CHECKING:  # the product path runs without torch: an OnnxEmbedder serves as well
-    from verify.identity.decisions import Verdicts
-    from verify.identity.scoring import IdentityMatcher, Match
     from verify.model.file import Embedder
 
 log = logging.getLogger(__name__)
@@ -121,47 +117,3 @@ def enroll_batch(gallery: Gallery, name: str, make_batch: Callable[[set[str]], E
             flagged = outlier_photos(vecs, meta["sha256"].to_numpy(), embedder.similarity_threshold, embedder.cohort)
             out.outliers = [(source_of[sha], sim) for sha, sim in flagged]
     return out
-
-
-@dataclass
-class PhotoVerdict:
-    source: str
-    faces: list[dict]  # per face: "box" and Match.to_dict() (distance, threshold, match, far, ...)
-    error: str | None  # unreadable, or "no face found"
-
-    @property
-    def matched(self) -> bool:
-        return any(f["match"] for f in self.faces)
-
-
-def verify_photos(photos: Iterable[str | os.PathLike], pipeline: FacePipeline, matcher: IdentityMatcher,
-                  only: str | None = None, verdicts: "Verdicts | None" = None) -> Iterator[PhotoVerdict]:
-    """Is this photo me? For each photo, every face's decision (1:N, or 1:1 against `only`).
-    `verdicts`: the library index's decisions about faces; a photo whose content is indexed gets
-    them applied (verify.identity.decisions), its faces paired with the stored ones by box overlap."""
-    from verify.identity.decisions import apply_decisions
-    from verify.identity.embed import sha256_file
-
-    for res in pipeline.iter_process([str(p) for p in photos]):
-        faces = []
-        if res.ok and res.faces:
-            matches = matcher(res.embeddings, only=only)
-            notes: list[str | None] = [None] * len(matches)
-            if verdicts:
-                try:
-                    sha = sha256_file(res.source)
-                except OSError:
-                    sha = None
-                keys = [verdicts.key_of_box(sha, f.box) if sha else None for f, _ in res.faces]
-                per_face = [verdicts.of(*k) if k else None for k in keys]
-
-                def rescore(i: int, name: str) -> "Match | None":
-                    return matcher(res.embeddings[i:i + 1], only=name)[0] if name in matcher.pooled else None
-
-                matches, notes = apply_decisions(matches, per_face, rescore, vectors=res.embeddings,
-                                                 impostors=verdicts.impostors, top_k=matcher.top_k)
-            for (face, _), m, note in zip(res.faces, matches, notes):
-                faces.append({"box": [round(float(v), 1) for v in face.box], **m.to_dict(),
-                              **({"note": note} if note else {})})
-        error = res.error if not res.ok else (None if faces else "no face found")
-        yield PhotoVerdict(res.source, faces, error)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +12,6 @@ import numpy as np
 import torch
 
 from verify.model.backbones import Backbone, backbone_from_config
-from verify.atomic import atomic_path
-from verify.model.geometry import NORMALISATION, CropGeometry
 from verify.model.meta import ModelMetaMixin
 
 log = logging.getLogger(__name__)

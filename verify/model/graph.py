@@ -81,38 +81,68 @@ def export_runtime_graph(model_path: str | os.PathLike, out: str | os.PathLike |
     anything, and refused (RuntimeError) unless it agrees with the PyTorch Embedder (cosine >= 0.9999).
     `ort_rewrites=False` exports the network as it is (no PReLU / padded-add rewrites; for benchmarks).
     Needs torch and onnx (the training extra). Returns the graph's path."""
-    import numpy as np
-    import onnx
-    import torch
-
     from verify.atomic import atomic_path
-    from verify.model.file import Embedder, ModelFileError, fingerprint
 
     model_path = Path(model_path)
     out = Path(out) if out is not None else graph_path_for(model_path)
     if out.resolve() == model_path.resolve():
         raise ValueError(f"{model_path}: the runtime graph cannot overwrite its model file")
+    emb, sha = _load_unchanging(model_path)
+    model, how = _onnx_model(emb, opset, ort_rewrites)
+    info = _graph_info(emb.meta, model_path, sha, how, opset, ort_rewrites)
+    cohort_props = _cohort_props(emb.meta, info)  # sets info["cohort"] when the model has a cohort
+    _stamp(model, info, cohort_props, model_path)
+    data = model.SerializeToString()
+
+    mode = stat.S_IMODE(os.stat(model_path).st_mode)
+    with atomic_path(out, mode=mode) as tmp:
+        tmp.write_bytes(data)
+        if check:
+            _check_against_torch(tmp, emb)
+    log.info("%s: runtime graph of %s (%d bytes, %s, opset %d)", out, model_path, len(data), how, opset)
+    return out
+
+
+def _load_unchanging(model_path: Path) -> tuple[Any, str]:
+    """(the PyTorch Embedder, the model file's sha256), refusing a file that changed while it was read
+    or whose weights do not match its stored fingerprint."""
+    from verify.model.file import Embedder, ModelFileError, fingerprint
+
     sha_before = file_sha256(model_path) if model_path.is_file() else None
     emb = Embedder.load(model_path, "cpu")  # ModelFileError (one line) for a missing or bad file
     sha = file_sha256(model_path)
     if sha != sha_before:
         raise RuntimeError(f"{model_path}: the model file changed while it was being exported; try again")
-    meta = emb.meta
-    if fingerprint(emb.net.state_dict()) != meta.get("fingerprint"):
+    if fingerprint(emb.net.state_dict()) != emb.meta.get("fingerprint"):
         raise ModelFileError(f"{model_path}: weights do not match the stored fingerprint; not exporting it")
+    return emb, sha
 
-    size = emb.geometry.size
-    flip = bool(meta.get("tta_flip", True))
-    wrapper = _graph_module(emb.net, meta["normalisation"], flip, ort_rewrites)
+
+def _onnx_model(emb, opset: int, ort_rewrites: bool) -> tuple[Any, str]:
+    """(the checked onnx.ModelProto of the embedder's whole arithmetic, how it was exported)."""
+    import onnx
+    import torch
+
+    flip = bool(emb.meta.get("tta_flip", True))
+    wrapper = _graph_module(emb.net, emb.meta["normalisation"], flip, ort_rewrites)
     with torch.no_grad():
-        raw, how = _export_bytes(wrapper, size, opset)
+        raw, how = _export_bytes(wrapper, emb.geometry.size, opset)
     model = onnx.load_from_string(raw)
     onnx.checker.check_model(model)
+    return model, how
 
+
+def _graph_info(meta: dict, model_path: Path, sha: str, how: str, opset: int, ort_rewrites: bool) -> dict[str, Any]:
+    """The META_KEY metadata: what the runtime needs from the model file (the cohort itself apart)."""
+    import onnx
+    import torch
+
+    size = int(meta["geometry"]["size"])
+    flip = bool(meta.get("tta_flip", True))
     extra = dict(meta.get("extra") or {})
-    cohort = extra.pop("cohort", None)
+    extra.pop("cohort", None)
     cohort_source = extra.pop("cohort_source", None)
-    info: dict[str, Any] = {
+    return {
         "format_version": GRAPH_FORMAT,
         "model_format_version": meta.get("format_version"),
         "fingerprint": meta["fingerprint"],
@@ -136,29 +166,34 @@ def export_runtime_graph(model_path: str | os.PathLike, out: str | os.PathLike |
                    "l2_normalised": True},
         "in_graph": ["NHWC->NCHW", "x/255", "(x-mean)/std", f"flip TTA: {'on' if flip else 'off'}", "L2 normalise"],
     }
-    props = {}
-    if cohort is not None:
-        c16 = np.ascontiguousarray(cohort.detach().cpu().to(torch.float16).numpy() if hasattr(cohort, "detach")
-                                   else np.asarray(cohort, dtype=np.float16))
-        info["cohort"] = {"key": COHORT_KEY, "dtype": "float16", "byteorder": "little", "shape": list(c16.shape),
-                          "encoding": "base64"}
-        props[COHORT_KEY] = base64.b64encode(c16.astype("<f2").tobytes()).decode("ascii")
-    props = {META_KEY: json.dumps(info, default=_jsonable, sort_keys=True), **props}
+
+
+def _cohort_props(meta: dict, info: dict[str, Any]) -> dict[str, str]:
+    """{COHORT_KEY: base64 of the (C, D) little-endian float16 cohort} and its description in
+    info["cohort"]; {} for a model without a cohort."""
+    import numpy as np
+    import torch
+
+    cohort = (meta.get("extra") or {}).get("cohort")
+    if cohort is None:
+        return {}
+    c16 = np.ascontiguousarray(cohort.detach().cpu().to(torch.float16).numpy() if hasattr(cohort, "detach")
+                               else np.asarray(cohort, dtype=np.float16))
+    info["cohort"] = {"key": COHORT_KEY, "dtype": "float16", "byteorder": "little", "shape": list(c16.shape),
+                      "encoding": "base64"}
+    return {COHORT_KEY: base64.b64encode(c16.astype("<f2").tobytes()).decode("ascii")}
+
+
+def _stamp(model, info: dict[str, Any], cohort_props: dict[str, str], model_path: Path) -> None:
+    """Replace the graph's metadata with META_KEY (info as JSON) + the cohort, and name what it is."""
+    props = {META_KEY: json.dumps(info, default=_jsonable, sort_keys=True), **cohort_props}
     del model.metadata_props[:]
     for k, v in props.items():
         model.metadata_props.add(key=k, value=v)
+    size = info["input"]["shape"][1]
     model.producer_name = "faceverify verify/model/graph.py"
-    model.doc_string = (f"faceverify embedding model {meta['fingerprint']} ({model_path.name}): uint8 NHWC crops "
+    model.doc_string = (f"faceverify embedding model {info['fingerprint']} ({model_path.name}): uint8 NHWC crops "
                         f"{size}x{size} -> {info['embedding_dim']}-d unit embeddings")
-    data = model.SerializeToString()
-
-    mode = stat.S_IMODE(os.stat(model_path).st_mode)
-    with atomic_path(out, mode=mode) as tmp:
-        tmp.write_bytes(data)
-        if check:
-            _check_against_torch(tmp, emb)
-    log.info("%s: runtime graph of %s (%d bytes, %s, opset %d)", out, model_path, len(data), how, opset)
-    return out
 
 
 def _check_against_torch(graph: Path, emb, n: int = 5, min_cos: float = 0.9999) -> None:

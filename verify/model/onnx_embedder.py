@@ -59,6 +59,13 @@ def read_graph_meta(session: Any, graph: Path) -> dict:
     return meta
 
 
+def read_graph_fingerprint(graph: str | os.PathLike | None = None) -> str:
+    """The fingerprint of the model a runtime graph was made from (default: the shipped graph), read from
+    its metadata without torch and without running it; RuntimeGraphError naming the file otherwise."""
+    path = Path(graph) if graph else DEFAULT_GRAPH
+    return read_graph_meta(open_session(path), path)["fingerprint"]
+
+
 def read_graph_cohort(session: Any, graph: Path, meta: dict) -> np.ndarray | None:
     """The (C, D) float16 impostor cohort stored in an open runtime graph's metadata, None without one,
     or RuntimeGraphError naming the file. Only enrollment needs it: verify and scan never decode it

@@ -19,7 +19,6 @@ import numpy as np
 from index import Gallery
 from index.library import Library, LibraryError
 
-from verify.faces import FacePipeline
 from verify.identity.galleries import build_matcher, data_home
 from verify.scan.html import PageOptions, files_dir, write_html
 from verify.scan.indexed import find_rows, unindexed
