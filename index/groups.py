@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 METHODS = ("graph", "whispers", "dbscan", "hdbscan")
 AUTO_METHOD = "hdbscan"
 DEFAULT_MAX_DISTANCE: float = 1.02
+DEFAULT_MERGE_DISTANCE: float = 0.0  # merge_close_groups' distance in `faceverify people`; 0 = no second pass
 WHISPERS_SWEEPS = 100  # upper bound; a sweep that changes no label ends it earlier
 WHISPERS_SEED = 0
 HDBSCAN_NEIGHBOURS = 16  # k of the k-NN graph HDBSCAN runs on
@@ -110,6 +111,46 @@ def group_faces(vectors: np.ndarray, *, max_distance: float, min_faces: int = 2,
              n, name, max_distance, min_faces, int(labels.max()) + 1 if n else 0, int((labels < 0).sum()),
              time.perf_counter() - t0)
     return labels
+
+
+def group_centres(vectors: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(group ids (G,), unit centres (G, D)): each group's pooled vector (the normalised mean of its
+    members; -1 is no group)."""
+    x = np.asarray(vectors, np.float32)
+    ids = np.unique(labels[labels >= 0])
+    sums = np.zeros((len(ids), x.shape[1]), np.float64)  # (G, D)
+    np.add.at(sums, np.searchsorted(ids, labels[labels >= 0]), x[labels >= 0])
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return ids, (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def group_spread(vectors: np.ndarray) -> float:
+    """Mean Euclidean distance of one group's unit vectors (M, D) from their pooled centre: a mixed
+    group (two people) has a larger one than a group of one person."""
+    x = np.asarray(vectors, np.float64)
+    centre = x.mean(axis=0)
+    centre /= max(float(np.linalg.norm(centre)), 1e-12)
+    return float(np.linalg.norm(x - centre, axis=1).mean())
+
+
+def merge_close_groups(vectors: np.ndarray, labels: np.ndarray, merge_distance: float) -> np.ndarray:
+    """A second pass over a grouping (as Immich's incremental clustering does): groups whose pooled
+    vectors (group_centres) lie within `merge_distance` of each other become one (transitively);
+    returns the labels renumbered largest first, -1 kept."""
+    labels = np.asarray(labels, np.int64)
+    if not (labels >= 0).any():
+        return labels.copy()
+    ids, centres = group_centres(vectors, labels)
+    src, dst = range_edges(centres, merge_distance) if len(ids) > 1 else (np.zeros(0, np.int64),) * 2
+    comp = connected_components(len(ids), src, dst)  # (G,) merged group of each group
+    raw = labels.copy()
+    grouped = labels >= 0
+    raw[grouped] = comp[np.searchsorted(ids, labels[grouped])]
+    out = np.full(len(labels), -1, np.int64)
+    out[grouped] = relabel(raw[grouped], 1)
+    if len(src):
+        log.info("merged %d groups into %d (pooled vectors within %.3f)", len(ids), int(out.max()) + 1, merge_distance)
+    return out
 
 
 def _check(vectors: np.ndarray) -> np.ndarray:
