@@ -77,14 +77,17 @@ log = logging.getLogger(__name__)
 
 METHODS = ("graph", "whispers", "dbscan", "hdbscan")
 AUTO_METHOD = "hdbscan"
-DEFAULT_MAX_DISTANCE: float = 1.02
+DEFAULT_MAX_DISTANCE: float = 1.2
 DEFAULT_MERGE_DISTANCE: float = 0.0  # merge_close_groups' distance in `faceverify people`; 0 = no second pass
 WHISPERS_SWEEPS = 100  # upper bound; a sweep that changes no label ends it earlier
 WHISPERS_SEED = 0
 HDBSCAN_NEIGHBOURS = 16  # k of the k-NN graph HDBSCAN runs on
+HDBSCAN_MIN_SAMPLES: int | None = None  # None: min_cluster_size (scikit-learn's default)
+HDBSCAN_SELECTION = "eom"  # scikit-learn's cluster_selection_method: "eom" or "leaf"
 
 
-def group_faces(vectors: np.ndarray, *, max_distance: float, min_faces: int = 2, method: str = "auto") -> np.ndarray:
+def group_faces(vectors: np.ndarray, *, max_distance: float, min_faces: int = 2, method: str = "auto",
+                min_samples: int | None = None, selection: str | None = None) -> np.ndarray:
     """(N,) int64 group labels of `vectors` ((N, D) float32 unit rows): 0, 1, ... largest group first,
     -1 = ungrouped (in no group of >= min_faces faces)."""
     x = _check(vectors)
@@ -105,7 +108,7 @@ def group_faces(vectors: np.ndarray, *, max_distance: float, min_faces: int = 2,
     elif name == "dbscan":
         raw = _dbscan(x, max_distance, int(min_faces))
     else:
-        raw = _hdbscan(x, max_distance, int(min_faces))
+        raw = _hdbscan(x, max_distance, int(min_faces), min_samples=min_samples, selection=selection)
     labels = relabel(raw, int(min_faces))
     log.info("grouped %d faces (%s, max_distance %.3f, min_faces %d): %d groups, %d ungrouped, %.2f s",
              n, name, max_distance, min_faces, int(labels.max()) + 1 if n else 0, int((labels < 0).sum()),
@@ -255,8 +258,11 @@ def _dbscan(x: np.ndarray, max_distance: float, min_faces: int) -> np.ndarray:
     return _noise_to_singletons(raw)
 
 
-def _hdbscan(x: np.ndarray, max_distance: float, min_faces: int, neighbours: int = HDBSCAN_NEIGHBOURS) -> np.ndarray:
-    """HDBSCAN over the exact k-NN graph (FAISS), then the max_distance cap (see the module docstring)."""
+def _hdbscan(x: np.ndarray, max_distance: float, min_faces: int, neighbours: int = HDBSCAN_NEIGHBOURS,
+             min_samples: int | None = None, selection: str | None = None) -> np.ndarray:
+    """HDBSCAN over the exact k-NN graph (FAISS), then the max_distance cap (see the module docstring).
+    `min_samples` (default: min_cluster_size, scikit-learn's; HDBSCAN_MIN_SAMPLES when set) counts the
+    face itself; `selection` is scikit-learn's cluster_selection_method (default HDBSCAN_SELECTION)."""
     HDBSCAN = _sklearn_cluster("hdbscan").HDBSCAN
     from scipy import sparse  # a scikit-learn dependency
     from scipy.sparse import csgraph
@@ -267,7 +273,10 @@ def _hdbscan(x: np.ndarray, max_distance: float, min_faces: int, neighbours: int
         return np.arange(n, dtype=np.int64)  # no group possible
     # sklearn's default min_samples = min_cluster_size counts the point itself; a sparse precomputed
     # graph stores no self distance, so the same core distance is the (size - 1)-th stored neighbour.
-    min_samples = size - 1
+    if min_samples is None:
+        min_samples = HDBSCAN_MIN_SAMPLES or size
+    min_samples = max(1, int(min_samples) - 1)
+    selection = selection or HDBSCAN_SELECTION
     k = min(n - 1, max(neighbours, min_samples))  # every row then holds >= min_samples entries
     src, dst, dist = knn_edges(x, k)
     graph = sparse.coo_matrix((np.r_[dist, dist], (np.r_[src, dst], np.r_[dst, src])), shape=(n, n)).tocsr()
@@ -279,7 +288,7 @@ def _hdbscan(x: np.ndarray, max_distance: float, min_faces: int, neighbours: int
     for c in range(n_comp):
         members = np.flatnonzero(comp == c)  # >= k + 1 >= 2 of them: each row's k neighbours are inside
         lab = HDBSCAN(min_cluster_size=size, min_samples=min_samples, metric="precomputed",
-                      copy=True).fit_predict(graph[members][:, members])
+                      cluster_selection_method=selection, copy=True).fit_predict(graph[members][:, members])
         ok = lab >= 0
         raw[members[ok]] = lab[ok] + next_id
         next_id += int(lab.max()) + 1 if ok.any() else 0

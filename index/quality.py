@@ -29,18 +29,20 @@ from typing import Sequence
 
 import numpy as np
 
+DEFAULT_MIN_QUALITY = 0.1  # `faceverify people --min-quality`: faces below it form no group (chosen: docs/people.md)
 SIGNALS = ("prob", "size_px", "outside", "yaw", "roll_deg", "pitch", "blur")
 PITCH_FRONTAL = 0.45  # (nose - eyes) / (mouth - eyes) height of a frontal face (CelebA's aligned median)
 
 # Fitted by `bench/bench_groups.py --fit-quality` (2026-12-06); see docs/people.md. Features are
 # FEATURES(signals) below, standardised by (mean, scale); intercept first.
 QUALITY_FEATURES = ("logit_prob", "log_size", "outside", "yaw", "roll", "pitch", "log_blur")
-QUALITY_MEAN = (8.0, 4.5, 0.0, 0.1, 0.05, 0.1, 5.0)
-QUALITY_SCALE = (3.0, 0.6, 0.1, 0.1, 0.05, 0.1, 1.0)
-QUALITY_WEIGHTS = (-2.0, -0.5, -0.5, 0.5, 0.5, 0.2, 0.2, -0.3)  # intercept, then one per feature
-# What an unknown signal is taken to be (the selection set's median)
-SIGNAL_MEDIANS = {"prob": 0.999, "size_px": 90.0, "outside": 0.0, "yaw": 0.08, "roll_deg": 3.0,
-                  "pitch": 0.08, "blur": 150.0}
+QUALITY_MEAN = (9.8335, 4.4855, 0.0153, 0.1215, 0.0439, 0.1186, 6.745)
+QUALITY_SCALE = (2.5329, 0.1464, 0.0803, 0.1119, 0.0648, 0.0787, 0.7231)
+QUALITY_WEIGHTS = (-1.256, 0.0, -0.3301, 2.1562, 0.1665, 0.5739, 0.0, -0.6153)  # intercept, then one per feature
+# What an unknown signal is taken to be: the median over the faces bench_groups.py caches (CelebA
+# partitions 1-2, LFW)
+SIGNAL_MEDIANS = {"prob": 0.9999, "size_px": 87.7, "outside": 0.0, "yaw": 0.093, "roll_deg": 1.42,
+                  "pitch": 0.117, "blur": 1044.0}
 
 
 @dataclass

@@ -68,7 +68,10 @@ def test_profile_small_and_unsure_faces_score_lower() -> None:
              face_signals(BOX, FRONTAL, 0.90, (300, 300))]  # an unsure detection
     scores = quality_scores([base, *worse])
     assert ((0 < scores) & (scores < 1)).all()
-    assert (scores[1:] < scores[0]).all(), scores
+    assert (scores[1:3] < scores[0]).all(), scores
+    # the fit (bench_groups.py --fit-quality) found no use for the detector's probability on its own
+    # (MTCNN at min_prob 0.9 keeps only sure faces): never better, at most equal
+    assert scores[3] <= scores[0]
 
 
 def test_blur_of_crop_falls_with_blur() -> None:
