@@ -67,7 +67,10 @@ def unknown_people(library: Library, gallery: Gallery | None, model: str, *, min
         if merge_distance > 0:
             labels[good] = merge_close_groups(vectors[good], labels[good], merge_distance)
     # page order: largest group first, then the better mean quality
-    members = {int(g): np.flatnonzero(labels == g) for g in np.unique(labels[labels >= 0])}
+    grouped = np.flatnonzero(labels >= 0)
+    by_label = grouped[np.argsort(labels[grouped], kind="stable")]  # one sort, not one scan per group
+    ids, starts = np.unique(labels[by_label], return_index=True)
+    members = dict(zip(ids.tolist(), np.split(by_label, starts[1:]))) if len(ids) else {}
     order = sorted(members, key=lambda g: (-len(members[g]), -float(np.nanmean(quality[members[g]])), g))
     renumber = {old: new for new, old in enumerate(order)}
     labels = np.array([renumber.get(int(g), -1) for g in labels], np.int64)
