@@ -1,6 +1,9 @@
 """`faceverify people`: the indexed faces that match nobody enrolled, grouped into candidate people, their
 page, and enrolling a group (`enroll NAME --group ID`), which decodes the group's photos to make
-augmented views (the only step here that reads a photo)."""
+augmented views (the only step here that reads a photo).
+
+Faces below the quality gate (index.quality, `--min-quality`) are left out of the grouping and listed;
+settings and their measurements: index.groups' docstring and docs/people.md."""
 
 from __future__ import annotations
 
