@@ -37,10 +37,10 @@ from PIL import Image, UnidentifiedImageError
 
 from verify.faces import DetectorConfig, Face, FacePipeline, ImageLoadError, align, error_summary, load_for_detection
 
-from index.quality import FaceSignals, face_signals, quality_scores
 from verify.scan.html import face_thumbnail
 
 if TYPE_CHECKING:  # torch stays out of the decode workers: they import this module
+    from index.quality import FaceSignals
     from verify.faces import FaceDetector
     from verify.model.file import Embedder
 
@@ -125,6 +125,9 @@ def analyse_decoded(pipeline: FacePipeline, items: list[DecodedFile], timers: Mu
     todo = [d for d in items if d.status is None and d.faces is None and d.image is not None]
     if not todo:
         return
+    # here, not at the top: the package `index` loads FAISS, which the decode workers never need
+    from index.quality import face_signals, quality_scores
+
     for d, got in zip(todo, pipeline.analyse([d.image for d in todo], [d.scale for d in todo], timers)):
         if isinstance(got, str):
             d.fail(got)
