@@ -6,7 +6,8 @@ mode, so readers (`find`, `people`, the HTML page) work while a scan writes:
     files       one row per path ever walked: size, mtime_ns, ctime_ns, inode (the change signature),
                 sha256 of the content, status (face | no-face | error | skipped), error, number of
                 faces, the detector settings it was analysed with, present (0 once the file vanished)
-    faces       per face of a file: box, detector probability, 5 landmarks (original pixels)
+    faces       per face of a file: box, detector probability, 5 landmarks (original pixels), quality
+                (index.quality: the score, and the two signals only a scan can measure, blur and outside)
     embeddings  per (model fingerprint, face): the unit vector, float32 BLOB; each model keeps its own
     runs        one row per scan: folders, model, detector, counts, finished or not
     groups      the last grouping of unknown faces per model (`faceverify people`), for `enroll --group`
@@ -47,7 +48,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 APPLICATION_ID = 0x46564C49  # "FVLI": faceverify library index
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("face", "no-face", "error", "skipped")
 
 _SCHEMA = """
@@ -75,7 +76,7 @@ CREATE TABLE faces (
     x1 REAL, y1 REAL, x2 REAL, y2 REAL, -- box in original image pixels
     prob      REAL,
     landmarks BLOB NOT NULL,            -- (5, 2) float32, original image pixels
-    UNIQUE (file_id, face)
+    UNIQUE (file_id, face)              -- schema 3 adds quality, blur, outside (_MIGRATIONS)
 );
 CREATE TABLE models (
     fingerprint TEXT PRIMARY KEY,
@@ -137,6 +138,12 @@ CREATE INDEX decisions_face ON decisions (sha256, face);
 CREATE UNIQUE INDEX decisions_undone ON decisions (undoes);
 CREATE INDEX files_sha256 ON files (sha256);
 """,
+    # 3: face quality (index.quality). blur and outside need the pixels / the photo's size, which only
+    # the scan has, so they are kept; quality is recomputable from the stored columns (Library.fill_quality
+    # scores faces indexed before, with blur and outside unknown).
+    3: "ALTER TABLE faces ADD COLUMN quality REAL;"
+       "ALTER TABLE faces ADD COLUMN blur REAL;"      # variance of the Laplacian of the aligned crop
+       "ALTER TABLE faces ADD COLUMN outside REAL;",  # share of the box outside the photo
 }
 DECISION_KINDS = ("confirm", "reject", "ignore")
 
@@ -176,6 +183,9 @@ class FaceRecord:
     box: tuple[float, float, float, float]
     prob: float | None
     landmarks: np.ndarray  # (5, 2) float32
+    quality: float | None = None  # index.quality score in (0, 1); None: not scored yet
+    blur: float | None = None  # Laplacian variance of the aligned crop (None: pixels were not at hand)
+    outside: float | None = None  # share of the box outside the photo (None: photo size not at hand)
 
 
 @dataclass
@@ -258,6 +268,33 @@ def _chunks(seq: Sequence, n: int = 900) -> Iterator[Sequence]:
     # SQLite limits bound parameters per statement (32766 in current builds, 999 in old ones).
     for i in range(0, len(seq), n):
         yield seq[i:i + n]
+
+
+_FACE_VALUES = "x1, y1, x2, y2, prob, landmarks, quality, blur, outside"  # a faces row after (file_id, face)
+
+
+def _face_values(alias: str) -> str:
+    return ", ".join(alias + c.strip() for c in _FACE_VALUES.split(","))
+
+
+def _face_record(values: Sequence) -> FaceRecord:
+    x1, y1, x2, y2, prob, lm, quality, blur, outside = values
+    return FaceRecord((x1, y1, x2, y2), prob, np.frombuffer(lm, np.float32).reshape(5, 2).copy(), quality, blur, outside)
+
+
+def _opt(v: float | None) -> float | None:
+    return None if v is None else float(v)
+
+
+def score_record(face: FaceRecord) -> float:
+    """index.quality's score of a stored face from what is stored: box, landmarks, probability, and
+    blur and outside where the scan measured them (unknown ones count as typical)."""
+    from index.quality import FaceSignals, pose_from_landmarks, quality_score
+
+    x1, y1, x2, y2 = (float(v) for v in face.box)
+    yaw, roll, pitch = pose_from_landmarks(face.landmarks)
+    return quality_score(FaceSignals(prob=face.prob, size_px=max(min(x2 - x1, y2 - y1), 0.0), outside=face.outside,
+                                     yaw=yaw, roll_deg=roll, pitch=pitch, blur=face.blur))
 
 
 class Library:
@@ -504,10 +541,12 @@ class Library:
                     raise ValueError(f"{r.path}: {len(r.faces)} faces need as many embeddings and a model")
                 vecs = np.ascontiguousarray(r.embeddings, dtype=np.float32)  # (F, D)
                 for k, (f, v) in enumerate(zip(r.faces, vecs)):
-                    cur = c.execute("INSERT INTO faces (file_id, face, x1, y1, x2, y2, prob, landmarks) "
-                                    "VALUES (?,?,?,?,?,?,?,?)",
+                    quality = f.quality if f.quality is not None else score_record(f)
+                    cur = c.execute("INSERT INTO faces (file_id, face, x1, y1, x2, y2, prob, landmarks, quality, blur, "
+                                    "outside) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                                     (file_id, k, *(float(b) for b in f.box), None if f.prob is None else float(f.prob),
-                                     np.ascontiguousarray(f.landmarks, dtype=np.float32).reshape(5, 2).tobytes()))
+                                     np.ascontiguousarray(f.landmarks, dtype=np.float32).reshape(5, 2).tobytes(),
+                                     _opt(quality), _opt(f.blur), _opt(f.outside)))
                     c.execute("INSERT INTO embeddings VALUES (?, ?, ?)", (model, cur.lastrowid, v.tobytes()))
 
     def touch(self, file_id: int, stat: tuple[int | None, int | None, int | None, int | None],
@@ -530,10 +569,10 @@ class Library:
             rec = FileRecord(r.path, r.fs_path, r.size, r.mtime_ns, r.ctime_ns, r.inode, src[0], src[1], src[4], src[3])
             file_id = self._upsert_file(c, rec, run_id)
             c.execute("UPDATE files SET faces = ? WHERE id = ?", (src[2], file_id))
-            for face_id, face, *rest in c.execute("SELECT id, face, x1, y1, x2, y2, prob, landmarks FROM faces "
+            for face_id, face, *rest in c.execute(f"SELECT id, face, {_FACE_VALUES} FROM faces "
                                                   "WHERE file_id = ? ORDER BY face", (source_id,)).fetchall():
-                cur = c.execute("INSERT INTO faces (file_id, face, x1, y1, x2, y2, prob, landmarks) "
-                                "VALUES (?,?,?,?,?,?,?,?)", (file_id, face, *rest))
+                cur = c.execute(f"INSERT INTO faces (file_id, face, {_FACE_VALUES}) "
+                                "VALUES (?,?,?,?,?,?,?,?,?,?,?)", (file_id, face, *rest))
                 c.execute("INSERT INTO embeddings (model, face_id, vector) SELECT model, ?, vector FROM embeddings "
                           "WHERE face_id = ?", (cur.lastrowid, face_id))
             return file_id
@@ -713,13 +752,13 @@ class Library:
         face lacks one)."""
         out: dict[int, tuple[list[int], list[FaceRecord], list]] = {}
         for part in _chunks([int(i) for i in file_ids]):
-            q = ("SELECT f.file_id, f.id, f.x1, f.y1, f.x2, f.y2, f.prob, f.landmarks, e.vector FROM faces f "
+            q = (f"SELECT f.file_id, f.id, {_face_values('f.')}, e.vector FROM faces f "
                  "LEFT JOIN embeddings e ON e.face_id = f.id AND e.model = ? "
                  f"WHERE f.file_id IN ({','.join('?' * len(part))}) ORDER BY f.file_id, f.face")
-            for file_id, face_id, x1, y1, x2, y2, prob, lm, vec in self._conn.execute(q, (model, *part)):
+            for file_id, face_id, *values, vec in self._conn.execute(q, (model, *part)):
                 ids, recs, vecs = out.setdefault(file_id, ([], [], []))
                 ids.append(face_id)
-                recs.append(FaceRecord((x1, y1, x2, y2), prob, np.frombuffer(lm, np.float32).reshape(5, 2).copy()))
+                recs.append(_face_record(values))
                 vecs.append(vec)
         result = {}
         for file_id, (ids, recs, vecs) in out.items():
@@ -772,12 +811,33 @@ class Library:
         """face id -> (report path, fs path, face number, face, file sha256)."""
         out = {}
         for part in _chunks([int(i) for i in face_ids]):  # numpy ints would bind as blobs
-            q = ("SELECT f.id, fi.path, fi.fs_path, f.face, f.x1, f.y1, f.x2, f.y2, f.prob, f.landmarks, fi.sha256 "
+            q = (f"SELECT f.id, fi.path, fi.fs_path, f.face, {_face_values('f.')}, fi.sha256 "
                  f"FROM faces f JOIN files fi ON fi.id = f.file_id WHERE f.id IN ({','.join('?' * len(part))})")
-            for fid, path, fs, k, x1, y1, x2, y2, prob, lm, sha in self._conn.execute(q, tuple(part)):
-                out[fid] = (path, os.fsdecode(fs), k, FaceRecord((x1, y1, x2, y2), prob,
-                                                                np.frombuffer(lm, np.float32).reshape(5, 2).copy()), sha)
+            for fid, path, fs, k, *values, sha in self._conn.execute(q, tuple(part)):
+                out[fid] = (path, os.fsdecode(fs), k, _face_record(values), sha)
         return out
+
+    def face_quality(self, face_ids: Sequence[int]) -> np.ndarray:
+        """(N,) float64 quality of each face (index.quality), NaN for an id not stored. Faces indexed
+        before the score existed are scored from what is stored (score_record), not written back here
+        (fill_quality does that)."""
+        got: dict[int, float] = {}
+        for part in _chunks([int(i) for i in face_ids]):
+            q = (f"SELECT id, {_FACE_VALUES} FROM faces WHERE id IN ({','.join('?' * len(part))})")
+            for fid, *values in self._conn.execute(q, tuple(part)):
+                rec = _face_record(values)
+                got[fid] = rec.quality if rec.quality is not None else score_record(rec)
+        return np.array([got.get(int(i), np.nan) for i in face_ids], np.float64)
+
+    def fill_quality(self) -> int:
+        """Score and store every face without a quality (indexed before schema 3); returns how many."""
+        rows = self._conn.execute(f"SELECT id, {_FACE_VALUES} FROM faces WHERE quality IS NULL").fetchall()
+        if rows:
+            with self.transaction() as c:
+                c.executemany("UPDATE faces SET quality = ? WHERE id = ?",
+                              [(score_record(_face_record(values)), fid) for fid, *values in rows])
+            log.info("%s: scored the quality of %d faces indexed before", self.path, len(rows))
+        return len(rows)
 
     def groups(self, model: str) -> dict[int, list[int]]:
         """The last saved grouping for `model`: group id -> face ids."""

@@ -120,10 +120,18 @@ def test_people_then_enroll_group_then_find(tmp_path, lfw_root):
     r = invoke("scan", photos, *common, "--workers", 0, "--index", db, "--out", tmp_path / "r.csv")
     assert r.exit_code == 0, r.output
 
+    # a first grouping with every face, then the regrouping whose ids enroll --group uses
+    r = invoke("people", "--gallery", g, "--index", db, "--min-faces", 3, "--min-quality", 0, "--out",
+               tmp_path / "people0.csv")
+    assert r.exit_code == 0, r.output
     r = invoke("people", "--gallery", g, "--index", db, "--min-faces", 3, "--out", tmp_path / "people.csv",
                "--html", tmp_path / "people.html")
     assert r.exit_code == 0, r.output
-    groups = label_faces(pd.read_csv(tmp_path / "people.csv"))
+    listed = label_faces(pd.read_csv(tmp_path / "people.csv"))
+    left_out = listed[listed["group"] == -1]  # faces below --min-quality: listed, in no group
+    assert (left_out["size"] == 0).all() and (left_out["quality"] < 1).all()
+    groups = listed[listed["group"] >= 0]
+    assert groups["quality"].between(0, 1).all()
     assert not (groups["person"] == "Jennifer_Lopez").any()  # enrolled: not unknown
     by_group = groups.groupby("group")["person"].agg(lambda s: s.value_counts().index[0])
     blix_group = int(by_group[by_group == "Hans_Blix"].index[0])
@@ -132,7 +140,7 @@ def test_people_then_enroll_group_then_find(tmp_path, lfw_root):
     assert (members["person"] == "Hans_Blix").sum() >= 5
     assert set(members["person"]) <= {"Hans_Blix", "bystander"} and (members["person"] == "bystander").sum() <= 1
     page = (tmp_path / "people.html").read_text()
-    assert f'data-group="{blix_group}"' in page and page.count("<img") == len(groups)
+    assert f'data-group="{blix_group}"' in page and page.count("<img") == len(groups) + min(len(left_out), 24)
 
     r = invoke("enroll", "blix", "--group", blix_group, *common, "--index", db, "--augment", 2)
     assert r.exit_code == 0, r.output
@@ -151,6 +159,7 @@ def test_people_then_enroll_group_then_find(tmp_path, lfw_root):
     # no unknown group is his any more; one photo the enrolled identity does not reach at FAR 1e-3 may
     # still sit in someone else's group
     left = label_faces(pd.read_csv(tmp_path / "people2.csv"))
+    left = left[left["group"] >= 0]
     assert not (left.groupby("group")["person"].agg(lambda s: s.value_counts().index[0]) == "Hans_Blix").any()
     assert (left["person"] == "Hans_Blix").sum() <= 1
     # a group id that does not exist: one line, exit 2
@@ -161,6 +170,7 @@ def test_people_then_enroll_group_then_find(tmp_path, lfw_root):
 @pytest.mark.parametrize("args, message", [
     (["enroll", "x"], "give PHOTOS to enroll, or --group ID"),
     (["people", "--min-faces", "1"], "--min-faces must be >= 2"),
+    (["people", "--min-quality", "1.5"], "--min-quality must be between 0 and 1"),
 ])
 def test_library_commands_name_bad_arguments(args, message):
     r = runner.invoke(app, args)

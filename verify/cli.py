@@ -486,6 +486,7 @@ def people(
     html: Annotated[Optional[Path], typer.Option("--html", help="Page: one row of thumbnails per group, largest first.")] = None,
     min_faces: Annotated[int, typer.Option("--min-faces", help="Smallest group.")] = 3,
     max_distance: Annotated[Optional[float], typer.Option("--max-distance", help="Distance (Euclidean, between unit embeddings) within which faces link (default: the measured one).")] = None,
+    min_quality: Annotated[Optional[float], typer.Option("--min-quality", help="Faces of lower quality (0..1, the scan report's quality column) form no group; they are counted and listed (default: the measured one; 0 keeps all).")] = None,
     gallery: GalleryOpt = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model fingerprint whose embeddings to group (default: the gallery's, else the index's only model).")] = None,
     index: IndexOpt = None,
@@ -501,6 +502,8 @@ def people(
 
     if min_faces < 2:
         _fail("--min-faces must be >= 2")
+    if min_quality is not None and not 0 <= min_quality <= 1:
+        _fail("--min-quality must be between 0 and 1")
     try:
         g = _open_gallery_quiet(gallery)
     except GalleryError as e:
@@ -515,15 +518,17 @@ def people(
             fingerprint = stored[0]
         if g is not None and fingerprint != g.fingerprint:
             g = None  # the gallery belongs to another model: everyone is unknown
-        r = unknown_people(lib, g, fingerprint, min_faces=min_faces, max_distance=max_distance)
+        r = unknown_people(lib, g, fingerprint, min_faces=min_faces, max_distance=max_distance, min_quality=min_quality)
         if out is not None:
             import pandas as pd
 
             from verify.atomic import atomic_path
 
             with atomic_path(out) as tmp:
-                pd.DataFrame(r.rows, columns=["group", "size", "path", "face", "x1", "y1", "x2", "y2", "prob"]
-                             ).to_csv(tmp, index=False)
+                # grouped faces, then the low-quality ones left out (group -1, size 0)
+                left_out = [{"group": -1, "size": 0, **e} for e in r.excluded]
+                pd.DataFrame(r.rows + left_out, columns=["group", "size", "path", "face", "x1", "y1", "x2", "y2", "prob",
+                                                         "quality"]).to_csv(tmp, index=False)
         if html is not None:
             write_people_page(r, html, lib)
     except (LibraryError, OSError, ValueError) as e:
@@ -536,7 +541,12 @@ def people(
                + (f" -> {out}" if out else "") + (f"; page {html}" if html else ""))
     for gid in sorted(r.groups)[:10]:
         members = [row for row in r.rows if row["group"] == gid][:3]
-        typer.echo(f"group {gid}: {len(r.groups[gid])} faces, e.g. " + ", ".join(Path(m["path"]).name for m in members))
+        typer.echo(f"group {gid}: {len(r.groups[gid])} faces, spread {r.spread[gid]:.2f}, quality {r.quality[gid]:.2f}, "
+                   "e.g. " + ", ".join(Path(m["path"]).name for m in members))
+    if r.excluded:
+        typer.echo(f"{len(r.excluded)} faces left out for quality below {r.min_quality:.2f} (worst: "
+                   + ", ".join(f"{Path(e['path']).name} face {e['face']} {e['quality']:.2f}" for e in r.excluded[:3])
+                   + (", ..." if len(r.excluded) > 3 else "") + "); --min-quality 0 groups them too")
 
 
 FaceOpt = Annotated[int, typer.Option("--face", help="Face number in the photo (0 = largest; the report's 'face' column).")]

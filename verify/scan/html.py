@@ -136,6 +136,7 @@ CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1d1d1f;background:#fafafa}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px}h3{font-size:15px;margin:16px 0 6px;color:#8a5a00}
 .meta{color:#666;margin-bottom:16px}
+section.wide h2{color:#b00020}
 table.counts{border-collapse:collapse;margin:8px 0 16px}
 table.counts td,table.counts th{border:1px solid #ddd;padding:4px 12px;text-align:right;background:#fff}
 .grid{display:flex;flex-wrap:wrap;gap:10px}
@@ -241,38 +242,67 @@ def write_html(rows: Iterable[dict[str, Any]], page: str | os.PathLike, *, optio
 
 
 def write_groups_html(rows: Sequence[dict[str, Any]], page: str | os.PathLike, *, max_per_group: int = 24,
-                      source: str = "") -> int:
-    """The page of `faceverify people`: one row of thumbnails per group of unknown faces, largest
-    group first (rows: group, size, path, face, x1..y2), thumbnails beside it as for the scan page.
+                      source: str = "", excluded: Sequence[dict[str, Any]] = (), spread: dict[int, float] | None = None,
+                      quality: dict[int, float] | None = None, min_quality: float | None = None) -> int:
+    """The page of `faceverify people`: one row of thumbnails per group of unknown faces (rows: group,
+    size, path, face, x1..y2, quality), largest group first, then the better mean quality, each headed
+    by its spread (mean distance of its faces from its centre: a mixed group stands out) and mean
+    quality; then the faces left out for low quality (`excluded`) in a band of their own.
     Returns the number of groups shown."""
     page = Path(page)
     folder = files_dir(page)
     by_group: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_group[int(r["group"])].append(r)
-    order = sorted(by_group, key=lambda g: (-len(by_group[g]), g))
-    shown = [r for g in order for r in by_group[g][:max_per_group]]
+    quality = quality or {}
+    spread = spread or {}
+    order = sorted(by_group, key=lambda g: (-len(by_group[g]), -quality.get(g, 0.0), g))
+    shown = [r for g in order for r in by_group[g][:max_per_group]] + list(excluded[:max_per_group])
     if shown:
         folder.mkdir(parents=True, exist_ok=True)
         _make_missing(folder, shown)
+    typical = float(np.median(list(spread.values()))) if spread else None
     title = "faceverify: unknown people"
     parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{title}</title>"
              f"<meta name=viewport content='width=device-width'><style>{CSS}</style></head><body>",
              f"<h1>{title}</h1><div class=meta>index {_esc(source)}; {len(order)} group(s) of faces that match "
-             f"nobody enrolled; enroll one with <code>faceverify enroll NAME --group ID</code>; page made "
+             f"nobody enrolled; {len(excluded)} face(s) left out for quality below {min_quality or 0:.2f}; "
+             f"enroll a group with <code>faceverify enroll NAME --group ID</code>; page made "
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</div>"]
     if not order:
         parts.append("<p class=none>No group: too few unknown faces look alike.</p>")
+
+    def figure(r: dict[str, Any]) -> str:
+        thumb = f"{folder.name}/{thumbnail_name(r['path'], int(r['face']))}"
+        q = r.get("quality")
+        q_text = "" if q is None or q != q else f", quality {q:.2f}"
+        return (f'<figure class="group"><img src="{_esc(thumb)}" alt="face {int(r["face"])}" loading="lazy">'
+                f"<figcaption>{_esc(os.path.basename(r['path']))}<br><span class=num>face {int(r['face'])}"
+                f"{q_text}</span></figcaption></figure>")
+
     for g in order:
         members = by_group[g]
-        parts.append(f'<section data-group="{g}"><h2>group {g}: {len(members)} faces</h2><div class="grid group">')
-        for r in members[:max_per_group]:
-            thumb = f"{folder.name}/{thumbnail_name(r['path'], int(r['face']))}"
-            parts.append(f'<figure class="group"><img src="{_esc(thumb)}" alt="face {int(r["face"])}" loading="lazy">'
-                         f"<figcaption>{_esc(os.path.basename(r['path']))}<br><span class=num>face {int(r['face'])}"
-                         "</span></figcaption></figure>")
+        sp = spread.get(g)
+        # a group twice as spread as the page's typical one is likely two people: say so
+        wide = sp is not None and typical is not None and len(order) > 2 and sp > 1.5 * typical
+        head = f"group {g}: {len(members)} faces"
+        if sp is not None:
+            head += f", spread {sp:.2f}" + (" (wide: check for a second person)" if wide else "")
+        if g in quality:
+            head += f", quality {quality[g]:.2f}"
+        parts.append(f'<section data-group="{g}"' + (' class="wide"' if wide else "") +
+                     f'><h2>{_esc(head)}</h2><div class="grid group">')
+        parts += [figure(r) for r in members[:max_per_group]]
         if len(members) > max_per_group:
             parts.append(f"<p class=none>and {len(members) - max_per_group} more</p>")
+        parts.append("</div></section>")
+    if excluded:
+        parts.append(f'<section data-group="excluded"><h2>left out for low quality: {len(excluded)} faces '
+                     f"(quality below {min_quality or 0:.2f}; worst first; lower --min-quality to group them)</h2>"
+                     '<div class="grid group">')
+        parts += [figure(r) for r in excluded[:max_per_group]]
+        if len(excluded) > max_per_group:
+            parts.append(f"<p class=none>and {len(excluded) - max_per_group} more</p>")
         parts.append("</div></section>")
     parts.append("</body></html>\n")
     atomic_write_text(page, "".join(parts))

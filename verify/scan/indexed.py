@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from index.library import FaceRecord, FileRecord, Library, StoredFile, walk_order_key
+from index.library import FaceRecord, FileRecord, Library, StoredFile, score_record, walk_order_key
 from verify.faces import DEFAULT_MAX_PIXELS, DetectorConfig, Face, FacePipeline
 
 from verify.scan.html import PageOptions, files_dir, write_html
@@ -75,8 +75,11 @@ def _record(entry: WalkEntry, d: DecodedFile, detector: str) -> FileRecord:
         rec.status, rec.error = d.status or "error", d.error or "internal error: not analysed"
     else:
         rec.status = "face" if d.faces else "no-face"
+        signals = d.signals if d.signals is not None and len(d.signals) == len(d.faces) else [None] * len(d.faces)
         rec.faces = [FaceRecord(tuple(float(v) for v in f.box), None if f.prob is None else float(f.prob),
-                                np.asarray(f.landmarks, np.float32)) for f in d.faces]
+                                np.asarray(f.landmarks, np.float32), quality=None if d.quality is None else d.quality[k],
+                                blur=None if s is None else s.blur,
+                                outside=None if s is None else s.outside) for k, (f, s) in enumerate(zip(d.faces, signals))]
         rec.embeddings = d.embeddings if d.faces else None
     return rec
 
@@ -155,7 +158,8 @@ def library_rows(library: Library, files: Sequence[tuple[str, StoredFile | None,
                                     error=f"faces not embedded by model {model} (scan this folder with it)")
                 else:
                     d = DecodedFile(None, faces=[Face(r.box, r.prob, r.landmarks) for r in recs], embeddings=emb,
-                                    sha256=s.sha256)
+                                    sha256=s.sha256,
+                                    quality=[r.quality if r.quality is not None else score_record(r) for r in recs])
             elif s.status == "no-face":
                 d = DecodedFile(None, faces=[], embeddings=np.zeros((0, 0), np.float32))
             else:

@@ -25,6 +25,7 @@ COLUMNS = (
     "status",  # face | no-face | error | skipped
     "x1", "y1", "x2", "y2",  # face box in original image pixels (may extend past the edge)
     "prob",  # detector probability
+    "quality",  # face quality in (0, 1) (index.quality; faceverify people leaves faces below --min-quality out)
     "identity",  # matched identity, empty when no match
     "nearest",  # best-scoring identity, even when not a match
     "distance",  # cosine distance to `nearest` (1 - identity similarity score)

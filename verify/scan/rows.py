@@ -125,6 +125,7 @@ class RowBuilder:
         row["face"] = k
         row["x1"], row["y1"], row["x2"], row["y2"] = (round(float(v), 2) for v in face.box)
         row["prob"] = _finite(face.prob, 6)
+        row["quality"] = _finite(d.quality[k], 4) if d.quality is not None and k < len(d.quality) else None
         md = m.to_dict()
         row.update(identity=md["identity"], nearest=md["nearest"], match=bool(md["match"]),
                    distance=_finite(md["distance"], 6), threshold=_finite(md["threshold"], 6),

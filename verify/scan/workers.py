@@ -40,6 +40,7 @@ from verify.faces import DetectorConfig, Face, FacePipeline, ImageLoadError, ali
 from verify.scan.html import face_thumbnail
 
 if TYPE_CHECKING:  # torch stays out of the decode workers: they import this module
+    from index.quality import FaceSignals
     from verify.faces import FaceDetector
     from verify.model.file import Embedder
 
@@ -69,6 +70,8 @@ class DecodedFile:
     thumbs: list[np.ndarray] | None = None  # per face, for the HTML page: cut while the pixels are here
     stage_seconds: dict[str, float] = field(default_factory=dict)  # analysis time spent on this file (share)
     sha256: str | None = None  # content hash, when asked for (the library index recognises moved files by it)
+    signals: list["FaceSignals"] | None = None  # per face: index.quality signals, measured while the pixels are here
+    quality: list[float] | None = None  # per face: index.quality score (from `signals`, or as stored)
 
     def fail(self, error: str) -> None:
         self.status, self.error, self.faces, self.embeddings, self.image = "error", error, None, None, None
@@ -122,11 +125,21 @@ def analyse_decoded(pipeline: FacePipeline, items: list[DecodedFile], timers: Mu
     todo = [d for d in items if d.status is None and d.faces is None and d.image is not None]
     if not todo:
         return
+    # here, not at the top: the package `index` loads FAISS, which the decode workers never need
+    from index.quality import face_signals, quality_scores
+
     for d, got in zip(todo, pipeline.analyse([d.image for d in todo], [d.scale for d in todo], timers)):
         if isinstance(got, str):
             d.fail(got)
             continue
         d.faces, d.embeddings = [f.face for f in got[0]], got[1]
+        # the photo's size in original pixels (the image may be shrunk for detection)
+        size = (round(d.image.shape[1] * d.scale[0]), round(d.image.shape[0] * d.scale[1]))
+        try:
+            d.signals = [face_signals(f.face.box, f.face.landmarks, f.face.prob, size, f.crop) for f in got[0]]
+            d.quality = quality_scores(d.signals).tolist()
+        except Exception as exc:  # a signal is a nicety: the face is stored and scored from what is kept
+            log.warning("face quality signals failed (%s); scored from box and landmarks only", error_summary(exc))
         if thumbnails:
             t0 = time.perf_counter()
             d.thumbs = [face_thumbnail(d.image, f.box, d.scale) for f in d.faces]
