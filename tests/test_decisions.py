@@ -88,6 +88,8 @@ def test_an_index_of_schema_1_gets_the_decisions_table_from_a_writer(tmp_path):
     with sqlite3.connect(db) as c:  # make it a schema-1 index as an older faceverify left it
         c.execute("DROP TABLE decisions")
         c.execute("DROP INDEX files_sha256")
+        for column in ("quality", "blur", "outside"):  # schema 3's
+            c.execute(f"ALTER TABLE faces DROP COLUMN {column}")
         c.execute("PRAGMA user_version = 1")
     ro = Library.open(db, readonly=True)
     assert ro.decisions() == [] and ro.decided_faces() == {}  # a reader sees it as it is
@@ -247,5 +249,6 @@ def test_scan_with_nobody_enrolled_fills_the_index_and_people_groups(lfw_root, t
     assert r.exit_code == 0, r.output
     grouped = pd.read_csv(tmp_path / "p.csv")
     blix = grouped.loc[grouped["path"].str.contains("Hans_Blix"), "group"]
+    blix = blix[blix >= 0]  # group -1: faces below the quality gate, listed apart
     assert len(blix) >= 5 and blix.nunique() == 1  # his photos form one group of their own
     assert (grouped.loc[grouped["group"] == blix.iloc[0], "path"].str.contains("Hans_Blix")).mean() >= 0.8

@@ -105,13 +105,15 @@ def test_quality_is_stored_with_each_face_and_old_faces_are_scored_from_what_is_
     assert [where[int(i)][3].quality for i in ids] == pytest.approx(q.tolist())
     assert where[int(ids[1])][3].outside == 0.5
 
-    # an index of schema 1 (before the score): drop the columns, as such an index has none
+    # an index of schema 1 (before decisions and the score): drop what versions 2 and 3 added
     with sqlite3.connect(db) as c:
+        c.execute("DROP TABLE decisions")
+        c.execute("DROP INDEX files_sha256")
         c.execute("ALTER TABLE faces DROP COLUMN quality")
         c.execute("ALTER TABLE faces DROP COLUMN blur")
         c.execute("ALTER TABLE faces DROP COLUMN outside")
         c.execute("PRAGMA user_version = 1")
-    with Library.open(db) as lib:  # a writer migrates to 3: the columns come back empty
+    with Library.open(db) as lib:  # a writer migrates 1 -> 3: the table and the columns come back, empty
         assert lib._conn.execute("PRAGMA user_version").fetchone()[0] == 3
         assert lib._conn.execute("SELECT count(*) FROM faces WHERE quality IS NULL").fetchone()[0] == 2
         scored = lib.face_quality(ids.tolist())  # scored from box, landmarks and prob, outside unknown
