@@ -228,7 +228,8 @@ def enroll(
                f"{r.vectors_added} vectors added (gallery {g.path})")
     info = r.calibration
     if info:
-        far = (f"estimated FAR {info['far']:.1e} on {info['cohort_size']} cohort faces" if info.get("calibrated")
+        far = (f"estimated FAR {info['far']:.1e} on {info['cohort_size']} cohort faces, threshold set by "
+               f"{info.get('threshold_source', 'cohort')}" if info.get("calibrated")
                else "model threshold (no cohort in the model file)")
         typer.echo(f"{name}: {info['photos']} photos enrolled; accept at distance <= {1 - info['threshold']:.4f} ({far})")
     for src, sim in r.outliers:
@@ -273,7 +274,7 @@ def verify_cmd(
             at_least = ">= " if f.get("far_at_least") else ""
             far = f", est. FAR {at_least}{f['far']:.1e}" if f["far"] is not None else ""
             typer.echo(f"{v.source} face {i}: {verdict}, distance {f['distance']:.4f} "
-                       f"(threshold {f['threshold']:.4f}{far})")
+                       f"(threshold {f['threshold']:.4f} set by {f['threshold_source']}{far})")
     raise typer.Exit(EXIT_OK if all_matched else EXIT_NO)
 
 
@@ -548,6 +549,21 @@ def gallery_remove(name: Annotated[str, typer.Argument(help="Identity to remove.
         typer.echo(f"{name!r} is not enrolled in {g.path}", err=True)
         raise typer.Exit(EXIT_NO)
     typer.echo(f"removed {name}: {n} vectors")
+
+
+@gallery_app.command("recalibrate")
+def gallery_recalibrate(gallery: GalleryOpt = None, model: ModelOpt = None, device: DevOpt = "auto",
+                        runtime: RuntimeOpt = "auto") -> None:
+    """Recalibrate identities whose thresholds an older rule set, from their stored vectors (no photo read)."""
+    from verify.identity.galleries import recalibrate_stale
+
+    embedder = _load_embedder(model, device, runtime)
+    g = _open_gallery(gallery, embedder, create=False)
+    names = recalibrate_stale(g, embedder)
+    for name in names:
+        info = g.identity_info(name)
+        typer.echo(f"{name}: accept at distance <= {1 - info['threshold']:.4f} (set by {info.get('threshold_source')})")
+    typer.echo(f"{len(names)} identities recalibrated (gallery {g.path})")
 
 
 @gallery_app.command("info")

@@ -23,8 +23,7 @@ from index import Gallery, GalleryError
 
 from verify.identity.embed import EnrollmentBatch, embed_enrollment, expand_inputs, outlier_photos
 from verify.faces import DetectorConfig, FaceDetector, FacePipeline
-from verify.identity.galleries import build_matcher, data_home, default_gallery, open_gallery
-from verify.identity.scoring import calibrate_identity, pool_photos
+from verify.identity.galleries import build_matcher, calibrate_from_gallery, data_home, default_gallery, open_gallery
 
 if TYPE_CHECKING:  # the product path runs without torch: an OnnxEmbedder serves as well
     from verify.model.file import Embedder
@@ -42,17 +41,9 @@ def face_pipeline(embedder: "Embedder", device: str = "auto", min_face: int = 20
 
 def recalibrate(gallery: Gallery, name: str, embedder: Embedder, target_far: float = 1e-3, top_k: int = 3) -> dict:
     """Set `name`'s similarity threshold at `target_far` on the model's impostor cohort (see
-    verify.identity.scoring) and store it in the gallery; without a cohort the model's threshold applies."""
-    vecs, meta = gallery.vectors(name)
-    _, pooled = pool_photos(vecs, meta["sha256"].to_numpy())
-    cohort = embedder.cohort
-    if cohort is None:
-        info = {"threshold": embedder.similarity_threshold, "calibrated": False, "photos": int(len(pooled))}
-    else:
-        cal = calibrate_identity(pooled, cohort, target_far=target_far, top_k=top_k)
-        info = {**cal.to_dict(), "calibrated": True, "photos": int(len(pooled))}
-    gallery.set_identity_info(name, info)
-    return info
+    verify.identity.galleries.calibrate_from_gallery) and store it in the gallery; without a cohort the
+    model's threshold applies."""
+    return calibrate_from_gallery(gallery, name, embedder, target_far, top_k)
 
 
 @dataclass
