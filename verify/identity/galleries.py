@@ -15,7 +15,7 @@ import numpy as np
 
 from index import Gallery, GalleryError
 
-from verify.identity.scoring import RULE_HARDEST_SOURCE, IdentityCalibration, IdentityMatcher, calibrate_identity, pool_photos
+from verify.identity.scoring import RULE_HARDEST_SOURCE, RULE_POOLED, IdentityCalibration, IdentityMatcher, calibrate_identity, pool_photos
 
 if TYPE_CHECKING:
     from verify.model.file import Embedder
@@ -68,25 +68,30 @@ def calibrate_from_gallery(gallery: Gallery, name: str, embedder: "Embedder", ta
     return info
 
 
-def current_rule(embedder: "Embedder | None") -> str | None:
-    """The rule `calibrate_from_gallery` applies with this model: hardest-source with cohort labels,
-    pooled with a bare cohort, None without a cohort."""
-    if embedder is None or embedder.cohort is None:
-        return None
-    return RULE_HARDEST_SOURCE if embedder.cohort_sources is not None else "pooled"
+def _has_cohort_labels(embedder: "Embedder") -> bool:
+    """The model ships cohort labels (checked by file first: decoding the cohort costs verify ~0.1 s)."""
+    from verify.model.cohort import sources_path
+
+    path = getattr(embedder, "path", None)
+    return path is not None and sources_path(path).is_file() and embedder.cohort_sources is not None
 
 
 def stale_identities(gallery: Gallery, embedder: "Embedder | None" = None) -> list[str]:
-    """Identities whose stored calibration was made by another rule than this model's (galleries enrolled
-    before issue 28 store none): scoring them with it would break the promise silently. Without a
-    model, those calibrated before rules had names."""
-    want = current_rule(embedder)
-    out = []
+    """Identities whose stored calibration an older rule made: none stored (galleries enrolled before
+    issue 28), or the pooled cohort while this model ships cohort labels (hardest-source applies).
+    Scoring them with it would break the promise silently."""
+    out, labelled = [], None
     for name in gallery.identities()["identity"]:
         info = gallery.identity_info(name)
         if not info.get("calibrated"):
             continue
-        if info.get("rule") is None or (want is not None and info.get("rule") != want):
+        rule = info.get("rule")
+        if rule == RULE_POOLED and embedder is not None:
+            if labelled is None:
+                labelled = _has_cohort_labels(embedder)
+            if labelled:
+                out.append(str(name))
+        elif rule != RULE_HARDEST_SOURCE and rule != RULE_POOLED:
             out.append(str(name))
     return out
 
@@ -114,13 +119,12 @@ def build_matcher(gallery: Gallery, embedder: "Embedder | None" = None, top_k: i
     are in the gallery: no photo is read); without one (find, people: torch-free) the gallery is
     refused in one line that says how to recalibrate it. One decision everywhere: verify, scan and find
     all score with the thresholds stored here."""
-    if embedder is not None and stale_identities(gallery, embedder):
+    stale = stale_identities(gallery, embedder)
+    if stale and embedder is not None:
         recalibrate_stale(gallery, embedder)
-    elif embedder is None:
-        stale = stale_identities(gallery)
-        if stale:
-            raise GalleryError(f"{gallery.path}: {len(stale)} identities ({', '.join(stale[:3])}) hold thresholds of an "
-                               "older calibration rule; run faceverify gallery recalibrate (reads no photo) first")
+    elif stale:
+        raise GalleryError(f"{gallery.path}: {len(stale)} identities ({', '.join(stale[:3])}) hold thresholds of an "
+                           "older calibration rule; run faceverify gallery recalibrate (reads no photo) first")
     vecs, meta = gallery.vectors()
     pooled, cals = {}, {}
     for name, rows in meta.groupby("identity").indices.items():
