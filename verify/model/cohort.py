@@ -61,7 +61,7 @@ def write_cohort_sources(model_path: str | Path, cohort: np.ndarray, sources: Co
     if len(sources.codes) != len(cohort):
         raise ValueError(f"{len(sources.codes)} labels for a cohort of {len(cohort)} faces")
     out = sources_path(model_path)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, mode=0o644) as tmp:  # readable as the model file beside it
         with open(tmp, "wb") as f:
             np.savez_compressed(f, codes=sources.codes.astype(np.uint8), names=np.array(sources.names),
                                 persons=sources.persons.astype(np.int32), cohort_sha256=np.array(cohort_sha256(cohort)))
