@@ -152,7 +152,7 @@ def not_strangers(pooled: np.ndarray, cohort: np.ndarray, scores: np.ndarray, pe
 def calibrate_identity(pooled: np.ndarray, cohort: np.ndarray, target_far: float = 1e-3, top_k: int = 3,
                        floor: float | None = None, *, sources: "CohortSources | None" = None,
                        rule: str = RULE_HARDEST_SOURCE, same_person_similarity: float | None = None,
-                       min_source_faces: int | None = None) -> IdentityCalibration:
+                       min_source_faces: int | None = None, lookalike_share: float = 1.0) -> IdentityCalibration:
     """Threshold for this enrollment at `target_far` on the cohort. `floor` (e.g. the model's pair
     threshold) keeps the threshold from dropping below a sane level when the cohort is small.
 
@@ -160,7 +160,11 @@ def calibrate_identity(pooled: np.ndarray, cohort: np.ndarray, target_far: float
     thresholds among sources of at least `min_source_faces` faces (default 1 / target_far: a smaller
     source cannot resolve the target), and the enrolled person's own faces and near-duplicates left out
     (see `not_strangers`; `same_person_similarity` is the model's pair threshold). Without `sources`
-    (or rule pooled) one threshold on the whole cohort, as before issue 28."""
+    (or rule pooled) one threshold on the whole cohort, as before issue 28.
+
+    `lookalike_share` < 1 keeps the promise for the strangers who look like the person (same sex and
+    age band), assumed to be that share of each source and to hold its whole tail: each source's
+    threshold is then set at target_far * lookalike_share (stricter; recall pays)."""
     if len(cohort) == 0:
         raise ValueError("calibration needs a non-empty impostor cohort")
     if rule not in RULES:
@@ -174,13 +178,16 @@ def calibrate_identity(pooled: np.ndarray, cohort: np.ndarray, target_far: float
         raise ValueError("every cohort face resembles the enrolled photos; no stranger is left to calibrate on")
     thr, threshold_source, tails = threshold_at_far(s, target_far), "cohort", []
     if sources is not None and rule == RULE_HARDEST_SOURCE:
-        need = int(np.ceil(1.0 / target_far)) if min_source_faces is None else int(min_source_faces)
+        if not 0 < lookalike_share <= 1:
+            raise ValueError(f"lookalike_share must be in (0, 1], got {lookalike_share}")
+        per_source_far = target_far * lookalike_share
+        need = int(np.ceil(1.0 / per_source_far)) if min_source_faces is None else int(min_source_faces)
         best = None
         for code, name in enumerate(sources.names):
             ss = np.sort(scores[keep & (sources.codes == code)])[::-1]
             if len(ss) < need or len(ss) == 0:
                 continue
-            t = SourceTail(name, int(len(ss)), threshold_at_far(ss, target_far), _tail(ss))
+            t = SourceTail(name, int(len(ss)), threshold_at_far(ss, per_source_far), _tail(ss))
             tails.append(t)
             if best is None or t.similarity_threshold > best.similarity_threshold:
                 best = t
