@@ -14,7 +14,8 @@ MTCNN as `faceverify calibrate` builds the cohort; photos without a face left ou
   `Young` attributes equal the enrolled person's (majority over their photos); and all of them.
 Enrollment uses each person's first N photos without augmented views (`enroll` adds 8 views each; this
 check leaves them out to fit the machine: both rules see the same pooled vectors). A person enters a
-size with at least N photos. A third rule, beside today's and the hardest source: the hardest source
+size with at least N photos; its photos after the first N are its genuine probes (TAR: the share of
+them accepted, shown where there are any). A third rule, beside today's and the hardest source: the hardest source
 with each source's threshold at target FAR x `--lookalike-share` (the share of a source that looks like
 the person: CelebA same sex and age band strangers are 40% of its partition-2 strangers here).
 """
@@ -118,16 +119,19 @@ def main() -> int:
                 continue
             pooled = normalise(mine[:c])
             s = identity_scores(strangers, pooled, args.top_k)
+            genuine = identity_scores(mine[c:], pooled, args.top_k)  # the person's other photos (TAR)
             for rule in RULES:
                 cal = calibrate_identity(pooled, cohort, args.target_far, args.top_k,
                                          sources=None if rule == RULE_POOLED else labels,
                                          rule=RULE_POOLED if rule == RULE_POOLED else RULE_HARDEST_SOURCE,
                                          same_person_similarity=emb.similarity_threshold,
                                          lookalike_share=args.lookalike_share if rule == "look-alike" else 1.0)
-                r = res.setdefault((source, c, rule), [0, 0, 0])
+                r = res.setdefault((source, c, rule), [0, 0, 0, 0, 0])
                 r[0] += int((s >= cal.similarity_threshold).sum())
                 r[1] += len(s)
                 r[2] += 1
+                r[3] += int((genuine >= cal.similarity_threshold).sum())
+                r[4] += len(genuine)
     print(f"\nmodel {emb.fingerprint}, target FAR {args.target_far:g}; no augmented views\n")
     print("| strangers | enrolled photos | people | decisions | today (pooled cohort): measured / promised (95% CI) "
           "| hardest source: measured / promised (95% CI) | hardest source at look-alike share "
@@ -140,11 +144,12 @@ def main() -> int:
             for rule in RULES:
                 if (source, c, rule) not in res:
                     break
-                fa, n, people = res[(source, c, rule)]
+                fa, n, people, ta, ng = res[(source, c, rule)]
                 lo, hi = wilson(fa, n)
-                cells.append(f"{fa / n / args.target_far:.2f}x ({lo / args.target_far:.2f}-{hi / args.target_far:.2f})")
+                tar = f"; TAR {ta / ng:.3f}" if ng else ""
+                cells.append(f"{fa / n / args.target_far:.2f}x ({lo / args.target_far:.2f}-{hi / args.target_far:.2f}){tar}")
                 rows.append({"source": source, "count": c, "rule": rule, "people": people, "decisions": n,
-                             "false_accepts": fa, "ratio": fa / n / args.target_far})
+                             "false_accepts": fa, "ratio": fa / n / args.target_far, "genuine": ng, "true_accepts": ta})
             if len(cells) == len(RULES):
                 print(f"| {source} | {c} | {people} | {n:,} | " + " | ".join(cells) + " |")
     if args.json:
