@@ -39,7 +39,9 @@ from verify.identity.scoring import RULE_HARDEST_SOURCE, RULE_POOLED, calibrate_
 from verify.model.file import Embedder  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-RULES = (RULE_POOLED, RULE_HARDEST_SOURCE, "look-alike")  # look-alike: hardest source at lookalike_share 0.4
+# label -> calibrate_identity keywords (None: the pooled rule)
+RULES = {"today (pooled cohort)": None, "hardest source": {}, "hardest source, shift from 10x FAR": {"shift_depth": 10.0},
+         "look-alike share": "share", "look-alike share, shift from 10x FAR": "share+shift"}
 
 
 def embedded(paths: list[Path], emb: Embedder, cache: Path | None, name: str) -> np.ndarray:
@@ -121,11 +123,13 @@ def main() -> int:
             s = identity_scores(strangers, pooled, args.top_k)
             genuine = identity_scores(mine[c:], pooled, args.top_k)  # the person's other photos (TAR)
             for rule in RULES:
+                kw = RULES[rule]
+                if isinstance(kw, str):
+                    kw = {"lookalike_share": args.lookalike_share, **({"shift_depth": 10.0} if "shift" in kw else {})}
                 cal = calibrate_identity(pooled, cohort, args.target_far, args.top_k,
-                                         sources=None if rule == RULE_POOLED else labels,
-                                         rule=RULE_POOLED if rule == RULE_POOLED else RULE_HARDEST_SOURCE,
-                                         same_person_similarity=emb.similarity_threshold,
-                                         lookalike_share=args.lookalike_share if rule == "look-alike" else 1.0)
+                                         sources=None if kw is None else labels,
+                                         rule=RULE_POOLED if kw is None else RULE_HARDEST_SOURCE,
+                                         same_person_similarity=emb.similarity_threshold, **(kw or {}))
                 r = res.setdefault((source, c, rule), [0, 0, 0, 0, 0])
                 r[0] += int((s >= cal.similarity_threshold).sum())
                 r[1] += len(s)
@@ -133,10 +137,9 @@ def main() -> int:
                 r[3] += int((genuine >= cal.similarity_threshold).sum())
                 r[4] += len(genuine)
     print(f"\nmodel {emb.fingerprint}, target FAR {args.target_far:g}; no augmented views\n")
-    print("| strangers | enrolled photos | people | decisions | today (pooled cohort): measured / promised (95% CI) "
-          "| hardest source: measured / promised (95% CI) | hardest source at look-alike share "
-          f"{args.lookalike_share:g} |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"measured / promised FAR (95% CI); TAR; look-alike share {args.lookalike_share:g}\n")
+    print("| strangers | enrolled photos | people | decisions | " + " | ".join(RULES) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * len(RULES))
     rows = []
     for source in dict.fromkeys(t[0] for t in tasks):
         for c in args.counts:

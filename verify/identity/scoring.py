@@ -152,7 +152,8 @@ def not_strangers(pooled: np.ndarray, cohort: np.ndarray, scores: np.ndarray, pe
 def calibrate_identity(pooled: np.ndarray, cohort: np.ndarray, target_far: float = 1e-3, top_k: int = 3,
                        floor: float | None = None, *, sources: "CohortSources | None" = None,
                        rule: str = RULE_HARDEST_SOURCE, same_person_similarity: float | None = None,
-                       min_source_faces: int | None = None, lookalike_share: float = 1.0) -> IdentityCalibration:
+                       min_source_faces: int | None = None, lookalike_share: float = 1.0,
+                       shift_depth: float = 1.0) -> IdentityCalibration:
     """Threshold for this enrollment at `target_far` on the cohort. `floor` (e.g. the model's pair
     threshold) keeps the threshold from dropping below a sane level when the cohort is small.
 
@@ -164,7 +165,13 @@ def calibrate_identity(pooled: np.ndarray, cohort: np.ndarray, target_far: float
 
     `lookalike_share` < 1 keeps the promise for the strangers who look like the person (same sex and
     age band), assumed to be that share of each source and to hold its whole tail: each source's
-    threshold is then set at target_far * lookalike_share (stricter; recall pays)."""
+    threshold is then set at target_far * lookalike_share (stricter; recall pays).
+
+    `shift_depth` m > 1 reads each source's offset from the pooled cohort at m times the FAR, where
+    its strangers are m times as many, and carries it to the target (strangers' scores sit above the
+    cohort's by a near-constant amount at every depth of the tail): source threshold = pooled threshold
+    at the FAR + (source - pooled thresholds at m x the FAR). A source then needs 1 / (m x FAR) faces,
+    and the highest of several noisy extreme scores no longer sets the threshold."""
     if len(cohort) == 0:
         raise ValueError("calibration needs a non-empty impostor cohort")
     if rule not in RULES:
@@ -181,13 +188,17 @@ def calibrate_identity(pooled: np.ndarray, cohort: np.ndarray, target_far: float
         if not 0 < lookalike_share <= 1:
             raise ValueError(f"lookalike_share must be in (0, 1], got {lookalike_share}")
         per_source_far = target_far * lookalike_share
-        need = int(np.ceil(1.0 / per_source_far)) if min_source_faces is None else int(min_source_faces)
+        depth_far = min(1.0, per_source_far * max(1.0, float(shift_depth)))
+        need = int(np.ceil(1.0 / depth_far)) if min_source_faces is None else int(min_source_faces)
+        pooled_at_far, pooled_at_depth = threshold_at_far(s, per_source_far), threshold_at_far(s, depth_far)
         best = None
         for code, name in enumerate(sources.names):
             ss = np.sort(scores[keep & (sources.codes == code)])[::-1]
             if len(ss) < need or len(ss) == 0:
                 continue
-            t = SourceTail(name, int(len(ss)), threshold_at_far(ss, per_source_far), _tail(ss))
+            at = (threshold_at_far(ss, per_source_far) if depth_far == per_source_far
+                  else pooled_at_far + threshold_at_far(ss, depth_far) - pooled_at_depth)
+            t = SourceTail(name, int(len(ss)), at, _tail(ss))
             tails.append(t)
             if best is None or t.similarity_threshold > best.similarity_threshold:
                 best = t
