@@ -206,3 +206,25 @@ def test_decision_and_estimated_far_are_monotonic_in_the_raw_similarity(rng):
     ms = sorted(IdentityMatcher({"me": pooled}, {"me": cal}, 0.5)(probes, only="me"), key=lambda m: -m.distance)
     assert np.all(np.diff([m.far for m in ms]) <= 1e-12)
     assert np.all(np.diff([int(m.match) for m in ms]) >= 0) and ms[-1].match and not ms[0].match
+
+
+@pytest.mark.parametrize("kw", [{"shift_depth": 10.0}, {"lookalike_share": 0.5}])
+def test_variants_of_the_per_source_rule_keep_the_promise_on_held_out_faces(rng, kw):
+    """The offset read at 10x the FAR and carried to the target, and the look-alike share (stricter),
+    hold the promise for the hard source on held-out faces too."""
+    d, far = 32, 1e-2
+    me = rng.standard_normal(d)
+    pooled = _cluster(rng, me, 5, 0.5)
+    easy, hard = _two_source_cohort(rng, me, 16000, 8000, d, pull=0.35)
+    cohort = np.concatenate([easy[:8000], hard[:4000]])
+    labels = CohortSources(np.r_[np.zeros(8000), np.ones(4000)].astype(np.uint8), ("easy", "hard"),
+                           np.full(12000, -1, dtype=np.int32))
+    cal = calibrate_identity(pooled, cohort, target_far=far, sources=labels, **kw)
+    base = calibrate_identity(pooled, cohort, target_far=far, sources=labels)
+    assert cal.threshold_source == "cohort:hard"
+    measured = (identity_scores(hard[4000:], pooled, 3) >= cal.similarity_threshold).mean()
+    assert measured <= 1.5 * far * kw.get("lookalike_share", 1.0), measured
+    if "lookalike_share" in kw:
+        assert cal.similarity_threshold > base.similarity_threshold
+    else:  # the carried offset lands near the direct estimate (a source this large resolves both)
+        assert cal.similarity_threshold == pytest.approx(base.similarity_threshold, abs=0.03)
