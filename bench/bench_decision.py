@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                 if m.returncode not in (0, 1):  # 1: no match (a verdict), 2: an error
                     m.check(f"verify ({name})")
                 wall[name].append(m.seconds)
-                peak[name].append(m.peak_mb)
+                peak[name].append(m.max_rss_mb)
         for _ in range(max(1, args.repeats // 2)):
             for name in sides:
                 g = ["--gallery", str(tmp / f"gallery-{name[:4]}")]
