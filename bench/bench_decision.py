@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> None:
                     m.check(f"verify ({name})")
                 wall[name].append(m.seconds)
                 peak[name].append(m.max_rss_mb)
-        for _ in range(max(1, args.repeats // 2)):
+        for k in range(max(1, args.repeats // 2)):
             for name in sides:
                 g = ["--gallery", str(tmp / f"gallery-{name[:4]}")]
-                out = tmp / f"r-{name[:4]}.csv"
+                out = tmp / f"r-{name[:4]}-{k}.csv"  # a new report each run (an existing one is refused)
                 m = run_measured([py, "-m", "verify", "scan", str(folder), "--workers", "2", "--no-index", "--stats",
                                   "--out", str(out), *g], env=envs[name])
                 stats = [json.loads(x) for x in m.stdout.splitlines() if x.startswith("{")]
