@@ -58,6 +58,7 @@ def test_verify_scan_and_find_give_the_same_decision(tmp_path, lfw_root):
             verdicts[(Path(v["image"]).name, i)] = (f["match"], round(f["distance"], 5), round(f["threshold"], 5),
                                                     f["threshold_source"])
     assert verdicts and {v[3] for v in verdicts.values()} <= {"cohort:one", "cohort:two"}
+    assert {v[0] for v in verdicts.values()} == {True, False}, verdicts  # both decisions are compared
     assert invoke("scan", photos, *common, "--workers", 0, "--index", db, "--out", tmp_path / "s.csv").exit_code in (0, 1)
     assert invoke("find", "--gallery", g, "--index", db, "--out", tmp_path / "f.csv").exit_code in (0, 1)
     for report in ("s.csv", "f.csv"):

@@ -65,3 +65,25 @@ def test_old_gallery_is_recalibrated_when_opened_with_its_model_or_refused_in_on
            [(m.match, m.distance_threshold, m.threshold_source) for m in b]
     s = identity_scores(probes, pooled, 3)
     assert [m.match for m in a] == list(s >= new.similarity_threshold)
+
+
+def test_the_look_alike_promise_is_stricter_and_survives_recalibration(tmp_path, rng):
+    from verify.identity.galleries import calibrate_from_gallery, recalibrate_stale
+
+    me = rng.standard_normal(DIM)
+    model = _model(rng, me)
+    views = normalise(me + 0.5 * rng.standard_normal((6, DIM)))
+    g = Gallery.create(tmp_path / "g", DIM, model.fingerprint, threshold=model.similarity_threshold)
+    with g.locked():
+        g.add(views, "bo", sources=[f"p{i}.jpg" for i in range(6)], sha256s=[f"{i:064x}" for i in range(6)],
+              views=[0] * 6)
+        every = calibrate_from_gallery(g, "bo", model, target_far=1e-2)
+        strict = calibrate_from_gallery(g, "bo", model, target_far=1e-2, promise="look-alike")
+        with pytest.raises(ValueError, match="unknown promise"):
+            calibrate_from_gallery(g, "bo", model, promise="lenient")
+        info = g.identity_info("bo")
+        g.set_identity_info("bo", {**info, "rule": None})  # as if an older rule had set it
+    assert strict["threshold"] > every["threshold"] and strict["promise"] == "look-alike"
+    assert recalibrate_stale(g, model) == ["bo"]
+    again = Gallery.open(tmp_path / "g").identity_info("bo")
+    assert again["promise"] == "look-alike" and again["threshold"] == pytest.approx(strict["threshold"])

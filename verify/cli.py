@@ -182,6 +182,7 @@ def enroll(
     index: IndexOpt = None,
     augment: Annotated[int, typer.Option("--augment", help="Augmented views per photo (rotation 20, zoom 0.2, shift 0.1, flip of the region around the face, then detected and aligned again; a view with no face found is dropped).")] = 8,
     target_far: Annotated[float, typer.Option("--target-far", help="False-accept rate the identity's threshold is set at.")] = 1e-3,
+    promise: Annotated[str, typer.Option("--promise", help="every-source: the target FAR for every kind of stranger the model's cohort knows (per source, the hardest sets it); look-alike: also for strangers of the person's own sex and age band (stricter, fewer of their own photos found: docs/decision.md).")] = "every-source",
     device: DevOpt = "auto",
     runtime: RuntimeOpt = "auto",
     min_face: MinFaceOpt = 40,
@@ -198,6 +199,10 @@ def enroll(
         _fail("NAME must not be empty")
     if (group is None) == (not photos):
         _fail("give either PHOTOS or --group ID (not both)" if photos else "give PHOTOS to enroll, or --group ID")
+    from verify.identity.scoring import PROMISES
+
+    if promise not in PROMISES:
+        _fail(f"--promise must be one of {', '.join(PROMISES)}, got {promise!r}")
     embedder = _load_embedder(model, device, runtime)
     collected = None
     if photos:
@@ -212,9 +217,10 @@ def enroll(
         if lib is not None:
             from verify.queries.people import enroll_group
 
-            r = enroll_group(g, name, lib, group, pipeline, n_views=augment, target_far=target_far)
+            r = enroll_group(g, name, lib, group, pipeline, n_views=augment, target_far=target_far, promise=promise)
         else:
-            r = enroll_person(g, name, photos, pipeline, n_views=augment, target_far=target_far, collected=collected)
+            r = enroll_person(g, name, photos, pipeline, n_views=augment, target_far=target_far, collected=collected,
+                              promise=promise)
     except (GalleryError, LibraryError, ValueError) as e:
         _fail(str(e))
     finally:

@@ -15,7 +15,7 @@ import numpy as np
 
 from index import Gallery, GalleryError
 
-from verify.identity.scoring import RULE_HARDEST_SOURCE, RULE_POOLED, IdentityCalibration, IdentityMatcher, calibrate_identity, pool_photos
+from verify.identity.scoring import PROMISES, RULE_HARDEST_SOURCE, RULE_POOLED, IdentityCalibration, IdentityMatcher, calibrate_identity, pool_photos
 
 if TYPE_CHECKING:
     from verify.model.file import Embedder
@@ -50,10 +50,12 @@ def open_gallery(path: Path | None, embedder: "Embedder | None", create: bool = 
 
 
 def calibrate_from_gallery(gallery: Gallery, name: str, embedder: "Embedder", target_far: float = 1e-3,
-                           top_k: int = 3) -> dict:
+                           top_k: int = 3, promise: str = "every-source") -> dict:
     """`name`'s calibration from the vectors the gallery holds (no photo is read) on the model's impostor
     cohort, per source where the model ships cohort labels (verify.identity.scoring); stored in the
-    gallery. Without a cohort the model's threshold applies."""
+    gallery. Without a cohort the model's threshold applies. `promise`: see scoring.PROMISES."""
+    if promise not in PROMISES:
+        raise ValueError(f"unknown promise {promise!r} (known: {', '.join(PROMISES)})")
     vecs, meta = gallery.vectors(name)
     _, pooled = pool_photos(vecs, meta["sha256"].to_numpy())
     cohort = embedder.cohort
@@ -62,8 +64,8 @@ def calibrate_from_gallery(gallery: Gallery, name: str, embedder: "Embedder", ta
                 "threshold_source": "model"}
     else:
         cal = calibrate_identity(pooled, cohort, target_far=target_far, top_k=top_k, sources=embedder.cohort_sources,
-                                 same_person_similarity=embedder.similarity_threshold)
-        info = {**cal.to_dict(), "calibrated": True, "photos": int(len(pooled))}
+                                 same_person_similarity=embedder.similarity_threshold, **PROMISES[promise])
+        info = {**cal.to_dict(), "calibrated": True, "photos": int(len(pooled)), "promise": promise}
     gallery.set_identity_info(name, info)
     return info
 
@@ -104,7 +106,7 @@ def recalibrate_stale(gallery: Gallery, embedder: "Embedder") -> list[str]:
         for name in names:
             info = gallery.identity_info(name)
             new = calibrate_from_gallery(gallery, name, embedder, float(info.get("target_far", 1e-3)),
-                                         int(info.get("top_k", 3)))
+                                         int(info.get("top_k", 3)), str(info.get("promise", "every-source")))
             log.info("%s: %s recalibrated (rule %s): threshold %.4f -> %.4f (%s)", gallery.path, name, new.get("rule"),
                      float(info["threshold"]), float(new["threshold"]), new.get("threshold_source"))
     return names

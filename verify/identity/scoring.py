@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 RULE_HARDEST_SOURCE = "hardest-source"
 RULE_POOLED = "pooled"  # the pre-issue-28 rule: one threshold on the whole cohort
 RULES = (RULE_HARDEST_SOURCE, RULE_POOLED)
+# What a threshold promises (enroll --promise): the target FAR for every source of strangers the cohort
+# knows, or, stricter, for the strangers of the person's own sex and age band (0.31: the share of
+# CelebA partition-1 identity pairs alike in `Male` and `Young`; each source's offset read at 10x the
+# FAR). docs/decision.md has what each costs in recall.
+PROMISES = {"every-source": {}, "look-alike": {"lookalike_share": 0.31, "shift_depth": 10.0}}
 NEAR_DUPLICATE_SIMILARITY = 0.9  # a cohort face this close to one enrolled photo is that photo, not a stranger
 
 
