@@ -92,7 +92,9 @@ def main() -> int:
         return 2
     source, cohort = loaded
     emb = source.emb
-    cohorts = {"model's cohort": cohort}  # name -> (C, D): thresholds differ, the photos and views do not
+    # name -> ((C, D) cohort, its source labels or None): thresholds differ, the photos and views do not. The
+    # model's cohort twice: per source (the product's rule, with the model's labels) and pooled (before issue 28)
+    cohorts = {"model's cohort, hardest source": (cohort, emb.cohort_sources), "model's cohort, pooled": (cohort, None)}
     for other in args.compare_cohort:
         alt = Embedder.load(other)
         if alt.fingerprint != emb.fingerprint:
@@ -103,7 +105,7 @@ def main() -> int:
         if c is None:
             print(f"{other}: no cohort", file=sys.stderr)
             return 2
-        cohorts[str(other)] = c.float().numpy()
+        cohorts[str(other)] = (c.float().numpy(), None)
 
     table = load_celeba([args.celeba], need_attributes=False).table
     held = table[table["partition"].isin(args.celeba_partitions)]
@@ -154,8 +156,9 @@ def main() -> int:
             keys = np.repeat(np.arange(c), [len(v) for v in views[:c]])
             _, pooled = pool_photos(vecs, keys)
             scores = identity_scores(s_vec, pooled, args.top_k)
-            for name, coh in cohorts.items():
-                cal = calibrate_identity(pooled, coh, target_far=args.target_far, top_k=args.top_k)
+            for name, (coh, labels) in cohorts.items():
+                cal = calibrate_identity(pooled, coh, target_far=args.target_far, top_k=args.top_k, sources=labels,
+                                         same_person_similarity=emb.similarity_threshold)
                 acc = scores >= cal.similarity_threshold
                 r = per_count[(name, c)]
                 r["fa"] += int(acc.sum())
@@ -179,11 +182,11 @@ def main() -> int:
             continue
         far = r["fa"] / r["n"]
         lo, hi = wilson(r["fa"], r["n"])
-        rows.append({"cohort": name, "cohort_faces": len(cohorts[name]), "count": c, "people": len(r["est"]),
+        rows.append({"cohort": name, "cohort_faces": len(cohorts[name][0]), "count": c, "people": len(r["est"]),
                      "decisions": r["n"], "false_accepts": r["fa"], "measured_far": far, "ci95": [lo, hi],
                      "cohort_estimate": float(np.mean(r["est"])), "mean_threshold": float(np.mean(r["thr"])),
                      "ratio": far / args.target_far})
-        print(f"| {name} ({len(cohorts[name]):,} faces) | {c} | {len(r['est'])} | {r['n']:,} | {args.target_far:.0e} | "
+        print(f"| {name} ({len(cohorts[name][0]):,} faces) | {c} | {len(r['est'])} | {r['n']:,} | {args.target_far:.0e} | "
               f"{np.mean(r['est']):.1e} | {far:.1e} ({lo:.1e}-{hi:.1e}) | {far / args.target_far:.1f}x |")
     print(f"\nby stranger source, {max(args.counts)}-photo enrollments:\n")
     print("| cohort | strangers from | faces | decisions | measured FAR (95% CI) | measured / promised |")

@@ -2,7 +2,10 @@
 never seen in training), enroll its first N photos (each + augmented views), then ask whether its
 remaining photos are accepted and whether photos of 300 other people (LFW DevTest people, disjoint
 from the DevTrain people of the model's impostor cohort) are rejected. Uses exactly the scoring the
-`enroll`/`verify` commands use (verify.identity.scoring), with the shipped model by default.
+`enroll`/`verify` commands use (verify.identity.scoring), with the shipped model by default: the
+per-source rule where the model ships cohort labels, and beside it (`pooled_*` figures) the pooled
+cohort rule used before issue 28 and the per-source rule's VARIANTS (look-alike share, shift depth:
+verify.identity.scoring.calibrate_identity), on the same vectors.
 
     .venv/bin/python scripts/scenario.py [--model M] [--enroll 12] [--strangers 300] [--views 8]
 
@@ -30,6 +33,9 @@ from verify.model.file import Embedder
 from verify.identity.scoring import calibrate_identity, identity_scores, pool_photos
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# variants of the per-source rule measured beside it (verify.identity.scoring.calibrate_identity keywords)
+VARIANTS = {"shift10": {"shift_depth": 10.0}, "lookalike0.31": {"lookalike_share": 0.31},
+            "lookalike0.31_shift10": {"lookalike_share": 0.31, "shift_depth": 10.0}}
 
 
 class ModelVectors:
@@ -164,6 +170,8 @@ def main() -> int:
         if loaded is None:
             return 2
         source, cohort = loaded
+    labels = source.emb.cohort_sources if args.peer_vectors is None else None
+    same = source.emb.similarity_threshold if args.peer_vectors is None else None
     s_vec, s_failed = source.photos(strangers)
     gen = np.random.default_rng(0)
     rows = []
@@ -175,14 +183,26 @@ def main() -> int:
         vecs = np.concatenate(views)
         keys = np.repeat(np.arange(len(views)), [len(v) for v in views])
         _, pooled = pool_photos(vecs, keys)
-        cal = calibrate_identity(pooled, cohort, target_far=args.target_far, top_k=args.top_k)
+        # the product's rule (per source, with the model's cohort labels) and today's pooled one, side by side
+        cal = calibrate_identity(pooled, cohort, target_far=args.target_far, top_k=args.top_k, sources=labels,
+                                 same_person_similarity=same)
+        old = calibrate_identity(pooled, cohort, target_far=args.target_far, top_k=args.top_k)
+        variants = {name: calibrate_identity(pooled, cohort, target_far=args.target_far, top_k=args.top_k,
+                                             sources=labels, same_person_similarity=same, **kw)
+                    for name, kw in VARIANTS.items()} if labels is not None else {}
         p_vec = source.vectors(probe)
-        ta = int((identity_scores(p_vec, pooled, args.top_k) >= cal.similarity_threshold).sum())
-        fa = int((identity_scores(s_vec, pooled, args.top_k) >= cal.similarity_threshold).sum())
+        p_sc, s_sc = identity_scores(p_vec, pooled, args.top_k), identity_scores(s_vec, pooled, args.top_k)
+        ta, fa = int((p_sc >= cal.similarity_threshold).sum()), int((s_sc >= cal.similarity_threshold).sum())
+        pta, pfa = int((p_sc >= old.similarity_threshold).sum()), int((s_sc >= old.similarity_threshold).sum())
+        var = {f"{name}_{what}": int((sc >= v.similarity_threshold).sum())
+               for name, v in variants.items() for what, sc in (("true_accepts", p_sc), ("false_accepts", s_sc))}
         # the naive rule for comparison: nearest enrolled vector against a single-pair threshold
         nn_p, nn_s = source.naive(p_vec, vecs), source.naive(s_vec, vecs)
         rows.append({"identity": int(ident), "enrolled": len(enr), "probes": len(probe), "true_accepts": ta,
                      "false_accepts": fa, "strangers": len(s_vec), "no_face": failed, "threshold": cal.similarity_threshold,
+                     "threshold_source": cal.threshold_source, "pooled_threshold": old.similarity_threshold,
+                     "pooled_true_accepts": pta, "pooled_false_accepts": pfa,
+                     **var,
                      "naive_true_accepts": int(nn_p.sum()), "naive_false_accepts": int(nn_s.sum())})
     n_p = sum(r["probes"] for r in rows)
     n_s = sum(r["strangers"] for r in rows)
@@ -191,6 +211,14 @@ def main() -> int:
     nta = sum(r["naive_true_accepts"] for r in rows)
     nfa = sum(r["naive_false_accepts"] for r in rows)
     meet = sum(r["true_accepts"] >= r["probes"] - 1 and r["false_accepts"] <= 1 for r in rows)
+    pmeet = sum(r["pooled_true_accepts"] >= r["probes"] - 1 and r["pooled_false_accepts"] <= 1 for r in rows)
+    pta, pfa = sum(r["pooled_true_accepts"] for r in rows), sum(r["pooled_false_accepts"] for r in rows)
+    var = {}
+    for name in (VARIANTS if rows and f"{next(iter(VARIANTS))}_true_accepts" in rows[0] else {}):
+        var[f"{name}_true_accept_rate"] = sum(r[f"{name}_true_accepts"] for r in rows) / n_p
+        var[f"{name}_false_accept_rate"] = sum(r[f"{name}_false_accepts"] for r in rows) / n_s
+        var[f"{name}_identities_meeting_target"] = sum(r[f"{name}_true_accepts"] >= r["probes"] - 1
+                                                       and r[f"{name}_false_accepts"] <= 1 for r in rows)
     naive_meet = sum(r["naive_true_accepts"] >= r["probes"] - 1 and r["naive_false_accepts"] <= 1 for r in rows)
     print(f"{'identity':>9} {'enrolled':>8} {'accepted':>9} {'strangers accepted':>19}   naive rule")
     for r in rows:
@@ -199,6 +227,10 @@ def main() -> int:
               f"{r['naive_false_accepts']}/{r['strangers']}")
     summary = {
         "identities": len(rows), "true_accept_rate": ta / n_p, "false_accept_rate": fa / n_s,
+        "rule": "hardest-source" if labels is not None else "pooled",
+        "pooled_true_accept_rate": pta / n_p, "pooled_false_accept_rate": pfa / n_s,
+        "pooled_identities_meeting_target": pmeet,
+        **var,
         "naive_true_accept_rate": nta / n_p, "naive_false_accept_rate": nfa / n_s,
         "identities_meeting_target": meet, "naive_identities_meeting_target": naive_meet, "stranger_photos_without_face": s_failed,
         "target": ">= 17/18 true accepts with <= 1/300 false accepts", "seconds": round(time.time() - t0, 1),

@@ -267,6 +267,24 @@ def test_calibrate_command_with_default_device(lfw_set, model_path, tmp_path):
     assert "cohort of 11 faces attached" in r.output
     blob = torch.load(path, map_location="cpu", weights_only=True)
     assert tuple(blob["extra"]["cohort"].shape) == (11, 32)
+    # its per-row labels beside it, tied to the stored cohort: one LFW source, one person per row here
+    from verify.model.cohort import read_cohort_sources
+
+    labels = read_cohort_sources(path, blob["extra"]["cohort"].float().numpy())
+    assert labels is not None and labels.names == ("lfw",) and labels.counts() == {"lfw": 11}
+    assert len(set(labels.persons.tolist())) == 11 and (labels.persons >= 0).all()
+
+
+def test_cohort_labels_name_sources_and_people():
+    from verify.evaluation.evaluate import cohort_labels
+
+    rows = ["lfw:Ann", "lfw:Ann", "lfw:Bob", "celeba:7", "face-utkface:/x/UTKFace/cohort/a.jpg",
+            "face-utkface:/x/UTKFace/cohort/b.jpg"]
+    labels = cohort_labels(rows)
+    assert labels.names == ("lfw", "celeba", "face-utkface")
+    assert labels.codes.tolist() == [0, 0, 0, 1, 2, 2]
+    p = labels.persons.tolist()
+    assert p[0] == p[1] != p[2] and p[3] >= 0 and p[4] == p[5] == -1
 
 
 def test_bad_images_root(lfw_set, embedder, tmp_path):
@@ -364,7 +382,7 @@ def test_cohort_sources_keep_celeba_training_identities_out(celeba_root, lfw_set
     assert set(partition.loc[[p.name for p in celeba]]) == {1, 2}
     lfw = [i for i in ids if i.startswith("lfw:")]
     assert len(lfw) == 25 and len(set(lfw)) == 13
-    solo = [i for i in ids if i.startswith("face:")]
+    solo = [i for i in ids if i.startswith("face-")]  # face-<set>: the folder's parent names the source
     assert len(solo) == len(set(solo)) == 3
     assert len(parts) == 3 and "partition 1-2" in parts[1]
     p1, ids1, parts1 = cohort_sources(celeba_roots=[celeba_root], celeba_partitions=(1,))

@@ -207,6 +207,7 @@ def enroll(
     index: IndexOpt = None,
     augment: Annotated[int, typer.Option("--augment", help="Augmented views per photo (rotation 20, zoom 0.2, shift 0.1, flip of the region around the face, then detected and aligned again; a view with no face found is dropped).")] = 8,
     target_far: Annotated[float, typer.Option("--target-far", help="False-accept rate the identity's threshold is set at.")] = 1e-3,
+    promise: Annotated[str, typer.Option("--promise", help="every-source: the target FAR for every kind of stranger the model's cohort knows (per source, the hardest sets it); look-alike: also for strangers of the person's own sex and age band (stricter, fewer of their own photos found: docs/decision.md).")] = "every-source",
     device: DevOpt = "auto",
     runtime: RuntimeOpt = "auto",
     min_face: MinFaceOpt = 40,
@@ -223,6 +224,10 @@ def enroll(
         _fail("NAME must not be empty")
     if (group is None) == (not photos):
         _fail("give either PHOTOS or --group ID (not both)" if photos else "give PHOTOS to enroll, or --group ID")
+    from verify.identity.scoring import PROMISES
+
+    if promise not in PROMISES:
+        _fail(f"--promise must be one of {', '.join(PROMISES)}, got {promise!r}")
     embedder = _load_embedder(model, device, runtime)
     collected = None
     if photos:
@@ -237,9 +242,10 @@ def enroll(
         if lib is not None:
             from verify.queries.people import enroll_group
 
-            r = enroll_group(g, name, lib, group, pipeline, n_views=augment, target_far=target_far)
+            r = enroll_group(g, name, lib, group, pipeline, n_views=augment, target_far=target_far, promise=promise)
         else:
-            r = enroll_person(g, name, photos, pipeline, n_views=augment, target_far=target_far, collected=collected)
+            r = enroll_person(g, name, photos, pipeline, n_views=augment, target_far=target_far, collected=collected,
+                              promise=promise)
     except (GalleryError, LibraryError, ValueError) as e:
         _fail(str(e))
     finally:
@@ -253,7 +259,8 @@ def enroll(
                f"{r.vectors_added} vectors added (gallery {g.path})")
     info = r.calibration
     if info:
-        far = (f"estimated FAR {info['far']:.1e} on {info['cohort_size']} cohort faces" if info.get("calibrated")
+        far = (f"estimated FAR {info['far']:.1e} on {info['cohort_size']} cohort faces, threshold set by "
+               f"{info.get('threshold_source', 'cohort')}" if info.get("calibrated")
                else "model threshold (no cohort in the model file)")
         typer.echo(f"{name}: {info['photos']} photos enrolled; accept at distance <= {1 - info['threshold']:.4f} ({far})")
     for src, sim in r.outliers:
@@ -312,7 +319,7 @@ def verify_cmd(
             far = f", est. FAR {at_least}{f['far']:.1e}" if f["far"] is not None else ""
             note = f"; {f['note']}" if f.get("note") else ""
             typer.echo(f"{v.source} face {i}: {verdict}, distance {f['distance']:.4f} "
-                       f"(threshold {f['threshold']:.4f}{far}){note}")
+                       f"(threshold {f['threshold']:.4f} set by {f['threshold_source']}{far}){note}")
     raise typer.Exit(EXIT_OK if all_matched else EXIT_NO)
 
 
@@ -812,6 +819,21 @@ def gallery_remove(name: Annotated[str, typer.Argument(help="Identity to remove.
         typer.echo(f"{name!r} is not enrolled in {g.path}", err=True)
         raise typer.Exit(EXIT_NO)
     typer.echo(f"removed {name}: {n} vectors")
+
+
+@gallery_app.command("recalibrate")
+def gallery_recalibrate(gallery: GalleryOpt = None, model: ModelOpt = None, device: DevOpt = "auto",
+                        runtime: RuntimeOpt = "auto") -> None:
+    """Recalibrate identities whose thresholds an older rule set, from their stored vectors (no photo read)."""
+    from verify.identity.galleries import recalibrate_stale
+
+    embedder = _load_embedder(model, device, runtime)
+    g = _open_gallery(gallery, embedder, create=False)
+    names = recalibrate_stale(g, embedder)
+    for name in names:
+        info = g.identity_info(name)
+        typer.echo(f"{name}: accept at distance <= {1 - info['threshold']:.4f} (set by {info.get('threshold_source')})")
+    typer.echo(f"{len(names)} identities recalibrated (gallery {g.path})")
 
 
 @gallery_app.command("info")

@@ -31,7 +31,8 @@ from verify.faces import (
 )
 from verify.atomic import atomic_path
 from verify.evaluation.metrics import ORACLE_NOTE, auc, best_accuracy_threshold, roc_curve, summarise_verification
-from verify.model.file import Embedder
+from verify.model.file import Embedder, read_model_file
+from verify.model.cohort import CohortSources, write_cohort_sources
 from verify.model.write import attach_cohort
 from verify.data.pairs import lfw_image_path, read_lfw_pairs
 from verify.model.device import resolve_device
@@ -501,8 +502,10 @@ def build_cohort(
     batch_size: int = 64,
     progress: bool = True,
     cache: EmbeddingCache | None = None,
+    row_identities: list[str] | None = None,
 ) -> np.ndarray:
     """(C, D) float32 unit embeddings of many people's faces, for per-identity thresholds at a FAR.
+    `row_identities`, when given a list, receives each row's person (for the cohort's labels).
 
     `identities` names each image's person (default: its folder, as in LFW's NAME/NAME_0001.jpg).
     At most `max_per_identity` faces per person (default 1: cohort scores are then independent
@@ -541,6 +544,8 @@ def build_cohort(
                 skipped += 1
                 log.debug("cohort: skipped %s", err)
     cohort = [v for ident in groups for v in rows[ident]]
+    if row_identities is not None:
+        row_identities[:] = [ident for ident in groups for _ in rows[ident]]
     people = sum(1 for ident in groups if rows[ident])
     if not cohort:
         raise ValueError(f"no usable face in the {len(paths)} cohort images ({skipped} failed)")
@@ -557,7 +562,7 @@ def cohort_sources(pairs_file: Path | None = None, images_root: Path | None = No
     if (pairs_file is None) != (images_root is None):
         raise ValueError("give the LFW pair file and its images root together")
     images: list[Path] = []
-    identities: list[str] = []
+    identities: list[str] = []  # "<source>:<person>": cohort_labels() reads the source back
     parts: list[str] = []
     if pairs_file is not None:
         lfw = lfw_people_images(Path(pairs_file), Path(images_root))
@@ -580,11 +585,25 @@ def cohort_sources(pairs_file: Path | None = None, images_root: Path | None = No
         if not found:
             raise ValueError(f"{d}: no images for the cohort")
         images += found
-        identities += [f"face:{p}" for p in found]
+        identities += [f"face-{Path(d).parent.name.lower() or 'faces'}:{p}" for p in found]
         parts.append(f"every face under {d}")
     if not images:
         raise ValueError("no cohort source: give --pairs/--images, --celeba or --faces")
     return images, identities, parts
+
+
+def cohort_labels(row_identities: Sequence[str]) -> CohortSources:
+    """Per-row source labels (verify.model.cohort) from `build_cohort`'s row persons: the source is the
+    key's prefix (lfw, celeba, face-<set>: an unlabelled folder's parent, as prepared sets keep their
+    held-out faces in SET/cohort/), the person its full key; unlabelled faces are each their own (-1)."""
+    names = list(dict.fromkeys(k.split(":", 1)[0] for k in row_identities))
+    person_ids: dict[str, int] = {}
+    codes, persons = [], []
+    for k in row_identities:
+        src = k.split(":", 1)[0]
+        codes.append(names.index(src))
+        persons.append(-1 if src.startswith("face") else person_ids.setdefault(k, len(person_ids)))
+    return CohortSources(np.array(codes, dtype=np.uint8), tuple(names), np.array(persons, dtype=np.int32))
 
 
 def calibrate_model(
@@ -621,17 +640,21 @@ def calibrate_model(
         keep = np.sort(np.random.default_rng(seed).choice(len(images), max_faces, replace=False))
         images, identities = [images[i] for i in keep], [identities[i] for i in keep]
     embedder = embedder_loader(model_path, device=resolve_device(device))  # "auto" -> cuda or cpu
+    row_identities: list[str] = []
     cohort = build_cohort(images, embedder, identities=identities, max_per_identity=max_per_identity,
-                          detector_config=detector_config, progress=progress)
+                          detector_config=detector_config, progress=progress, row_identities=row_identities)
     people = len(set(identities))
     per = "all" if max_per_identity is None else str(max_per_identity)
     source = f"{' + '.join(parts)}: {len(cohort)} faces, at most {per} per labelled person, of {people} people"
     attach_cohort(model_path, cohort, source)
+    # the labels beside the model, tied to the cohort as stored (float16): per-source calibration
+    stored = read_model_file(model_path)["extra"]["cohort"].numpy()  # (C, D) float16, as attach_cohort wrote it
+    write_cohort_sources(model_path, stored, cohort_labels(row_identities))
     return {"model": str(model_path), "fingerprint": embedder.fingerprint, "cohort_size": int(len(cohort)),
             "people": people, "images": len(images), "source": source}
 
 
 __all__ = [
-    "FAILED_SCORE", "build_cohort", "calibrate_model", "cohort_sources", "choose_face", "embed_images",
+    "FAILED_SCORE", "build_cohort", "calibrate_model", "cohort_labels", "cohort_sources", "choose_face", "embed_images",
     "evaluate_pairs", "fallback_landmarks", "lfw_people_images", "pair_scores", "roc_plot",
 ]

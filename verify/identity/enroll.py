@@ -22,7 +22,7 @@ from index import Gallery
 
 from verify.identity.embed import EnrollmentBatch, embed_enrollment, expand_inputs, outlier_photos
 from verify.faces import DetectorConfig, FaceDetector, FacePipeline
-from verify.identity.scoring import calibrate_identity, pool_photos
+from verify.identity.galleries import calibrate_from_gallery
 
 if TYPE_CHECKING:  # the product path runs without torch: an OnnxEmbedder serves as well
     from verify.model.file import Embedder
@@ -38,19 +38,12 @@ def face_pipeline(embedder: "Embedder", device: str = "auto", min_face: int = 20
     return FacePipeline(detector, embedder=embedder)
 
 
-def recalibrate(gallery: Gallery, name: str, embedder: Embedder, target_far: float = 1e-3, top_k: int = 3) -> dict:
+def recalibrate(gallery: Gallery, name: str, embedder: Embedder, target_far: float = 1e-3, top_k: int = 3,
+                promise: str = "every-source") -> dict:
     """Set `name`'s similarity threshold at `target_far` on the model's impostor cohort (see
-    verify.identity.scoring) and store it in the gallery; without a cohort the model's threshold applies."""
-    vecs, meta = gallery.vectors(name)
-    _, pooled = pool_photos(vecs, meta["sha256"].to_numpy())
-    cohort = embedder.cohort
-    if cohort is None:
-        info = {"threshold": embedder.similarity_threshold, "calibrated": False, "photos": int(len(pooled))}
-    else:
-        cal = calibrate_identity(pooled, cohort, target_far=target_far, top_k=top_k)
-        info = {**cal.to_dict(), "calibrated": True, "photos": int(len(pooled))}
-    gallery.set_identity_info(name, info)
-    return info
+    verify.identity.galleries.calibrate_from_gallery) and store it in the gallery; without a cohort the
+    model's threshold applies."""
+    return calibrate_from_gallery(gallery, name, embedder, target_far, top_k, promise)
 
 
 @dataclass
@@ -76,7 +69,7 @@ def collect_photos(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], lis
 
 
 def enroll_person(gallery: Gallery, name: str, photos: Sequence[str | os.PathLike], pipeline: FacePipeline, *,
-                  n_views: int = 8, target_far: float = 1e-3, top_k: int = 3,
+                  n_views: int = 8, target_far: float = 1e-3, top_k: int = 3, promise: str = "every-source",
                   collected: tuple[list[Path], list[tuple[str, str]]] | None = None) -> EnrollmentResult:
     """Enroll `name` from photos or folders: one face per photo (several: the largest), the photo plus
     `n_views` augmented views, added under the gallery's lock; then recalibrate the person and flag
@@ -86,11 +79,11 @@ def enroll_person(gallery: Gallery, name: str, photos: Sequence[str | os.PathLik
     files, problems = collected if collected is not None else collect_photos(photos)
     return enroll_batch(gallery, name, lambda known: embed_enrollment(files, pipeline, n_views=n_views,
                                                                         skip_hashes=known),
-                        pipeline.embedder, target_far=target_far, top_k=top_k, skipped=problems)
+                        pipeline.embedder, target_far=target_far, top_k=top_k, skipped=problems, promise=promise)
 
 
 def enroll_batch(gallery: Gallery, name: str, make_batch: Callable[[set[str]], EnrollmentBatch], embedder: Embedder,
-                 *, target_far: float = 1e-3, top_k: int = 3,
+                 *, target_far: float = 1e-3, top_k: int = 3, promise: str = "every-source",
                  skipped: Sequence[tuple[str, str]] = ()) -> EnrollmentResult:
     """Add what `make_batch(hashes already enrolled for name)` embeds to `name`, under the gallery's
     lock, then recalibrate and flag outliers (the shared end of enrolling photos or a library group)."""
@@ -111,7 +104,7 @@ def enroll_batch(gallery: Gallery, name: str, make_batch: Callable[[set[str]], E
         out.skipped += batch.skipped
         out.warnings = batch.warnings
         if name in set(gallery.identities()["identity"]):
-            out.calibration = recalibrate(gallery, name, embedder, target_far, top_k=top_k)
+            out.calibration = recalibrate(gallery, name, embedder, target_far, top_k=top_k, promise=promise)
             vecs, meta = gallery.vectors(name)
             source_of = dict(zip(meta["sha256"], meta["source"]))
             flagged = outlier_photos(vecs, meta["sha256"].to_numpy(), embedder.similarity_threshold, embedder.cohort)

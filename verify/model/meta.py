@@ -3,9 +3,14 @@ the ONNX Runtime `OnnxEmbedder` share it."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from verify.model.geometry import CropGeometry
+
+if TYPE_CHECKING:
+    from verify.model.cohort import CohortSources
 
 
 class ModelMetaMixin:
@@ -33,6 +38,16 @@ class ModelMetaMixin:
         if c is None:
             return None
         return np.asarray(c.float().numpy() if hasattr(c, "float") and hasattr(c, "numpy") else c, dtype=np.float32)
+
+    @property
+    def cohort_sources(self) -> "CohortSources | None":
+        """Per-row source labels of the cohort (verify.model.cohort), from the file beside the model; None
+        without one (or for another cohort). Read once."""
+        if not hasattr(self, "_cohort_sources"):
+            from verify.model.cohort import read_cohort_sources
+
+            self._cohort_sources = read_cohort_sources(getattr(self, "path", None), self.cohort)
+        return self._cohort_sources
 
     @property
     def dim(self) -> int:

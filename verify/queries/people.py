@@ -112,7 +112,8 @@ def unknown_people(library: Library, gallery: Gallery | None, model: str, *, min
 
 
 def enroll_group(gallery: Gallery, name: str, library: Library, group: int, pipeline: FacePipeline, *,
-                 n_views: int = 8, target_far: float = 1e-3, top_k: int = 3) -> "EnrollmentResult":
+                 n_views: int = 8, target_far: float = 1e-3, top_k: int = 3,
+                 promise: str = "every-source") -> "EnrollmentResult":
     """Enroll `name` from group `group` of the last `faceverify people` run: each member face aligned
     from its stored landmarks (no detection), plus the same augmented views, calibration and outlier
     check as enrolling photos."""
@@ -129,7 +130,7 @@ def enroll_group(gallery: Gallery, name: str, library: Library, group: int, pipe
                                                                                    if f in where)]
     return enroll_batch(gallery, name, lambda known: embed_known_faces(faces, pipeline, n_views=n_views,
                                                                        skip_hashes=known),
-                        embedder, target_far=target_far, top_k=top_k)
+                        embedder, target_far=target_far, top_k=top_k, promise=promise)
 
 
 def write_people_page(result: PeopleResult, page: str | os.PathLike, library: Library, max_per_group: int = 24) -> None:

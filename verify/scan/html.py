@@ -162,7 +162,8 @@ def _figure(r: dict[str, Any], folder_name: str, band: str) -> str:
     name = os.path.basename(path)
     anchor = f'<a href="{_esc(link)}">{_esc(name)}</a>' if link else _esc(name)
     d, t = r.get("distance"), r.get("threshold")
-    score = "no enrolled identity to compare" if d is None or t is None else f"distance {d:.4f} (threshold {t:.4f})"
+    src = f", {r['threshold_source']}" if r.get("threshold_source") else ""
+    score = "no enrolled identity to compare" if d is None or t is None else f"distance {d:.4f} (threshold {t:.4f}{src})"
     return (f'<figure class="{band}" data-band="{band}"><img src="{_esc(thumb)}" alt="face {int(r["face"])}" '
             f'loading="lazy"><figcaption>{anchor}<br><span class=num>face {int(r["face"])}, {score}</span>'
             f"{far_text}</figcaption></figure>")

@@ -32,6 +32,7 @@ COLUMNS = (
     "threshold",  # distance threshold of `nearest` (match when distance <= threshold)
     "match",  # True / False for faces; empty otherwise
     "far",  # estimated false-accept rate at this score (when calibrated)
+    "threshold_source",  # which estimate set `threshold`: cohort:<source> (hardest source), cohort, model
     "error",  # why a file is an error or skipped
     "note",  # e.g. why a passing face was not counted as a match
 )
@@ -94,7 +95,7 @@ def _parquet_schema():
     import pyarrow as pa
 
     types = {"path": pa.string(), "face": pa.int32(), "faces": pa.int32(), "status": pa.string(),
-             "identity": pa.string(), "nearest": pa.string(), "match": pa.bool_(), "error": pa.string(),
+             "identity": pa.string(), "nearest": pa.string(), "match": pa.bool_(), "error": pa.string(), "threshold_source": pa.string(),
              "note": pa.string()}
     return pa.schema([(c, types.get(c, pa.float64())) for c in COLUMNS])
 

@@ -129,7 +129,8 @@ class RowBuilder:
         md = m.to_dict()
         row.update(identity=md["identity"], nearest=md["nearest"], match=bool(md["match"]),
                    distance=_finite(md["distance"], 6), threshold=_finite(md["threshold"], 6),
-                   far=_finite(md["far"], 8) if md["far"] is not None else None)
+                   far=_finite(md["far"], 8) if md["far"] is not None else None,
+                   threshold_source=md.get("threshold_source"))
         for key in ("identity", "nearest"):
             if row[key] is not None:
                 row[key] = report_text(str(row[key]))
