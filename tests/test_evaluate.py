@@ -265,12 +265,12 @@ def test_calibrate_command_with_default_device(lfw_set, model_path, tmp_path):
                                  "--images", str(lfw_set["root"])], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "cohort of 11 faces attached" in r.output
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    assert tuple(blob["extra"]["cohort"].shape) == (11, 32)
-    # its per-row labels beside it, tied to the stored cohort: one LFW source, one person per row here
-    from verify.model.cohort import read_cohort_sources
+    from verify.model.cohort import read_cohort_sources, read_cohort_vectors
 
-    labels = read_cohort_sources(path, blob["extra"]["cohort"].float().numpy())
+    stored, _ = read_cohort_vectors(path)  # the cohort beside the model
+    assert stored.shape == (11, 32)
+    # its per-row labels beside it, tied to the stored cohort: one LFW source, one person per row here
+    labels = read_cohort_sources(path, stored.astype(np.float32))
     assert labels is not None and labels.names == ("lfw",) and labels.counts() == {"lfw": 11}
     assert len(set(labels.persons.tolist())) == 11 and (labels.persons >= 0).all()
 
@@ -322,29 +322,64 @@ def test_celeba_aligned_path(celeba_set, embedder):
 
 
 def test_attach_cohort_round_trip(model_path, tmp_path, rng):
+    """The cohort goes into the one file beside the model; the model file itself is not rewritten."""
     path = tmp_path / "model.pt"
     path.write_bytes(model_path.read_bytes())
     os.chmod(path, 0o644)
+    model_bytes = path.read_bytes()
     before = read_model_file(path)["fingerprint"]
     cohort = rng.normal(size=(7, 32)).astype(np.float32)
     attach_cohort(path, cohort, "unit test cohort")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    c = blob["extra"]["cohort"]
-    assert c.dtype == torch.float16 and tuple(c.shape) == (7, 32)
+    assert path.read_bytes() == model_bytes  # weights and metadata untouched: nothing of them to store again
+    with np.load(tmp_path / "model.cohort.npz", allow_pickle=False) as z:
+        c, source = z["vectors"], str(z["source"])
+    assert c.dtype == np.float16 and c.shape == (7, 32) and source == "unit test cohort"
     unit = cohort / np.linalg.norm(cohort, axis=1, keepdims=True)
-    np.testing.assert_allclose(c.float().numpy(), unit, atol=2e-3)
-    assert blob["extra"]["cohort_source"] == "unit test cohort"
-    assert blob["fingerprint"] == before == fingerprint(blob["state_dict"])
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
-    assert sorted(os.listdir(tmp_path)) == ["model.pt"]
-    assert Embedder.load(path).fingerprint == before
+    np.testing.assert_allclose(c.astype(np.float32), unit, atol=2e-3)
+    assert sorted(os.listdir(tmp_path)) == ["model.cohort.npz", "model.pt"]
+    assert stat.S_IMODE(os.stat(tmp_path / "model.cohort.npz").st_mode) == 0o644
+    emb = Embedder.load(path)
+    assert emb.fingerprint == before and np.array_equal(emb.cohort, c.astype(np.float32))
+    assert emb.meta["extra"]["cohort_source"] == "unit test cohort"
 
     with pytest.raises(ValueError, match=r"model\.pt: cohort must be \(C, 32\)"):
         attach_cohort(path, cohort[:, :16], "wrong width")
-    bad = dict(blob, fingerprint="0" * 16)
-    torch.save(bad, path)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    torch.save(dict(blob, fingerprint="0" * 16), path)
     with pytest.raises(ModelFileError, match="fingerprint"):
         attach_cohort(path, cohort, "x")
+
+
+def test_an_older_model_with_its_cohort_inside_is_read_and_rewritten_once_without_it(model_path, tmp_path, rng):
+    """Model files of earlier releases carry the cohort inside (extra["cohort"]); they are still read, and
+    attaching a cohort to one moves it out: the model file is rewritten once without it."""
+    path = tmp_path / "model.pt"
+    blob = torch.load(model_path, map_location="cpu", weights_only=True)
+    old = rng.normal(size=(5, 32)).astype(np.float32)
+    old /= np.linalg.norm(old, axis=1, keepdims=True)
+    blob["extra"] = {**(blob.get("extra") or {}), "cohort": torch.from_numpy(old).to(torch.float16),
+                     "cohort_source": "inside"}
+    torch.save(blob, path)
+    np.testing.assert_allclose(Embedder.load(path).cohort, old, atol=2e-3)  # read as before
+    new = rng.normal(size=(9, 32)).astype(np.float32)
+    attach_cohort(path, new, "beside")
+    rewritten = torch.load(path, map_location="cpu", weights_only=True)
+    assert "cohort" not in rewritten["extra"] and "cohort_source" not in rewritten["extra"]
+    assert rewritten["fingerprint"] == blob["fingerprint"]
+    emb = Embedder.load(path)
+    assert emb.cohort.shape == (9, 32) and emb.meta["extra"]["cohort_source"] == "beside"
+
+
+def test_an_unreadable_cohort_file_is_one_line_naming_it(model_path, tmp_path):
+    from verify.model.cohort import CohortFileError
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(model_path.read_bytes())
+    (tmp_path / "model.cohort.npz").write_bytes(b"not a zip file")
+    with pytest.raises(CohortFileError) as e:
+        Embedder.load(path).cohort
+    msg = str(e.value)
+    assert "model.cohort.npz" in msg and "unreadable cohort file" in msg and "\n" not in msg
 
 
 # ---- the real View 1 files -----------------------------------------------------------------------
@@ -408,12 +443,14 @@ def test_calibrate_command_mixes_sources_and_caps(lfw_set, model_path, celeba_ro
                                  "--images", str(lfw_set["root"]), "--celeba", str(celeba_root),
                                  "--max-faces", "12", "--device", "cpu"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    n = blob["extra"]["cohort"].shape[0]
+    from verify.model.cohort import read_cohort_vectors
+
+    stored, source = read_cohort_vectors(path)
+    n = stored.shape[0]
     assert 1 <= n <= 12 and f"cohort of {n} faces attached" in r.output
-    assert "LFW people of" in blob["extra"]["cohort_source"] and "CelebA partition 1-2" in blob["extra"]["cohort_source"]
+    assert "LFW people of" in source and "CelebA partition 1-2" in source
     r = CliRunner().invoke(app, ["calibrate", "--model", str(path), "--celeba", str(celeba_root), "--celeba-partition",
                                  "1", "--per-person", "2", "--max-faces", "30", "--device", "cpu"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    source = torch.load(path, map_location="cpu", weights_only=True)["extra"]["cohort_source"]
+    source = read_cohort_vectors(path)[1]
     assert source.startswith("CelebA partition 1 of") and "at most 2 per labelled person" in source

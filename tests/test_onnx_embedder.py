@@ -132,10 +132,20 @@ def test_dlib_model_parity_on_real_faces(tmp_path, lfw_faces):
 # --------------------------------------------------------------------------------------------
 
 
+def embed_cohort_inside(pt: Path, cohort: np.ndarray, source: str) -> None:
+    """A model file as earlier releases wrote it: the cohort inside (their attach_cohort)."""
+    blob = torch.load(pt, map_location="cpu", weights_only=True)
+    unit = cohort / np.linalg.norm(cohort, axis=1, keepdims=True)
+    blob["extra"] = {**(blob.get("extra") or {}), "cohort": torch.from_numpy(unit.astype(np.float32)).to(torch.float16),
+                     "cohort_source": source}
+    torch.save(blob, pt)
+
+
 def test_meta_round_trip_with_cohort(tmp_path):
+    """A model of an earlier release, its cohort inside: its graph carries it in the metadata."""
     pt = make_tiny_model(tmp_path / "m.pt", threshold=0.4321, calibration={"target_far": 1e-3, "data": "x"})
     cohort = np.random.default_rng(1).normal(size=(37, 32)).astype(np.float32)
-    attach_cohort(pt, cohort, "test cohort")
+    embed_cohort_inside(pt, cohort, "test cohort")
     graph = export_runtime_graph(pt)
     torch_emb, onnx_emb = Embedder.load(pt), OnnxEmbedder.load(pt)
     assert onnx_emb.fingerprint == torch_emb.fingerprint
@@ -172,7 +182,7 @@ def test_cohort_is_decoded_on_first_use_and_a_corrupt_one_fails_there(tmp_path):
 
     pt = make_tiny_model(tmp_path / "m.pt")
     cohort = np.random.default_rng(2).normal(size=(20, 32)).astype(np.float32)
-    attach_cohort(pt, cohort, "test cohort")
+    embed_cohort_inside(pt, cohort, "test cohort")  # a graph of an earlier release: cohort in its metadata
     graph = export_runtime_graph(pt)
     emb = OnnxEmbedder.load(pt)
     assert "cohort" not in emb.meta["extra"]  # not decoded by loading
@@ -195,13 +205,33 @@ def test_cohort_is_decoded_on_first_use_and_a_corrupt_one_fails_there(tmp_path):
     _one_line_naming(e, graph)
 
 
-def test_rewriting_the_model_file_refreshes_its_graph(tmp_path):
-    """attach_cohort (like save_model) rewrites the model file; the graph beside it is made again, so it
-    is neither stale nor missing the cohort."""
+def test_a_cohort_beside_the_model_is_read_by_both_runtimes_and_leaves_the_graph_alone(tmp_path):
+    """attach_cohort writes `<stem>.cohort.npz` once, beside the model file and its graph: neither is
+    rewritten (a recalibration stores the cohort alone), the graph is not stale, both runtimes read the
+    same cohort, and a pickled embedder (a scan worker's) leaves it behind and reads it again."""
     pt = make_tiny_model(tmp_path / "m.pt")
-    export_runtime_graph(pt)
+    graph = export_runtime_graph(pt)
     assert OnnxEmbedder.load(pt).cohort is None
+    pt_bytes, graph_bytes = pt.read_bytes(), graph.read_bytes()
     attach_cohort(pt, np.random.default_rng(2).normal(size=(5, 32)), "later")
+    assert pt.read_bytes() == pt_bytes and graph.read_bytes() == graph_bytes
+    emb = OnnxEmbedder.load(pt)
+    assert emb.cohort.shape == (5, 32) and np.array_equal(emb.cohort, Embedder.load(pt).cohort)
+    assert emb.meta["extra"]["cohort_source"] == "later"
+    clone = pickle.loads(pickle.dumps(emb))
+    assert "cohort" not in clone.meta["extra"] and np.array_equal(clone.cohort, emb.cohort)
+    assert np.array_equal(OnnxEmbedder.load(graph).cohort, emb.cohort)  # given the graph, too
+
+
+def test_rewriting_an_older_model_file_refreshes_its_graph(tmp_path):
+    """An earlier release's model (cohort inside, and in its graph): attaching a cohort rewrites the model
+    file once without it, and the graph beside it is made again, neither stale nor carrying the old one."""
+    pt = make_tiny_model(tmp_path / "m.pt")
+    embed_cohort_inside(pt, np.random.default_rng(1).normal(size=(7, 32)), "inside")
+    graph = export_runtime_graph(pt)
+    assert COHORT_KEY in graph.read_bytes().decode("latin-1")
+    attach_cohort(pt, np.random.default_rng(2).normal(size=(5, 32)), "beside")
+    assert COHORT_KEY not in graph.read_bytes().decode("latin-1")
     emb = OnnxEmbedder.load(pt)
     assert emb.cohort.shape == (5, 32) and np.array_equal(emb.cohort, Embedder.load(pt).cohort)
 

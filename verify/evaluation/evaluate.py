@@ -31,8 +31,8 @@ from verify.faces import (
 )
 from verify.atomic import atomic_path
 from verify.evaluation.metrics import ORACLE_NOTE, auc, best_accuracy_threshold, roc_curve, summarise_verification
-from verify.model.file import Embedder, read_model_file
-from verify.model.cohort import CohortSources, write_cohort_sources
+from verify.model.file import Embedder
+from verify.model.cohort import CohortSources, read_cohort_vectors, write_cohort_sources
 from verify.model.write import attach_cohort
 from verify.data.pairs import lfw_image_path, read_lfw_pairs
 from verify.model.device import resolve_device
@@ -648,7 +648,7 @@ def calibrate_model(
     source = f"{' + '.join(parts)}: {len(cohort)} faces, at most {per} per labelled person, of {people} people"
     attach_cohort(model_path, cohort, source)
     # the labels beside the model, tied to the cohort as stored (float16): per-source calibration
-    stored = read_model_file(model_path)["extra"]["cohort"].numpy()  # (C, D) float16, as attach_cohort wrote it
+    stored, _ = read_cohort_vectors(model_path)  # (C, D) float16, as attach_cohort wrote it
     write_cohort_sources(model_path, stored, cohort_labels(row_identities))
     return {"model": str(model_path), "fingerprint": embedder.fingerprint, "cohort_size": int(len(cohort)),
             "people": people, "images": len(images), "source": source}

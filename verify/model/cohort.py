@@ -1,7 +1,11 @@
-"""Which source each impostor-cohort face comes from, and which labelled person it is (torch-free).
+"""The impostor cohort beside a model file, and which source each of its faces comes from (torch-free).
 
-The cohort itself ships inside the model file and its runtime graph (`extra["cohort"]`); its labels
-live once, beside them, in `<model stem>.cohort-sources.npz` (a few tens of kB): one source code and
+Since issue 31 the cohort lives once, beside the model file and its runtime graph, in
+`<model stem>.cohort.npz` (`vectors`: (C, D) float16 unit rows; `source`: what it was made of), so
+calibrating a model writes that file alone and never rewrites the weights: the model files of earlier
+releases carried it twice, inside the .pt (`extra["cohort"]`) and in the graph's metadata, and those
+are still read (verify.model.meta). Its labels live once, beside them too, in
+`<model stem>.cohort-sources.npz` (a few tens of kB): one source code and
 one person key per cohort row, the source names, and the sha256 of the cohort's float16 bytes they
 describe. Labels of another cohort are refused (`read_cohort_sources` returns None and logs why), so a
 re-attached cohort never borrows stale labels. verify.identity.scoring calibrates per source with them.
@@ -25,6 +29,46 @@ from verify.atomic import atomic_path
 log = logging.getLogger(__name__)
 
 SUFFIX = ".cohort-sources.npz"
+VECTORS_SUFFIX = ".cohort.npz"
+
+
+class CohortFileError(ValueError):
+    """The cohort file beside a model is unreadable (one line naming it)."""
+
+
+def vectors_path(model_path: str | Path) -> Path:
+    """`default.pt` and `default.onnx` share `default.cohort.npz`."""
+    p = Path(model_path)
+    return p.with_name(p.stem + VECTORS_SUFFIX)
+
+
+def write_cohort_vectors(model_path: str | Path, cohort: np.ndarray, source: str) -> Path:
+    """Store the (C, D) cohort (unit rows, as float16) and its description beside the model file, atomically."""
+    c16 = np.ascontiguousarray(np.asarray(cohort, dtype=np.float32).astype("<f2"))  # (C, D)
+    out = vectors_path(model_path)
+    with atomic_path(out, mode=0o644) as tmp:  # readable as the model file beside it
+        with open(tmp, "wb") as f:
+            # uncompressed: float16 unit vectors barely compress, and np.load reads them at once
+            np.savez(f, vectors=c16, source=np.array(str(source)))
+    return out
+
+
+def read_cohort_vectors(model_path: str | Path | None) -> tuple[np.ndarray, str] | None:
+    """((C, D) float16 cohort, its description) from the file beside `model_path`; None without one;
+    CohortFileError (one line naming the file) when it is unreadable."""
+    if model_path is None:
+        return None
+    p = vectors_path(model_path)
+    if not p.is_file():
+        return None
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            vectors, source = z["vectors"], str(z["source"])
+    except Exception as e:
+        raise CohortFileError(f"{p}: unreadable cohort file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if vectors.ndim != 2 or vectors.dtype != np.float16 or not len(vectors):
+        raise CohortFileError(f"{p}: a cohort file holds (C, D) float16 vectors, got {vectors.dtype} {vectors.shape}")
+    return vectors, source
 
 
 @dataclass(frozen=True)

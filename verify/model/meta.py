@@ -33,10 +33,21 @@ class ModelMetaMixin:
 
     @property
     def cohort(self) -> np.ndarray | None:
-        """(C, D) float32 impostor cohort shipped in the model file (`attach_cohort`), or None."""
-        c = (self.meta.get("extra") or {}).get("cohort")
+        """(C, D) float32 impostor cohort of the model, or None: the file beside the model
+        (`<stem>.cohort.npz`, what `attach_cohort` writes), else the copy inside the model file that
+        earlier releases carried. Read once (kept in meta["extra"], which pickling leaves behind)."""
+        extra = self.meta.get("extra")
+        c = (extra or {}).get("cohort")
         if c is None:
-            return None
+            from verify.model.cohort import read_cohort_vectors
+
+            found = read_cohort_vectors(getattr(self, "path", None))
+            if found is None:
+                return None
+            c, source = found
+            extra = self.meta["extra"] = dict(extra or {})
+            extra["cohort"] = c
+            extra.setdefault("cohort_source", source)
         return np.asarray(c.float().numpy() if hasattr(c, "float") and hasattr(c, "numpy") else c, dtype=np.float32)
 
     @property

@@ -14,6 +14,7 @@ import torch
 
 from verify.atomic import atomic_path
 from verify.model.backbones import Backbone
+from verify.model.cohort import write_cohort_vectors
 from verify.model.file import FORMAT_VERSION, ModelFileError, fingerprint, read_model_file
 from verify.model.geometry import NORMALISATION, CropGeometry
 from verify.model.graph import export_runtime_graph
@@ -63,8 +64,11 @@ def _refresh_runtime_graph(model_path: Path) -> None:
 
 
 def attach_cohort(model_path: Path, cohort: np.ndarray, source: str) -> None:
-    """Rewrite the model file (atomically, same permissions) with `extra["cohort"]` (C, D) float16
-    unit rows and `extra["cohort_source"]`. The fingerprint hashes the weights only: it does not change."""
+    """Attach an impostor cohort to a model: (C, D) unit rows as float16, with `source` describing it, in
+    `<stem>.cohort.npz` beside the model file (verify.model.cohort). The model file and its runtime graph
+    are left as they are, so a recalibration adds the cohort alone to a repository's history; a model
+    file of an earlier release that carries a cohort inside is rewritten once without it (atomically,
+    same permissions; its graph made again). The fingerprint hashes the weights only: it does not change."""
     model_path = Path(model_path)
     blob = read_model_file(model_path)
     c = np.asarray(cohort, dtype=np.float32)
@@ -76,12 +80,14 @@ def attach_cohort(model_path: Path, cohort: np.ndarray, source: str) -> None:
     c = c / np.linalg.norm(c, axis=1, keepdims=True).clip(1e-12)
     if fingerprint(blob["state_dict"]) != blob.get("fingerprint"):
         raise ModelFileError(f"{model_path}: weights do not match the stored fingerprint; not rewriting it")
+    write_cohort_vectors(model_path, c, source)
     extra = dict(blob.get("extra") or {})
-    extra["cohort"] = torch.from_numpy(c).to(torch.float16)
-    extra["cohort_source"] = str(source)
-    blob["extra"] = extra
-    mode = stat.S_IMODE(os.stat(model_path).st_mode)
-    with atomic_path(model_path, mode=mode) as tmp:
-        torch.save(blob, tmp)
-    _refresh_runtime_graph(model_path)
+    if "cohort" in extra or "cohort_source" in extra:  # an earlier release's copy inside: the file beside wins
+        extra.pop("cohort", None)
+        extra.pop("cohort_source", None)
+        blob["extra"] = extra
+        mode = stat.S_IMODE(os.stat(model_path).st_mode)
+        with atomic_path(model_path, mode=mode) as tmp:
+            torch.save(blob, tmp)
+        _refresh_runtime_graph(model_path)
     log.info("%s: attached a cohort of %d faces (%s)", model_path, len(c), source)
