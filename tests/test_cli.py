@@ -179,6 +179,6 @@ def test_shell_completion_completes_commands_and_subcommands():
     bash = {"_FACEVERIFY_COMPLETE": "complete_bash", "COMP_WORDS": "faceverify sc", "COMP_CWORD": "1"}
     assert run_python("-m", "verify", env=bash).stdout.split() == ["scan"]
     bash.update(COMP_WORDS="faceverify gallery ", COMP_CWORD="2")
-    assert set(run_python("-m", "verify", env=bash).stdout.split()) == {"list", "remove", "info"}
+    assert set(run_python("-m", "verify", env=bash).stdout.split()) == {"list", "remove", "info", "recalibrate"}
     zsh = {"_FACEVERIFY_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "faceverify --vers"}
     assert '"--version"' in run_python("-m", "verify", env=zsh).stdout
