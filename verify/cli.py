@@ -379,35 +379,12 @@ def scan(
     from index.library import LibraryError
 
     from verify.faces import DetectorConfig
-    from verify.identity.galleries import build_matcher
-    from verify.scan import ScanError, prestart_face_workers, run_scan
+    from verify.scan import ScanError, run_scan
 
     page = _page_options(near_miss, show_unmatched)
-
-    from verify.model.runtimes import choose_runtime
-
-    try:
-        chosen = choose_runtime(runtime, device)
-    except (RuntimeError, ValueError) as e:
-        _fail(str(e))
-    ray_engine = _start_ray_engine(engine, address, workers, gpus_per_worker, no_index)
-    if ray_engine is None and workers > 0 and not device.startswith("cuda"):  # face workers run on the CPU only
-        prestart_face_workers(chosen)  # its imports overlap with loading the model here
-
+    chosen, ray_engine = _start_scan_runtime(runtime, device, engine, address, workers, gpus_per_worker, no_index)
     embedder = _load_embedder(model, device, chosen)
-    from verify.identity.galleries import default_gallery
-
-    # Nobody enrolled yet (no gallery, or an empty one): every face is unknown; the index is filled and
-    # `people` groups them.
-    g = _open_gallery(gallery, embedder, create=False) if ((gallery or default_gallery()) / "manifest.json").exists() \
-        else None
-    if g is None or len(g) == 0:
-        from verify.identity.galleries import nobody_matcher
-
-        typer.echo("nobody enrolled yet: every face is unknown (faceverify people groups them)", err=True)
-        matcher = nobody_matcher(embedder)
-    else:
-        matcher = build_matcher(g, embedder)
+    matcher = _scan_matcher(gallery, embedder)
     detector_config = DetectorConfig(min_face_size=min_face, min_prob=min_prob, device=device, runtime=chosen)
     lib = None if no_index else _open_library(index, create=True)
     try:
@@ -429,12 +406,49 @@ def scan(
             lib.close()
         if ray_engine is not None:
             ray_engine.close()
+    _echo_scan_summary(summary, lib.path if lib is not None else None, html, stats)
+    raise typer.Exit(EXIT_OK if summary.matches else EXIT_NO)
+
+
+def _start_scan_runtime(runtime: str, device: str, engine: str, address: Optional[str], workers: int,
+                        gpus_per_worker: float, no_index: bool):
+    """(the chosen runtime, the Ray engine or None); local face workers start here, before the model loads."""
+    from verify.model.runtimes import choose_runtime
+    from verify.scan import prestart_face_workers
+
+    try:
+        chosen = choose_runtime(runtime, device)
+    except (RuntimeError, ValueError) as e:
+        _fail(str(e))
+    ray_engine = _start_ray_engine(engine, address, workers, gpus_per_worker, no_index)
+    if ray_engine is None and workers > 0 and not device.startswith("cuda"):  # face workers run on the CPU only
+        prestart_face_workers(chosen)  # its imports overlap with loading the model here
+    return chosen, ray_engine
+
+
+def _scan_matcher(gallery: Optional[Path], embedder):
+    """The gallery's matcher; with nobody enrolled yet (no gallery, or an empty one) every face is
+    unknown: the index is filled and `people` groups them."""
+    from verify.identity.galleries import build_matcher, default_gallery
+
+    g = _open_gallery(gallery, embedder, create=False) if ((gallery or default_gallery()) / "manifest.json").exists() \
+        else None
+    if g is None or len(g) == 0:
+        from verify.identity.galleries import nobody_matcher
+
+        typer.echo("nobody enrolled yet: every face is unknown (faceverify people groups them)", err=True)
+        return nobody_matcher(embedder)
+    return build_matcher(g, embedder)
+
+
+def _echo_scan_summary(summary, index_path: Optional[Path], html: Optional[Path], stats: bool) -> None:
+    """What a scan did: the Ray engine, the index, the counts, the page, and with --stats the summary as JSON."""
     if summary.engine and summary.engine["nodes"]:
         e = summary.engine
         typer.echo(f"ray: {len(e['nodes'])} nodes, {e['actor_pids']} actor processes, start-up {e['startup_s']:.1f} s")
     if summary.index:
         c = summary.index
-        typer.echo(f"index {lib.path}: {c['walked']} files walked, {c['analysed']} analysed, {c['reused']} unchanged, "
+        typer.echo(f"index {index_path}: {c['walked']} files walked, {c['analysed']} analysed, {c['reused']} unchanged, "
                    f"{c['moved']} moved or copied, {c['reembedded']} re-embedded with this model, {c['gone']} gone")
     typer.echo(f"{summary.files} files: {summary.images} images, {summary.faces} faces, {summary.matches} matches, "
                f"{summary.no_face} without a face, {summary.errors} errors, {summary.skipped} skipped "
@@ -443,7 +457,6 @@ def scan(
         typer.echo(f"page: {html} (thumbnails in {html.with_name(html.stem + '_files')})")
     if stats:
         typer.echo(json.dumps(summary.to_dict(), default=str))
-    raise typer.Exit(EXIT_OK if summary.matches else EXIT_NO)
 
 
 @app.command()

@@ -32,11 +32,11 @@ import numpy as np
 from index.library import FaceRecord, FileRecord, Library, StoredFile, score_record, walk_order_key
 from verify.faces import DEFAULT_MAX_PIXELS, DetectorConfig, Face, FacePipeline
 
-from verify.scan.html import PageOptions, files_dir, write_html
-from verify.scan.report import ScanSummary, count_rows, report_format, write_report
+from verify.scan.html import PageOptions, files_dir
+from verify.scan.report import ScanSummary, report_format
 from verify.scan.rows import Matcher, RowBuilder
-from verify.scan.run import STAGES, _batches, _detector, _finish
-from verify.scan.walk import WalkEntry, report_text, walk_files
+from verify.scan.run import STAGES, _batches, _check_sizes, _detector, _finish, _walk, _write_outputs
+from verify.scan.walk import WalkEntry, report_text
 from verify.scan.workers import (
     FACE_CHUNK, DecodedFile, WorkerPool, sha256_of, analyse_decoded, analyse_files, embed_stored_faces, plan_face_work, reembed_files,
 )
@@ -132,6 +132,17 @@ def _plan(entries: list[WalkEntry], library: Library, detector: str, model: str,
     return analyse, [s for s in with_faces if s.id in missing]
 
 
+def _plan_logged(entries: list[WalkEntry], n_folders: int, library: Library, detector: str, model: str, run_id: int,
+                 counts: IndexCounts, timers: dict[str, float]) -> tuple[list[WalkEntry], list[StoredFile]]:
+    """`_plan`, timed (timers["plan"]) and told in one log line."""
+    t0 = time.perf_counter()
+    todo, reembed = _plan(entries, library, detector, model, run_id, counts)
+    timers["plan"] = time.perf_counter() - t0
+    log.info("scan: %d files under %d folder(s): %d to analyse, %d to re-embed with this model, %d unchanged, "
+             "%d moved or copied", len(entries), n_folders, len(todo), len(reembed), counts.reused, counts.moved)
+    return todo, reembed
+
+
 def library_rows(library: Library, files: Sequence[tuple[str, StoredFile | None, WalkEntry | None]],
                  model: str, builder: RowBuilder, batch_size: int = 256,
                  failed: dict[str, str] | None = None) -> Iterator[dict]:
@@ -195,10 +206,7 @@ def run_indexed_scan(
 
     `engine`: a connected RayEngine analyses the files to analyse on its actors (`model_path`: the
     model GPU actors load); everything else (walk, plan, index writes, re-embedding, report) stays here."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+    _check_sizes(batch_size, workers)
     t_start = time.perf_counter()
     out = Path(out).absolute()
     report_format(out)
@@ -217,68 +225,22 @@ def run_indexed_scan(
     try:
         library.ensure_model(model, embedder.dim)
         folder_list = [os.path.abspath(os.fspath(f)) for f in folders]
-        t0 = time.perf_counter()
-        ours = [out] + ([html] if html is not None else [])
-        stale_tmp = [p.parent / n for p in ours if p.parent.is_dir() for n in os.listdir(p.parent)
-                     if n.startswith(f".{p.name}.") and n.endswith(".tmp")]
-        thumbs = [str(thumbs_dir / n) for n in os.listdir(thumbs_dir)] if thumbs_dir and thumbs_dir.is_dir() else []
         db_files = [library.path.with_name(library.path.name + s) for s in ("", "-wal", "-shm", "-journal", ".lock")]
-        entries = walk_files(folder_list, exclude=[*ours, *stale_tmp, *thumbs, *db_files])
-        timers["walk"] = time.perf_counter() - t0
+        entries = _walk(folder_list, out, html, thumbs_dir, timers, after=db_files)
         counts.walked = len(entries)
         run_id = library.begin_run([report_text(f) for f in folder_list], model, det_key)
 
-        t0 = time.perf_counter()
-        todo, reembed = _plan(entries, library, det_key, model, run_id, counts)
-        timers["plan"] = time.perf_counter() - t0
-        log.info("scan: %d files under %d folder(s): %d to analyse, %d to re-embed with this model, %d unchanged, "
-                 "%d moved or copied", len(entries), len(folder_list), len(todo), len(reembed), counts.reused,
-                 counts.moved)
-
+        todo, reembed = _plan_logged(entries, len(folder_list), library, det_key, model, run_id, counts, timers)
         failed: dict[str, str] = {}  # this run's re-embedding failures: reported, the index keeps the faces
         if todo or reembed:
-            detector_or_config = detector if detector is not None else config
-            work = plan_face_work(detector_or_config, embedder, workers if engine is None or reembed else 0,
-                                  face_workers if engine is None else None)
-            summary.face_workers = workers if work is not None else 0
-            main_detector = detector if detector is not None else (lambda: _detector(config))
-            pipeline = FacePipeline(main_detector, embedder=embedder)
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(todo) + len(reembed), unit="file", desc="index", disable=not progress,
-                       dynamic_ncols=True, smoothing=0.1)
-            try:
-                if todo and engine is not None:
-                    stream = engine.analyse([e.fs_path for e in todo], config, embedder, max_pixels, model_path)
-                    _record_stream(todo, stream, library, pipeline, batch_size, det_key, model, run_id, timers,
-                                   summary, bar)
-                    counts.analysed = len(todo)
-                elif todo:
-                    _analyse(todo, library, pipeline, work, workers, batch_size, max_pixels, config, det_key, model,
-                             run_id, timers, summary, bar)
-                    counts.analysed = len(todo)
-                if reembed:
-                    t0 = time.perf_counter()
-                    failed = _reembed(reembed, library, pipeline, work, workers, batch_size, max_pixels, config,
-                                      model, timers, bar)
-                    counts.reembedded = len(reembed) - len(failed)
-                    timers["reembed"] = time.perf_counter() - t0
-            finally:
-                bar.close()
+            failed = _analyse_and_reembed(
+                todo, reembed, library=library, embedder=embedder, detector=detector, config=config,
+                workers=workers, face_workers=face_workers, engine=engine, model_path=model_path,
+                batch_size=batch_size, max_pixels=max_pixels, det_key=det_key, model=model, run_id=run_id,
+                timers=timers, summary=summary, counts=counts, progress=progress)
         counts.gone = library.mark_gone(folder_list, {e.path for e in entries}, run_id)
-
-        t0 = time.perf_counter()
-        stored = library.files(e.path for e in entries)
-        builder = RowBuilder(None, matcher, timers, thumbs_dir, page)
-        rows = list(library_rows(library, [(e.path, stored.get(e.path), e) for e in entries], model, builder,
-                                 failed=failed))
-        t0 = time.perf_counter()
-        n_rows = write_report(count_rows(summary, rows), out)
-        if html is not None:
-            t1 = time.perf_counter()
-            write_html(rows, html, options=page, source=str(out))
-            timers["html"] = time.perf_counter() - t1
-        timers["report"] = time.perf_counter() - t0
+        n_rows = _report_from_index(entries, library, model, matcher, failed, summary, out, html, thumbs_dir, page,
+                                    timers)
         library.end_run(run_id, vars(counts))
     finally:
         library.release()
@@ -286,6 +248,61 @@ def run_indexed_scan(
     if engine is not None:
         summary.engine = vars(engine.stats)
     return _finish(summary, timers, t_start, n_rows)
+
+
+def _analyse_and_reembed(todo: list[WalkEntry], reembed: list[StoredFile], *, library: Library, embedder: "Embedder",
+                         detector: "FaceDetector | None", config: DetectorConfig, workers: int,
+                         face_workers: bool | None, engine: "RayEngine | None", model_path: str | None,
+                         batch_size: int, max_pixels: int, det_key: str, model: str, run_id: int,
+                         timers: dict[str, float], summary: ScanSummary, counts: IndexCounts,
+                         progress: bool) -> dict[str, str]:
+    """Analyse `todo` (on the engine's actors when there is one, else here and in the worker processes)
+    and embed the stored faces of `reembed` with this model, each batch one transaction; returns the
+    re-embedding failures (report path -> error)."""
+    failed: dict[str, str] = {}
+    detector_or_config = detector if detector is not None else config
+    work = plan_face_work(detector_or_config, embedder, workers if engine is None or reembed else 0,
+                          face_workers if engine is None else None)
+    summary.face_workers = workers if work is not None else 0
+    main_detector = detector if detector is not None else (lambda: _detector(config))
+    pipeline = FacePipeline(main_detector, embedder=embedder)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo) + len(reembed), unit="file", desc="index", disable=not progress,
+               dynamic_ncols=True, smoothing=0.1)
+    try:
+        if todo and engine is not None:
+            stream = engine.analyse([e.fs_path for e in todo], config, embedder, max_pixels, model_path)
+            _record_stream(todo, stream, library, pipeline, batch_size, det_key, model, run_id, timers,
+                           summary, bar)
+            counts.analysed = len(todo)
+        elif todo:
+            _analyse(todo, library, pipeline, work, workers, batch_size, max_pixels, config, det_key, model,
+                     run_id, timers, summary, bar)
+            counts.analysed = len(todo)
+        if reembed:
+            t0 = time.perf_counter()
+            failed = _reembed(reembed, library, pipeline, work, workers, batch_size, max_pixels, config,
+                              model, timers, bar)
+            counts.reembedded = len(reembed) - len(failed)
+            timers["reembed"] = time.perf_counter() - t0
+    finally:
+        bar.close()
+    return failed
+
+
+def _report_from_index(entries: list[WalkEntry], library: Library, model: str, matcher: Matcher,
+                       failed: dict[str, str], summary: ScanSummary, out: Path, html: Path | None,
+                       thumbs_dir: Path | None, page: PageOptions | None, timers: dict[str, float]) -> int:
+    """The report `out` (and the page `html`) of every walked file, made from the index; returns its row count."""
+    stored = library.files(e.path for e in entries)
+    builder = RowBuilder(None, matcher, timers, thumbs_dir, page)
+    rows = list(library_rows(library, [(e.path, stored.get(e.path), e) for e in entries], model, builder,
+                             failed=failed))
+    t0 = time.perf_counter()  # the rows' own stages (match, thumbs) are timed by the builder
+    n_rows = _write_outputs(lambda: rows, summary, out, html, page, timers)
+    timers["report"] = time.perf_counter() - t0
+    return n_rows
 
 
 def _analyse(todo: list[WalkEntry], library: Library, pipeline: FacePipeline, work, workers: int, batch_size: int,

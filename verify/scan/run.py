@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from verify.faces import DEFAULT_MAX_PIXELS, DetectorConfig, FacePipeline
 
@@ -82,10 +82,7 @@ def run_scan(
     Raises ScanError when the report or journal exists (without resume), a folder is missing, or
     the journal belongs to another scan.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+    _check_sizes(batch_size, workers)
     t_start = time.perf_counter()
     out = Path(out).absolute()
     report_format(out)  # fail on an unknown extension before any work
@@ -100,21 +97,58 @@ def run_scan(
               "model": embedder.meta.get("fingerprint"), "columns": list(COLUMNS)}
     done = open_journal(out, header, resume)
 
-    t0 = time.perf_counter()
-    # Temp files of atomic writes to the report or journal (left by a kill) are not photos; nor is the page.
-    ours = [out] + ([html] if html is not None else [])
-    stale_tmp = [p.parent / n for p in ours if p.parent.is_dir() for n in os.listdir(p.parent)
-                 if n.startswith(f".{p.name}.") and n.endswith(".tmp")]
-    thumbs = [str(thumbs_dir / n) for n in os.listdir(thumbs_dir)] if thumbs_dir and thumbs_dir.is_dir() else []
-    entries = walk_files(folder_list, exclude=[*ours, journal, *stale_tmp, *thumbs])
-    timers["walk"] = time.perf_counter() - t0
+    entries = _walk(folder_list, out, html, thumbs_dir, timers, before=[journal])
     summary.resumed = sum(1 for e in entries if e.path in done)
     todo = [e for e in entries if e.path not in done]
     log.info("scan: %d files under %d folder(s), %d to do", len(entries), len(folder_list), len(todo))
 
     detector_or_config = detector if detector is not None else (detector_config or DetectorConfig())
     images_to_do = any(e.status is None for e in todo)
-    work = plan_face_work(detector_or_config, embedder, workers, face_workers, thumbnails=html is not None) \
+    pool, rows_for = _start_work(detector, detector_or_config, embedder, matcher, images_to_do, workers, face_workers,
+                                 batch_size, max_pixels, thumbs_dir, page, timers, summary)
+
+    writer = Journal(journal).start(header, (r for rows in done.values() for r in rows))
+    done.clear()
+    _journal_batches(entries, todo, pool, rows_for if images_to_do else None, writer, batch_size, progress, timers,
+                     summary, journal)
+
+    t0 = time.perf_counter()
+    # The page is written before the journal goes: a failure there loses no rows.
+    n_rows = _write_outputs(writer.rows, summary, out, html, page, timers)
+    journal.unlink()
+    timers["report"] = time.perf_counter() - t0
+    return _finish(summary, timers, t_start, n_rows)
+
+
+def _check_sizes(batch_size: int, workers: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+
+
+def _walk(folder_list: list[str], out: Path, html: Path | None, thumbs_dir: Path | None, timers: dict[str, float], *,
+          before: Sequence[str | os.PathLike] = (), after: Sequence[str | os.PathLike] = ()) -> list[WalkEntry]:
+    """Walk `folder_list`, leaving out what the scan writes itself (and `before`, `after`: the journal or
+    the index's files); the walk's seconds go to timers["walk"]."""
+    t0 = time.perf_counter()
+    # Temp files of atomic writes to the report or journal (left by a kill) are not photos; nor is the page.
+    ours = [out] + ([html] if html is not None else [])
+    stale_tmp = [p.parent / n for p in ours if p.parent.is_dir() for n in os.listdir(p.parent)
+                 if n.startswith(f".{p.name}.") and n.endswith(".tmp")]
+    thumbs = [str(thumbs_dir / n) for n in os.listdir(thumbs_dir)] if thumbs_dir and thumbs_dir.is_dir() else []
+    entries = walk_files(folder_list, exclude=[*ours, *before, *stale_tmp, *thumbs, *after])
+    timers["walk"] = time.perf_counter() - t0
+    return entries
+
+
+def _start_work(detector: "FaceDetector | None", detector_or_config: "FaceDetector | DetectorConfig",
+                embedder: "Embedder", matcher: Matcher, images_to_do: bool, workers: int, face_workers: bool | None,
+                batch_size: int, max_pixels: int, thumbs_dir: Path | None, page: PageOptions | None,
+                timers: dict[str, float], summary: ScanSummary) -> tuple[WorkerPool, RowBuilder]:
+    """The worker pool (decoding, and detecting, aligning, embedding where the face work runs in the
+    workers) and the row builder of the main process."""
+    work = plan_face_work(detector_or_config, embedder, workers, face_workers, thumbnails=thumbs_dir is not None) \
         if images_to_do else None
     summary.face_workers = workers if work is not None else 0
     config = detector.config if detector is not None else detector_or_config
@@ -128,9 +162,14 @@ def run_scan(
     main_detector = detector if detector is not None else (lambda: _detector(detector_or_config))
     rows_for = RowBuilder(FacePipeline(main_detector, embedder=embedder) if images_to_do else None, matcher, timers,
                           thumbs_dir, page)
+    return pool, rows_for
 
-    writer = Journal(journal).start(header, (r for rows in done.values() for r in rows))
-    done.clear()
+
+def _journal_batches(entries: list[WalkEntry], todo: list[WalkEntry], pool: WorkerPool, rows_for: RowBuilder | None,
+                     writer: Journal, batch_size: int, progress: bool, timers: dict[str, float],
+                     summary: ScanSummary, journal: Path) -> None:
+    """The rows of `todo`, batch by batch, appended to the journal (`rows_for` None: no image to analyse,
+    only walk-decided rows). Closes the pool, the journal writer and the progress bar."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(entries), initial=len(entries) - len(todo), unit="file", desc="scan",
@@ -138,7 +177,7 @@ def run_scan(
     items = _entries_with_pixels(todo, pool)
     try:
         for batch in _batches(items, batch_size):
-            file_rows = rows_for(batch) if images_to_do else [
+            file_rows = rows_for(batch) if rows_for is not None else [
                 [empty_row(e.path, d.status or "error", d.error)] for e, d in batch]
             t = time.perf_counter()
             writer.append(r for rows in file_rows for r in rows)  # one write + fsync per batch
@@ -155,15 +194,17 @@ def run_scan(
         writer.close()
         bar.close()
 
-    t0 = time.perf_counter()
-    n_rows = write_report(count_rows(summary, writer.rows()), out)
-    if html is not None:  # the page is written before the journal goes: a failure here loses no rows
+
+def _write_outputs(rows: Callable[[], Iterable[dict]], summary: ScanSummary, out: Path, html: Path | None,
+                   page: PageOptions | None, timers: dict[str, float]) -> int:
+    """Write the report `out` of `rows()` (counted into `summary`), then the page `html`; returns the
+    report's row count."""
+    n_rows = write_report(count_rows(summary, rows()), out)
+    if html is not None:
         t1 = time.perf_counter()
-        write_html(writer.rows(), html, options=page, source=str(out))
+        write_html(rows(), html, options=page, source=str(out))
         timers["html"] = time.perf_counter() - t1
-    journal.unlink()
-    timers["report"] = time.perf_counter() - t0
-    return _finish(summary, timers, t_start, n_rows)
+    return n_rows
 
 
 def _detector(config: DetectorConfig) -> "FaceDetector":
