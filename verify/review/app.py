@@ -18,7 +18,8 @@ import logging
 import math
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -240,14 +241,11 @@ def _jpeg(data: bytes) -> Response:
     return _security_headers(Response(data, media_type="image/jpeg"))
 
 
-def _opened(source: ReviewSource) -> tuple[Library, Gallery | None]:
-    """The index and the gallery (None before anyone is enrolled); the caller closes the index."""
-    lib = source.library()
-    try:
-        return lib, source.open_gallery()
-    except BaseException:
-        lib.close()
-        raise
+@contextmanager
+def _opened(source: ReviewSource) -> Iterator[tuple[Library, Gallery | None]]:
+    """The index and the gallery (None before anyone is enrolled); the index is closed on the way out."""
+    with source.library() as lib:
+        yield lib, source.open_gallery()
 
 
 async def _body_of(request: Request) -> dict:
@@ -269,14 +267,11 @@ def home(request: Request) -> Response:
     source, token = _source(request), _token(request)
 
     def render(nonce: str) -> str:
-        lib, g = _opened(source)
-        try:
+        with _opened(source) as (lib, g):
             rows = face_rows(lib, g)
             names = sorted(set(g.identities()["identity"])) if g is not None else []
             people = [(n, *map(len, person_faces(rows, n, source.near_miss))) for n in names]
             return pages.index_page(people, None, token, nonce, str(lib.path))
-        finally:
-            lib.close()
     return _html(render)
 
 
@@ -285,15 +280,12 @@ def person(request: Request) -> Response:
     name = request.query_params.get("name", "")
 
     def render(nonce: str) -> str:
-        lib, g = _opened(source)
-        try:
+        with _opened(source) as (lib, g):
             if g is None or name not in set(g.identities()["identity"]):
                 raise KeyError(name)
             rows = face_rows(lib, g, person=name, near_miss=source.near_miss)
             matched, near = person_faces(rows, name, source.near_miss)
             return pages.person_page(name, matched, near, token, nonce)
-        finally:
-            lib.close()
     try:
         return _html(render)
     except KeyError:
@@ -306,8 +298,7 @@ def groups(request: Request) -> Response:
     source, token = _source(request), _token(request)
 
     def render(nonce: str) -> str:
-        lib, g = _opened(source)
-        try:
+        with _opened(source) as (lib, g):
             model = model_of(lib, g)
             # shown, not saved: a GET changes nothing in the index
             result = unknown_people(lib, g if g is not None and len(g) else None, model, save=False)
@@ -322,8 +313,6 @@ def groups(request: Request) -> Response:
                                  "distance": None, "note": None})
                 shown.append((gid, rows))
             return pages.groups_page(shown, result.faces_considered, token, nonce)
-        finally:
-            lib.close()
     return _html(render)
 
 
@@ -334,8 +323,7 @@ def photo(request: Request) -> Response:
     def render(nonce: str) -> str:
         from verify.faces import ImageLoadError, load_image
 
-        lib, g = _opened(source)
-        try:
+        with _opened(source) as (lib, g):
             stored = lib.file_by_id(file_id)
             if stored is None or not stored.present:
                 raise KeyError(file_id)
@@ -345,8 +333,6 @@ def photo(request: Request) -> Response:
                 raise KeyError(str(e)) from None
             rows = [r for r in face_rows(lib, g, file_id=stored.id) if r["file_id"] == stored.id]
             return pages.photo_page(stored.path, (w, h), rows, stored.id, token, nonce)
-        finally:
-            lib.close()
     try:
         return _html(render)
     except KeyError:
