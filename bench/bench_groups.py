@@ -44,6 +44,7 @@ import logging
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -503,51 +504,77 @@ def main(argv: list[str] | None = None) -> None:
     report(args, sets, peer)
 
 
-def report(args: argparse.Namespace, sets: dict[str, dict], peer: np.ndarray) -> None:
+# --------------------------------------------------------------------------------------------
+# The report: one function per table, run in the order of REPORT_SECTIONS
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReportInput:
+    """What the report's tables read; `labels_of` is filled by the first table, read by the second."""
+
+    args: argparse.Namespace
+    sets: dict[str, dict]
+    peer: np.ndarray  # (N LFW photos, 128) face_recognition's vectors, NaN rows where HOG found no face
+    after: dict
+    labels_of: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+
+
+def baseline_row(args: argparse.Namespace, view: str, y: np.ndarray, peer: np.ndarray) -> list[object]:
+    """face_recognition's way on the LFW photos of `view`: chinese_whispers over dlib's vectors."""
     import dlib
 
     from index.groups import bcubed
-    from index.quality import quality_scores
 
-    after = after_settings()
-    for s in sets.values():
-        s["quality"] = quality_scores(s["signals"])  # (F,)
-    lfw, cel = sets["lfw"], sets["celeba"]
+    ok = np.flatnonzero(np.isfinite(peer[:, 0]))
+    base = np.full(len(peer), -1, np.int64)
+    t0 = time.perf_counter()
+    raw = dlib.chinese_whispers_clustering([dlib.vector(r.astype(float).tolist()) for r in peer[ok]],
+                                           args.baseline_threshold)
+    seconds = time.perf_counter() - t0
+    base[ok] = raw
+    sizes = np.bincount(base[base >= 0])
+    base = np.where(sizes[np.maximum(base, 0)] >= 2, base, -1) if len(sizes) else base
+    p, r, f = bcubed(y, base)
+    return [view, f"face_recognition + chinese_whispers {args.baseline_threshold} (baseline)",
+            f"{p:.3f}", f"{r:.3f}", f"**{f:.3f}**", int((np.bincount(base[base >= 0]) >= 2).sum()), "-",
+            f"{seconds:.2f}"]
 
-    # the report sets, one face per photo
+
+def model_rows(ri: ReportInput, view: str, s: dict, keep: np.ndarray) -> list[list[object]]:
+    """Both models, before and after, on the photos `keep` of set `s`; their labels go to ri.labels_of."""
+    from index.groups import bcubed
+
+    rows = []
+    y = s["y"][keep]
+    for key, model in (("v_dlib", "dlib imported"), ("v_shipped", "shipped")):
+        vecs, idx = per_photo(s["faces"], key, len(s["paths"]))
+        q = np.where(idx >= 0, s["quality"][np.maximum(idx, 0)], np.nan)[keep]
+        for when, settings in (("before", BEFORE), ("after", ri.after)):
+            labels, seconds = group_photos(vecs[keep], q, settings)
+            ri.labels_of[view, f"{model} {when}"] = labels
+            p, r, f = bcubed(y, labels)
+            left = int((q < settings["min_quality"]).sum())
+            rows.append([view, f"{model}, {when}", f"{p:.3f}", f"{r:.3f}", f"**{f:.3f}**",
+                         int((np.bincount(labels[labels >= 0]) >= 2).sum()) if (labels >= 0).any() else 0,
+                         left, f"{seconds:.2f}"])
+    return rows
+
+
+def report_sets_table(ri: ReportInput) -> None:
+    """1. BCubed on the report sets, one face per photo: the baseline (LFW), both models before/after."""
+    import dlib
+
+    lfw, cel, after = ri.sets["lfw"], ri.sets["celeba"], ri.after
     views = {"LFW, 3,062 photos": (lfw, np.ones(len(lfw["paths"]), bool)),
              "LFW DevTest people": (lfw, lfw["split_photo"] == "rep"),
              "CelebA partition 2": (cel, cel["split_photo"] == "rep")}
     rows = []
-    labels_of: dict[tuple[str, str], np.ndarray] = {}
     for view, (s, keep) in views.items():
-        y = s["y"][keep]
         if s is lfw:
-            ok = np.flatnonzero(np.isfinite(peer[keep][:, 0]))
-            base = np.full(int(keep.sum()), -1, np.int64)
-            t0 = time.perf_counter()
-            raw = dlib.chinese_whispers_clustering([dlib.vector(r.astype(float).tolist()) for r in peer[keep][ok]],
-                                                   args.baseline_threshold)
-            seconds = time.perf_counter() - t0
-            base[ok] = raw
-            sizes = np.bincount(base[base >= 0])
-            base = np.where(sizes[np.maximum(base, 0)] >= 2, base, -1) if len(sizes) else base
-            p, r, f = bcubed(y, base)
-            rows.append([view, f"face_recognition + chinese_whispers {args.baseline_threshold} (baseline)",
-                         f"{p:.3f}", f"{r:.3f}", f"**{f:.3f}**", int((np.bincount(base[base >= 0]) >= 2).sum()), "-",
-                         f"{seconds:.2f}"])
-        for key, model in (("v_dlib", "dlib imported"), ("v_shipped", "shipped")):
-            vecs, idx = per_photo(s["faces"], key, len(s["paths"]))
-            q = np.where(idx >= 0, s["quality"][np.maximum(idx, 0)], np.nan)[keep]
-            for when, settings in (("before", BEFORE), ("after", after)):
-                labels, seconds = group_photos(vecs[keep], q, settings)
-                labels_of[view, f"{model} {when}"] = labels
-                p, r, f = bcubed(y, labels)
-                left = int((q < settings["min_quality"]).sum())
-                rows.append([view, f"{model}, {when}", f"{p:.3f}", f"{r:.3f}", f"**{f:.3f}**",
-                             int((np.bincount(labels[labels >= 0]) >= 2).sum()) if (labels >= 0).any() else 0,
-                             left, f"{seconds:.2f}"])
-    print(f"models: shipped and dlib imported through MTCNN (min face {args.min_face} px); baseline: dlib "
+            rows.append(baseline_row(ri.args, view, s["y"][keep], ri.peer[keep]))
+        rows += model_rows(ri, view, s, keep)
+    print(f"models: shipped and dlib imported through MTCNN (min face {ri.args.min_face} px); baseline: dlib "
           f"{dlib.__version__}'s HOG + 5-point landmarks + resnet (face_recognition 1.3's steps)")
     print(f"before: hdbscan, max_distance {BEFORE['max_distance']}, min_samples = min_cluster_size, eom, no gate, no merge; "
           f"after: max_distance {after['max_distance']}, min_samples {after['min_samples'] or 'min_cluster_size'}, "
@@ -556,13 +583,16 @@ def report(args: argparse.Namespace, sets: dict[str, dict], peer: np.ndarray) ->
     print_table(["report set", "grouping", "BCubed P", "BCubed R", "BCubed F", "groups (>= 2)", "left out (quality)",
                  "time to group (s)"], rows, right=[False, False, True, True, True, True, True, True])
 
-    # per skin tone, CelebA partition 2
+
+def skin_tone_table(ri: ReportInput) -> None:
+    """2. Per skin tone on CelebA partition 2, the groupings of the first table."""
+    cel = ri.sets["celeba"]
     keep = cel["split_photo"] == "rep"
-    pale = pale_skin(Path(args.data), [p.name for p in cel["paths"]])[keep]
+    pale = pale_skin(Path(ri.args.data), [p.name for p in cel["paths"]])[keep]
     y = cel["y"][keep]
     tone_rows = []
     for name in ("dlib imported before", "dlib imported after", "shipped before", "shipped after"):
-        labels = labels_of["CelebA partition 2", name]
+        labels = ri.labels_of["CelebA partition 2", name]
         for tone, m in (("Pale_Skin", pale), ("not Pale_Skin", ~pale)):
             p, r, f = bcubed_subset(y, labels, m)
             tone_rows.append([name, tone, int(m.sum()), f"{p:.3f}", f"{r:.3f}", f"{f:.3f}"])
@@ -570,13 +600,16 @@ def report(args: argparse.Namespace, sets: dict[str, dict], peer: np.ndarray) ->
     print_table(["grouping (CelebA partition 2)", "skin tone", "faces", "BCubed P", "BCubed R", "BCubed F"], tone_rows,
                 right=[False, False, True, True, True, True])
 
-    # the gate on every LFW face, bystanders included
+
+def quality_gate_table(ri: ReportInput) -> None:
+    """3. The gate on every LFW face, bystanders included."""
+    lfw = ri.sets["lfw"]
     f = lfw["faces"]
     gate_rows = []
     for key, model in (("v_dlib", "dlib imported"), ("v_shipped", "shipped")):
         before, _ = group_photos(f[key], None, BEFORE)
         wrong = wrongly_grouped(lfw["truth"], before)
-        left = lfw["quality"] < after["min_quality"]
+        left = lfw["quality"] < ri.after["min_quality"]
         gate_rows.append([model, len(wrong), int(wrong.sum()), f"{wrong.mean():.3f}", int(left.sum()),
                           f"{wrong[left].mean():.3f}" if left.any() else "-",
                           f"{(wrong & left).sum() / max(wrong.sum(), 1):.3f}"])
@@ -585,15 +618,35 @@ def report(args: argparse.Namespace, sets: dict[str, dict], peer: np.ndarray) ->
                  "share of them grouped wrongly before", "share of the wrongly grouped left out"], gate_rows,
                 right=[False, True, True, True, True, True, True])
 
-    sizes = [int(v) for v in args.cost_sizes.split(",") if v.strip()]
-    if sizes:
-        print()
-        print("people over synthetic libraries (N faces of N/5 people, 128-d): seconds of unknown_people (imports of "
-              "scikit-learn included), the process's peak resident memory (imports included), and the peak of "
-              "the memory numpy allocated during the call (tracemalloc)")
-        print_table(["N faces", "before (s)", "after (s)", "ratio", "before peak RSS (MB)", "after peak RSS (MB)", "ratio",
-                     "before numpy peak (MB)", "after numpy peak (MB)", "ratio", "groups after"],
-                    cost_rows(sizes, Path(args.cache)))
+
+def cost_table(ri: ReportInput) -> None:
+    """4. Cost of `people` over synthetic libraries of --cost-sizes faces (none when empty)."""
+    sizes = [int(v) for v in ri.args.cost_sizes.split(",") if v.strip()]
+    if not sizes:
+        return
+    print()
+    print("people over synthetic libraries (N faces of N/5 people, 128-d): seconds of unknown_people (imports of "
+          "scikit-learn included), the process's peak resident memory (imports included), and the peak of "
+          "the memory numpy allocated during the call (tracemalloc)")
+    print_table(["N faces", "before (s)", "after (s)", "ratio", "before peak RSS (MB)", "after peak RSS (MB)", "ratio",
+                 "before numpy peak (MB)", "after numpy peak (MB)", "ratio", "groups after"],
+                cost_rows(sizes, Path(ri.args.cache)))
+
+
+REPORT_SECTIONS = (report_sets_table, skin_tone_table, quality_gate_table, cost_table)
+
+
+def report(args: argparse.Namespace, sets: dict[str, dict], peer: np.ndarray) -> None:
+    """The four tables of the module's docstring, in order."""
+    import dlib  # noqa: F401  (the baseline needs it: fail before any table when it is missing)
+
+    from index.quality import quality_scores
+
+    for s in sets.values():
+        s["quality"] = quality_scores(s["signals"])  # (F,)
+    ri = ReportInput(args, sets, peer, after_settings())
+    for section in REPORT_SECTIONS:
+        section(ri)
 
 
 def bcubed_subset(true: np.ndarray, pred: np.ndarray, subset: np.ndarray) -> tuple[float, float, float]:

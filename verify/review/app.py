@@ -18,6 +18,8 @@ import logging
 import math
 import secrets
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +27,7 @@ from urllib.parse import parse_qs
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
@@ -188,244 +191,6 @@ def _error(status: int, message: str) -> JSONResponse:
 def create_app(source: ReviewSource, token: str, *, allowed_hosts: list[str] | None = None) -> Starlette:
     """The app over `source`; `token`: the session's secret; `allowed_hosts`: Host headers accepted
     (loopback names by default: a DNS-rebinding page cannot reach the app)."""
-
-    def html(render) -> Response:
-        nonce = secrets.token_urlsafe(12)
-        try:
-            return _security_headers(HTMLResponse(render(nonce)), nonce)
-        except (LibraryError, GalleryError) as e:
-            return _security_headers(PlainTextResponse(str(e), status_code=503))
-
-    def opened():
-        lib = source.library()
-        try:
-            return lib, source.open_gallery()
-        except BaseException:
-            lib.close()
-            raise
-
-    def home(request: Request) -> Response:
-        def render(nonce: str) -> str:
-            lib, g = opened()
-            try:
-                rows = face_rows(lib, g)
-                names = sorted(set(g.identities()["identity"])) if g is not None else []
-                people = [(n, *map(len, person_faces(rows, n, source.near_miss))) for n in names]
-                return pages.index_page(people, None, token, nonce, str(lib.path))
-            finally:
-                lib.close()
-        return html(render)
-
-    def person(request: Request) -> Response:
-        name = request.query_params.get("name", "")
-
-        def render(nonce: str) -> str:
-            lib, g = opened()
-            try:
-                if g is None or name not in set(g.identities()["identity"]):
-                    raise KeyError(name)
-                rows = face_rows(lib, g, person=name, near_miss=source.near_miss)
-                matched, near = person_faces(rows, name, source.near_miss)
-                return pages.person_page(name, matched, near, token, nonce)
-            finally:
-                lib.close()
-        try:
-            return html(render)
-        except KeyError:
-            return _security_headers(PlainTextResponse("404: nobody of that name is enrolled", status_code=404))
-
-    def groups(request: Request) -> Response:
-        from verify.queries.people import unknown_people
-
-        def render(nonce: str) -> str:
-            lib, g = opened()
-            try:
-                model = model_of(lib, g)
-                # shown, not saved: a GET changes nothing in the index
-                result = unknown_people(lib, g if g is not None and len(g) else None, model, save=False)
-                where = lib.face_locations([f for m in result.groups.values() for f in m])
-                file_ids = {p: s.id for p, s in lib.files({w[0] for w in where.values()}).items()}
-                shown = []
-                for gid in sorted(result.groups, key=lambda k: -len(result.groups[k])):
-                    rows = []
-                    for f in result.groups[gid]:
-                        path, _, k, rec, _ = where[f]
-                        rows.append({"face_id": f, "file_id": file_ids[path], "face": k, "path": path,
-                                     "distance": None, "note": None})
-                    shown.append((gid, rows))
-                return pages.groups_page(shown, result.faces_considered, token, nonce)
-            finally:
-                lib.close()
-        return html(render)
-
-    def photo(request: Request) -> Response:
-        file_id = request.path_params["file_id"]
-
-        def render(nonce: str) -> str:
-            from verify.faces import ImageLoadError, load_image
-
-            lib, g = opened()
-            try:
-                stored = lib.file_by_id(file_id)
-                if stored is None or not stored.present:
-                    raise KeyError(file_id)
-                try:
-                    h, w = load_image(stored.fs_path).shape[:2]
-                except ImageLoadError as e:
-                    raise KeyError(str(e)) from None
-                rows = [r for r in face_rows(lib, g, file_id=stored.id) if r["file_id"] == stored.id]
-                return pages.photo_page(stored.path, (w, h), rows, stored.id, token, nonce)
-            finally:
-                lib.close()
-        try:
-            return html(render)
-        except KeyError:
-            return _security_headers(PlainTextResponse("404: no such photo in the index", status_code=404))
-
-    def _jpeg(data: bytes) -> Response:
-        return _security_headers(Response(data, media_type="image/jpeg"))
-
-    def thumb(request: Request) -> Response:
-        from verify.faces import ImageLoadError, load_image
-        from verify.scan.html import encode_jpeg, face_thumbnail
-
-        with source.library() as lib:
-            where = lib.face_locations([request.path_params["face_id"]]).get(request.path_params["face_id"])
-        if where is None:
-            return _security_headers(PlainTextResponse("404: no such face in the index", status_code=404))
-        _, fs_path, _, rec, _ = where
-        try:
-            image = load_image(fs_path)  # (H, W, 3), the pixels the box was found in
-        except ImageLoadError:
-            return _security_headers(PlainTextResponse("404: the photo cannot be read now", status_code=404))
-        return _jpeg(encode_jpeg(face_thumbnail(image, rec.box)))
-
-    def image(request: Request) -> Response:
-        from verify.faces import ImageLoadError, load_image, shrink
-        from verify.scan.html import encode_jpeg
-
-        with source.library() as lib:
-            stored = lib.file_by_id(request.path_params["file_id"])
-        if stored is None or not stored.present:
-            return _security_headers(PlainTextResponse("404: no such photo in the index", status_code=404))
-        try:
-            pixels, _ = shrink(load_image(stored.fs_path), IMAGE_MAX_SIDE)
-        except ImageLoadError:
-            return _security_headers(PlainTextResponse("404: the photo cannot be read now", status_code=404))
-        return _jpeg(encode_jpeg(pixels))
-
-    def decisions(request: Request) -> Response:
-        from verify.identity.decisions import face_gone
-
-        def render(nonce: str) -> str:
-            with source.library() as lib:
-                return pages.decisions_page(lib.decisions(), face_gone(lib), token, nonce)
-        return html(render)
-
-    async def body_of(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ValueError("the request body is not JSON") from None
-        if not isinstance(body, dict):
-            raise ValueError("the request body is not a JSON object")
-        return body
-
-    async def decide(request: Request) -> Response:
-        from starlette.concurrency import run_in_threadpool
-
-        try:
-            body = await body_of(request)
-            face_id, kind, name = int(body["face_id"]), str(body["kind"]), body.get("name")
-        except (KeyError, TypeError, ValueError) as e:
-            return _error(400, f"bad request ({e})")
-        if kind not in ("confirm", "reject", "ignore"):
-            return _error(400, f"unknown decision {kind!r}")
-        if kind != "ignore" and not (isinstance(name, str) and name.strip()):
-            return _error(400, f"a {kind} needs a name")
-        return await run_in_threadpool(_decide, face_id, kind, name if kind != "ignore" else None)
-
-    def _decide(face_id: int, kind: str, name: str | None) -> Response:
-        from verify.identity.decisions import enroll_faces, locate_face_id, record_decision
-
-        try:
-            with source.library() as lib:
-                about = locate_face_id(lib, face_id)
-                (decision,) = record_decision(lib, kind, [about], name, "review")
-            added = 0
-            if kind == "confirm":  # the decision stands already; the gallery follows it
-                g = source.open_gallery(create=True)
-                added = enroll_faces(g, name, [about], source.pipeline(), n_views=source.n_views).vectors_added
-        except ValueError as e:
-            return _error(404, str(e))
-        except (LibraryError, GalleryError) as e:
-            return _error(503, str(e))
-        return JSONResponse({"decision": decision, "vectors_added": added})
-
-    async def undo(request: Request) -> Response:
-        from starlette.concurrency import run_in_threadpool
-
-        try:
-            decision = int((await body_of(request))["decision"])
-        except (KeyError, TypeError, ValueError) as e:
-            return _error(400, f"bad request ({e})")
-        return await run_in_threadpool(_undo, decision)
-
-    def _undo(decision: int) -> Response:
-        from verify.identity.decisions import undo as undo_decision
-
-        try:
-            with source.library() as lib:
-                target = next((d for d in lib.decisions() if d.id == decision), None)
-                confirm = target is not None and target.kind == "confirm"
-                g = source.open_gallery() if confirm else None
-                undo_decision(lib, decision, "review", g, source.pipeline().embedder if confirm and g else None)
-        except (LibraryError, GalleryError) as e:
-            return _error(409 if "decision" in str(e) else 503, str(e))
-        return JSONResponse({"undone": decision})
-
-    async def name_faces(request: Request) -> Response:
-        from starlette.concurrency import run_in_threadpool
-
-        try:
-            body = await body_of(request)
-            name, face_ids = str(body["name"]).strip(), [int(f) for f in body["face_ids"]]
-        except (KeyError, TypeError, ValueError) as e:
-            return _error(400, f"bad request ({e})")
-        if not name or not face_ids:
-            return _error(400, "a name and at least one face are needed")
-        return await run_in_threadpool(_name, name, face_ids)
-
-    def _name(name: str, face_ids: list[int]) -> Response:
-        """Name the faces of a group the user has seen: enroll them (as enroll --group), leave out the
-        ones the outlier check flags, and keep the rest as confirm decisions (one transaction)."""
-        from verify.identity.decisions import enroll_faces, locate_face_id, record_decision, remove_photo
-
-        try:
-            with source.library() as lib:
-                about = []
-                for f in face_ids:
-                    try:
-                        about.append(locate_face_id(lib, f))
-                    except ValueError:
-                        continue  # gone since the page was made
-                if not about:
-                    return _error(404, "none of these faces is in the index now")
-                g = source.open_gallery(create=True)
-                pipeline = source.pipeline()
-                r = enroll_faces(g, name, about, pipeline, n_views=source.n_views)
-                flagged = {src for src, _ in r.outliers}
-                left_out = [a for a in about if a.stored.fs_path in flagged]
-                for a in left_out:
-                    remove_photo(g, name, a.stored.sha256, pipeline.embedder)
-                kept = [a for a in about if a.stored.fs_path not in flagged]
-                ids = record_decision(lib, "confirm", kept, name, "review:group") if kept else []
-        except (LibraryError, GalleryError) as e:
-            return _error(503, str(e))
-        except ValueError as e:
-            return _error(400, str(e))
-        return JSONResponse({"named": len(kept), "decisions": ids, "left_out": [a.stored.path for a in left_out]})
-
     routes = [
         Route("/", home, methods=["GET"]),
         Route("/person", person, methods=["GET"]),
@@ -440,4 +205,277 @@ def create_app(source: ReviewSource, token: str, *, allowed_hosts: list[str] | N
     ]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or LOOPBACK_HOSTS),
                   Middleware(TokenGate, token=token)]
-    return Starlette(routes=routes, middleware=middleware)
+    app = Starlette(routes=routes, middleware=middleware)
+    # the handlers below read these; the token goes into the pages' links
+    app.state.source, app.state.token = source, token
+    return app
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers of the handlers
+# --------------------------------------------------------------------------------------------
+
+
+def _source(request: Request) -> ReviewSource:
+    return request.app.state.source
+
+
+def _token(request: Request) -> str:
+    return request.app.state.token
+
+
+def _html(render: Callable[[str], str]) -> Response:
+    """The page `render(nonce)` makes, with its security headers; 503 when the index or gallery fails."""
+    nonce = secrets.token_urlsafe(12)
+    try:
+        return _security_headers(HTMLResponse(render(nonce)), nonce)
+    except (LibraryError, GalleryError) as e:
+        return _security_headers(PlainTextResponse(str(e), status_code=503))
+
+
+def _not_found(message: str) -> Response:
+    return _security_headers(PlainTextResponse(message, status_code=404))
+
+
+def _jpeg(data: bytes) -> Response:
+    return _security_headers(Response(data, media_type="image/jpeg"))
+
+
+@contextmanager
+def _opened(source: ReviewSource) -> Iterator[tuple[Library, Gallery | None]]:
+    """The index and the gallery (None before anyone is enrolled); the index is closed on the way out."""
+    with source.library() as lib:
+        yield lib, source.open_gallery()
+
+
+async def _body_of(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ValueError("the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ValueError("the request body is not a JSON object")
+    return body
+
+
+# --------------------------------------------------------------------------------------------
+# Pages (GET): they read, never write
+# --------------------------------------------------------------------------------------------
+
+
+def home(request: Request) -> Response:
+    source, token = _source(request), _token(request)
+
+    def render(nonce: str) -> str:
+        with _opened(source) as (lib, g):
+            rows = face_rows(lib, g)
+            names = sorted(set(g.identities()["identity"])) if g is not None else []
+            people = [(n, *map(len, person_faces(rows, n, source.near_miss))) for n in names]
+            return pages.index_page(people, None, token, nonce, str(lib.path))
+    return _html(render)
+
+
+def person(request: Request) -> Response:
+    source, token = _source(request), _token(request)
+    name = request.query_params.get("name", "")
+
+    def render(nonce: str) -> str:
+        with _opened(source) as (lib, g):
+            if g is None or name not in set(g.identities()["identity"]):
+                raise KeyError(name)
+            rows = face_rows(lib, g, person=name, near_miss=source.near_miss)
+            matched, near = person_faces(rows, name, source.near_miss)
+            return pages.person_page(name, matched, near, token, nonce)
+    try:
+        return _html(render)
+    except KeyError:
+        return _not_found("404: nobody of that name is enrolled")
+
+
+def groups(request: Request) -> Response:
+    from verify.queries.people import unknown_people
+
+    source, token = _source(request), _token(request)
+
+    def render(nonce: str) -> str:
+        with _opened(source) as (lib, g):
+            model = model_of(lib, g)
+            # shown, not saved: a GET changes nothing in the index
+            result = unknown_people(lib, g if g is not None and len(g) else None, model, save=False)
+            where = lib.face_locations([f for m in result.groups.values() for f in m])
+            file_ids = {p: s.id for p, s in lib.files({w[0] for w in where.values()}).items()}
+            shown = []
+            for gid in sorted(result.groups, key=lambda k: -len(result.groups[k])):
+                rows = []
+                for f in result.groups[gid]:
+                    path, _, k, rec, _ = where[f]
+                    rows.append({"face_id": f, "file_id": file_ids[path], "face": k, "path": path,
+                                 "distance": None, "note": None})
+                shown.append((gid, rows))
+            return pages.groups_page(shown, result.faces_considered, token, nonce)
+    return _html(render)
+
+
+def photo(request: Request) -> Response:
+    source, token = _source(request), _token(request)
+    file_id = request.path_params["file_id"]
+
+    def render(nonce: str) -> str:
+        from verify.faces import ImageLoadError, load_image
+
+        with _opened(source) as (lib, g):
+            stored = lib.file_by_id(file_id)
+            if stored is None or not stored.present:
+                raise KeyError(file_id)
+            try:
+                h, w = load_image(stored.fs_path).shape[:2]
+            except ImageLoadError as e:
+                raise KeyError(str(e)) from None
+            rows = [r for r in face_rows(lib, g, file_id=stored.id) if r["file_id"] == stored.id]
+            return pages.photo_page(stored.path, (w, h), rows, stored.id, token, nonce)
+    try:
+        return _html(render)
+    except KeyError:
+        return _not_found("404: no such photo in the index")
+
+
+def thumb(request: Request) -> Response:
+    from verify.faces import ImageLoadError, load_image
+    from verify.scan.html import encode_jpeg, face_thumbnail
+
+    with _source(request).library() as lib:
+        where = lib.face_locations([request.path_params["face_id"]]).get(request.path_params["face_id"])
+    if where is None:
+        return _not_found("404: no such face in the index")
+    _, fs_path, _, rec, _ = where
+    try:
+        pixels = load_image(fs_path)  # (H, W, 3), the pixels the box was found in
+    except ImageLoadError:
+        return _not_found("404: the photo cannot be read now")
+    return _jpeg(encode_jpeg(face_thumbnail(pixels, rec.box)))
+
+
+def image(request: Request) -> Response:
+    from verify.faces import ImageLoadError, load_image, shrink
+    from verify.scan.html import encode_jpeg
+
+    with _source(request).library() as lib:
+        stored = lib.file_by_id(request.path_params["file_id"])
+    if stored is None or not stored.present:
+        return _not_found("404: no such photo in the index")
+    try:
+        pixels, _ = shrink(load_image(stored.fs_path), IMAGE_MAX_SIDE)
+    except ImageLoadError:
+        return _not_found("404: the photo cannot be read now")
+    return _jpeg(encode_jpeg(pixels))
+
+
+def decisions(request: Request) -> Response:
+    from verify.identity.decisions import face_gone
+
+    source, token = _source(request), _token(request)
+
+    def render(nonce: str) -> str:
+        with source.library() as lib:
+            return pages.decisions_page(lib.decisions(), face_gone(lib), token, nonce)
+    return _html(render)
+
+
+# --------------------------------------------------------------------------------------------
+# Decisions (POST): the checks of the request here, the transaction in a worker thread
+# --------------------------------------------------------------------------------------------
+
+
+async def decide(request: Request) -> Response:
+    try:
+        body = await _body_of(request)
+        face_id, kind, name = int(body["face_id"]), str(body["kind"]), body.get("name")
+    except (KeyError, TypeError, ValueError) as e:
+        return _error(400, f"bad request ({e})")
+    if kind not in ("confirm", "reject", "ignore"):
+        return _error(400, f"unknown decision {kind!r}")
+    if kind != "ignore" and not (isinstance(name, str) and name.strip()):
+        return _error(400, f"a {kind} needs a name")
+    return await run_in_threadpool(_decide, _source(request), face_id, kind, name if kind != "ignore" else None)
+
+
+def _decide(source: ReviewSource, face_id: int, kind: str, name: str | None) -> Response:
+    from verify.identity.decisions import enroll_faces, locate_face_id, record_decision
+
+    try:
+        with source.library() as lib:
+            about = locate_face_id(lib, face_id)
+            (decision,) = record_decision(lib, kind, [about], name, "review")
+        added = 0
+        if kind == "confirm":  # the decision stands already; the gallery follows it
+            g = source.open_gallery(create=True)
+            added = enroll_faces(g, name, [about], source.pipeline(), n_views=source.n_views).vectors_added
+    except ValueError as e:
+        return _error(404, str(e))
+    except (LibraryError, GalleryError) as e:
+        return _error(503, str(e))
+    return JSONResponse({"decision": decision, "vectors_added": added})
+
+
+async def undo(request: Request) -> Response:
+    try:
+        decision = int((await _body_of(request))["decision"])
+    except (KeyError, TypeError, ValueError) as e:
+        return _error(400, f"bad request ({e})")
+    return await run_in_threadpool(_undo, _source(request), decision)
+
+
+def _undo(source: ReviewSource, decision: int) -> Response:
+    from verify.identity.decisions import undo as undo_decision
+
+    try:
+        with source.library() as lib:
+            target = next((d for d in lib.decisions() if d.id == decision), None)
+            confirm = target is not None and target.kind == "confirm"
+            g = source.open_gallery() if confirm else None
+            undo_decision(lib, decision, "review", g, source.pipeline().embedder if confirm and g else None)
+    except (LibraryError, GalleryError) as e:
+        return _error(409 if "decision" in str(e) else 503, str(e))
+    return JSONResponse({"undone": decision})
+
+
+async def name_faces(request: Request) -> Response:
+    try:
+        body = await _body_of(request)
+        name, face_ids = str(body["name"]).strip(), [int(f) for f in body["face_ids"]]
+    except (KeyError, TypeError, ValueError) as e:
+        return _error(400, f"bad request ({e})")
+    if not name or not face_ids:
+        return _error(400, "a name and at least one face are needed")
+    return await run_in_threadpool(_name, _source(request), name, face_ids)
+
+
+def _name(source: ReviewSource, name: str, face_ids: list[int]) -> Response:
+    """Name the faces of a group the user has seen: enroll them (as enroll --group), leave out the
+    ones the outlier check flags, and keep the rest as confirm decisions (one transaction)."""
+    from verify.identity.decisions import enroll_faces, locate_face_id, record_decision, remove_photo
+
+    try:
+        with source.library() as lib:
+            about = []
+            for f in face_ids:
+                try:
+                    about.append(locate_face_id(lib, f))
+                except ValueError:
+                    continue  # gone since the page was made
+            if not about:
+                return _error(404, "none of these faces is in the index now")
+            g = source.open_gallery(create=True)
+            pipeline = source.pipeline()
+            r = enroll_faces(g, name, about, pipeline, n_views=source.n_views)
+            flagged = {src for src, _ in r.outliers}
+            left_out = [a for a in about if a.stored.fs_path in flagged]
+            for a in left_out:
+                remove_photo(g, name, a.stored.sha256, pipeline.embedder)
+            kept = [a for a in about if a.stored.fs_path not in flagged]
+            ids = record_decision(lib, "confirm", kept, name, "review:group") if kept else []
+    except (LibraryError, GalleryError) as e:
+        return _error(503, str(e))
+    except ValueError as e:
+        return _error(400, str(e))
+    return JSONResponse({"named": len(kept), "decisions": ids, "left_out": [a.stored.path for a in left_out]})
