@@ -259,7 +259,9 @@ def enroll(
                f"{r.vectors_added} vectors added (gallery {g.path})")
     info = r.calibration
     if info:
-        far = (f"estimated FAR {info['far']:.1e} on {info['cohort_size']} cohort faces, threshold set by "
+        # info["far"] pools every source; the promise (target_far) holds per source, so say both
+        far = (f"estimated FAR {info['far']:.1e} on all {info['cohort_size']} cohort faces together, "
+               f"target {info.get('target_far', 1e-3):.0e} on each kind of stranger; threshold set by "
                f"{info.get('threshold_source', 'cohort')}" if info.get("calibrated")
                else "model threshold (no cohort in the model file)")
         typer.echo(f"{name}: {info['photos']} photos enrolled; accept at distance <= {1 - info['threshold']:.4f} ({far})")
