@@ -146,17 +146,19 @@ def approximate_margin(search: "FaceSearch") -> float:
     return max(0.0, -float(err.get("mean", 0.0))) + PQ_MARGIN_SDS * float(err["sd"])  # under-estimates widen it
 
 
-def candidate_faces(library: Library, model: str, matcher: "IdentityMatcher", names: Sequence[str]) -> np.ndarray:
+def candidate_faces(library: Library, model: str, matcher: "IdentityMatcher", names: Sequence[str],
+                    widen: float = 0.0) -> np.ndarray:
     """Face ids of the library that can match one of `names`: a face is accepted for a person when
     the mean of its top-k similarities to the person's pooled photos reaches the person's threshold,
     so at least one of those similarities does. One range search per person over the library's
     faces finds that superset (an IVF index: the part in its probed cells, calibrated to 0.99 of the
-    pairs); the matcher then decides on it alone, as it would on every face."""
+    pairs); the matcher then decides on it alone, as it would on every face. `widen` (a similarity)
+    lowers the bound further, for near misses (the review app shows them)."""
     search = library_search(library, model)
     margin = approximate_margin(search)
     found = [np.zeros(0, np.int64)]
     for name in names:
         pooled = np.asarray(matcher.pooled[name], np.float32)  # (m, D)
-        _, ids, _ = search.range_search(pooled, matcher.similarity_threshold_of(name) - margin)
+        _, ids, _ = search.range_search(pooled, matcher.similarity_threshold_of(name) - widen - margin)
         found.append(ids)
     return np.unique(np.concatenate(found))

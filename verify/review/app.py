@@ -110,7 +110,7 @@ def face_rows(library: Library, gallery: Gallery | None, *, person: str | None =
     from verify.identity.decisions import Verdicts
     from verify.identity.scoring import IdentityMatcher
     from verify.identity.galleries import build_matcher
-    from verify.queries.find import approximate_margin, library_search
+    from verify.queries.find import candidate_faces
     from verify.scan.indexed import find_rows
 
     model = model_of(library, gallery)
@@ -118,9 +118,7 @@ def face_rows(library: Library, gallery: Gallery | None, *, person: str | None =
     verdicts = Verdicts.load(library, model)
     only = None
     if person is not None and library.face_count() >= NARROW_FROM_FACES:
-        search = library_search(library, model)
-        bound = matcher.similarity_threshold_of(person) - near_miss - approximate_margin(search)
-        _, found, _ = search.range_search(np.asarray(matcher.pooled[person], np.float32), bound)
+        found = candidate_faces(library, model, matcher, [person], widen=near_miss)
         only = np.union1d(found, np.asarray(verdicts.confirmed_face_ids([person]), np.int64))
     elif file_id is not None:
         only = list(library.face_ids([file_id]).values())
