@@ -94,6 +94,9 @@ class IdentityCalibration:
     sources: tuple[SourceTail, ...] = ()  # per-source thresholds and tails (rule hardest-source)
     excluded: int = 0  # cohort faces left out as the person's own or near-duplicates of their photos
     rule: str | None = None  # None: stored before rules had names (issue 28); recalibrate
+    # the cohort strangers' scores at CURVE_FARS (descending): the library check's model of a stranger's
+    # score (verify.identity.library_tail); () in calibrations stored before it
+    curve: tuple[float, ...] = ()
 
     def estimated_far(self, score: float) -> float:
         """Fraction of cohort impostors scoring >= score: with sources, that of the source where it is
@@ -115,14 +118,14 @@ class IdentityCalibration:
         return {"threshold": self.similarity_threshold, "target_far": self.target_far, "far": self.far, "top_k": self.top_k,
                 "cohort_size": self.cohort_size, "tail": [round(float(v), 6) for v in self.tail],
                 "threshold_source": self.threshold_source, "sources": [t.to_dict() for t in self.sources],
-                "excluded": self.excluded, "rule": self.rule}
+                "excluded": self.excluded, "rule": self.rule, "curve": [round(float(v), 6) for v in self.curve]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "IdentityCalibration":
         return cls(float(d["threshold"]), float(d["target_far"]), float(d["far"]), int(d["top_k"]),
                    int(d["cohort_size"]), tuple(float(v) for v in d["tail"]),
                    str(d.get("threshold_source", "cohort")), tuple(SourceTail.from_dict(t) for t in d.get("sources", ())),
-                   int(d.get("excluded", 0)), d.get("rule"))
+                   int(d.get("excluded", 0)), d.get("rule"), tuple(float(v) for v in d.get("curve", ())))
 
 
 def threshold_at_far(scores_desc: np.ndarray, target_far: float) -> float:
@@ -130,6 +133,19 @@ def threshold_at_far(scores_desc: np.ndarray, target_far: float) -> float:
     scores through: just above the (allowed+1)-th highest."""
     allowed = int(np.floor(target_far * len(scores_desc)))
     return float(np.nextafter(scores_desc[allowed], np.inf)) if allowed < len(scores_desc) else float(scores_desc[-1])
+
+
+# survival levels (share of the cohort's strangers at or above a score) where a calibration keeps its
+# cohort scores: dense in the tail, a few in the bulk; ~100 floats per identity
+CURVE_FARS = tuple(float(v) for v in np.unique(np.round(np.concatenate(
+    [np.logspace(-4, -1, 61), np.linspace(0.1, 0.95, 35)]), 8)))
+
+
+def score_curve(scores_desc: np.ndarray) -> tuple[float, ...]:
+    """The scores at CURVE_FARS of these descending scores (interpolated; clipped to the range held)."""
+    n = len(scores_desc)
+    survival = (np.arange(n) + 0.5) / n  # of scores_desc[i]
+    return tuple(float(v) for v in np.interp(CURVE_FARS, survival, scores_desc))
 
 
 def _tail(scores_desc: np.ndarray) -> tuple[float, ...]:
@@ -152,6 +168,17 @@ def not_strangers(pooled: np.ndarray, cohort: np.ndarray, scores: np.ndarray, pe
             if np.median(scores[mine]) >= same_person_similarity:
                 out |= mine
     return out
+
+
+def cohort_scores(pooled: np.ndarray, cohort: np.ndarray, top_k: int = 3, *, sources: "CohortSources | None" = None,
+                  same_person_similarity: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(C,) identity scores of the cohort against this enrollment and (C,) bool: the faces that are
+    strangers to it (with `sources`, the person's own faces and near-duplicates left out)."""
+    scores = identity_scores(cohort, pooled, top_k)  # (C,)
+    keep = np.ones(len(scores), dtype=bool)
+    if sources is not None:
+        keep = ~not_strangers(pooled, cohort, scores, sources.persons, same_person_similarity)
+    return scores, keep
 
 
 def calibrate_identity(pooled: np.ndarray, cohort: np.ndarray, target_far: float = 1e-3, top_k: int = 3,
@@ -181,10 +208,7 @@ def calibrate_identity(pooled: np.ndarray, cohort: np.ndarray, target_far: float
         raise ValueError("calibration needs a non-empty impostor cohort")
     if rule not in RULES:
         raise ValueError(f"unknown calibration rule {rule!r} (known: {', '.join(RULES)})")
-    scores = identity_scores(cohort, pooled, top_k)  # (C,)
-    keep = np.ones(len(scores), dtype=bool)
-    if sources is not None:
-        keep = ~not_strangers(pooled, cohort, scores, sources.persons, same_person_similarity)
+    scores, keep = cohort_scores(pooled, cohort, top_k, sources=sources, same_person_similarity=same_person_similarity)
     s = np.sort(scores[keep])[::-1]  # descending
     if len(s) == 0:
         raise ValueError("every cohort face resembles the enrolled photos; no stranger is left to calibrate on")
@@ -214,7 +238,7 @@ def calibrate_identity(pooled: np.ndarray, cohort: np.ndarray, target_far: float
     far = float((s >= thr).mean())
     return IdentityCalibration(thr, float(target_far), far, int(top_k), int(len(s)), () if tails else _tail(s),
                                threshold_source, tuple(tails), int((~keep).sum()),
-                               rule if sources is not None else RULE_POOLED)
+                               rule if sources is not None else RULE_POOLED, score_curve(s))
 
 
 @dataclass(frozen=True)
