@@ -776,11 +776,12 @@ class Library:
                 f"WHERE e.face_id IS NULL AND f.file_id IN ({','.join('?' * len(part))})", (model, *part))]
         return out
 
-    def embeddings(self, model: str, present_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """(face ids (N,), vectors (N, D) float32) of every stored face `model` has embedded."""
+    def embeddings(self, model: str, present_only: bool = True, every: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(face ids (N,), vectors (N, D) float32) of every stored face `model` has embedded; with
+        `every` k > 1 only the faces whose id is a multiple of k (a fixed sample of ~1/k of them)."""
         q = ("SELECT e.face_id, e.vector FROM embeddings e JOIN faces f ON f.id = e.face_id "
              "JOIN files fi ON fi.id = f.file_id WHERE e.model = ?" + (" AND fi.present = 1" if present_only else "")
-             + " ORDER BY e.face_id")
+             + (f" AND e.face_id % {int(every)} = 0" if every > 1 else "") + " ORDER BY e.face_id")
         dim = self.model_dim(model) or 0
         # Filled in place block by block, not joined from a list of blobs: one copy of N x D floats at
         # 1e6 faces, not two. The faces count bounds the model's embeddings (one per face and model) and

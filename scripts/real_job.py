@@ -15,6 +15,9 @@ with the most photos; their enrolled photos are their first `--photos` (by file 
 - hardest-source: the highest of the per-source thresholds (own faces and near-duplicates out);
 - look-alike 0.4: the same with each source's threshold at the target FAR x 0.4 (a promise for the
   strangers of the person's sex and age band, assumed 40% of each source);
+- library check, stricter: hardest-source, or the library's estimate where it is reliable and stricter
+  (`find --library-threshold stricter`; the library is the scanned faces); library estimate alone: that
+  estimate whatever it says (verify.identity.library_tail);
 - as-norm: adaptive symmetric score normalisation (top-K cohort statistics of the enrollment and of the
   probe, K = 200) on one half of the cohort, threshold at the target FAR of the other half's normalised
   scores.
@@ -37,6 +40,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from far_check import wilson  # noqa: E402
+
+from verify.identity.library_tail import StrangerCurve, fit_library_tail  # noqa: E402
+from verify.queries.library_check import STRICTER_BY  # noqa: E402
 
 from verify.data.pairs import read_lfw_pairs  # noqa: E402
 from verify.identity.embed import embed_enrollment  # noqa: E402
@@ -133,7 +139,7 @@ def main() -> int:
     names, counts = np.unique(person_of, return_counts=True)
     mine = [(c, n) for n, c in zip(names, counts) if n in split_people[args.split]]
     chosen = [n for c, n in sorted(mine, key=lambda t: (-t[0], t[1]))[: args.people]]
-    rules = ("pooled", "hardest-source", "look-alike 0.4", "as-norm")
+    rules = ("pooled", "hardest-source", "look-alike 0.4", "as-norm", "library check, stricter", "library estimate alone")
     rows = []
     for name in chosen:
         own = [p for p in paths if p.parent.name == name]
@@ -155,6 +161,14 @@ def main() -> int:
             if rule == "as-norm":
                 accept = as_norm_rule(pooled, cohort, vec, args.target_far, args.top_k)
                 thr, src = float("nan"), "as-norm"
+            elif rule.startswith("library"):  # the scanned faces are the library (find --library-threshold)
+                cal = calibrate_identity(pooled, cohort, args.target_far, args.top_k, sources=labels,
+                                         same_person_similarity=emb.similarity_threshold)
+                fit = fit_library_tail(scores, StrangerCurve.stored(cal.curve), args.target_far)
+                thr, src = cal.similarity_threshold, cal.threshold_source
+                if rule.endswith("alone") or (fit.reliable and fit.similarity_threshold > thr + STRICTER_BY):
+                    thr, src = fit.similarity_threshold, f"library (shift {fit.shift:+.3f}, own {fit.own_share:.2%})"
+                accept = scores >= thr
             else:
                 per_source = rule != "pooled"
                 cal = calibrate_identity(pooled, cohort, args.target_far, args.top_k,

@@ -401,6 +401,7 @@ def scan(
                                        out=out, workers=workers, batch_size=batch_size, html=html, page=page,
                                        detector_config=detector_config, wait=wait, engine=ray_engine,
                                        model_path=str(model.absolute()) if model else None)
+            checks = _scan_library_checks(lib, embedder.fingerprint, matcher)
     except (ScanError, LibraryError, OSError, ValueError, RuntimeError) as e:
         _fail(str(e))
     finally:
@@ -409,7 +410,19 @@ def scan(
         if ray_engine is not None:
             ray_engine.close()
     _echo_scan_summary(summary, lib.path if lib is not None else None, html, stats)
+    if lib is not None:
+        _echo_library_checks(checks, "check")
     raise typer.Exit(EXIT_OK if summary.matches else EXIT_NO)
+
+
+def _scan_library_checks(lib, model: str, matcher) -> list:
+    """The library check of everyone enrolled after an indexed scan (reported; `find --library-threshold
+    stricter` applies it)."""
+    if not matcher.pooled:
+        return []
+    from verify.queries.library_check import library_checks
+
+    return library_checks(lib, model, matcher)
 
 
 def _start_scan_runtime(runtime: str, device: str, engine: str, address: Optional[str], workers: int,
@@ -471,6 +484,7 @@ def find(
     index: IndexOpt = None,
     near_miss: NearMissOpt = 0.05,
     show_unmatched: ShowUnmatchedOpt = False,
+    library_threshold: Annotated[str, typer.Option("--library-threshold", help="check: say where the library's own strangers suggest a stricter threshold (needs 2,000 indexed faces); stricter: apply those suggestions (threshold source 'library').")] = "check",
 ) -> None:
     """Answer from the library index without reading a photo: which indexed photos contain NAME?
 
@@ -487,7 +501,7 @@ def find(
     lib = _open_library(index, readonly=True)
     try:
         r = find_in_library(lib, g, names=names or (), out=out, html=html, page=page,
-                            under=[str(u) for u in under] if under else None)
+                            under=[str(u) for u in under] if under else None, library_threshold=library_threshold)
     except (LibraryError, OSError, ValueError) as e:
         _fail(str(e))
     finally:
@@ -499,7 +513,16 @@ def find(
     if r.not_embedded:
         typer.echo(f"warning: {r.not_embedded} files have faces this model has not embedded; scan their folders "
                    "with it first", err=True)
+    _echo_library_checks(r.library_checks, library_threshold)
     raise typer.Exit(EXIT_OK if s.matches else EXIT_NO)
+
+
+def _echo_library_checks(checks: list, rule: str) -> None:
+    """One line per person whose library suggests a stricter threshold (applied or not)."""
+    for c in checks:
+        if c.stricter:
+            how = "applied (--library-threshold stricter)" if rule == "stricter" else "--library-threshold stricter applies it"
+            typer.echo(f"{c.describe()}; {how}")
 
 
 @app.command()

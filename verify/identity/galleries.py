@@ -81,7 +81,8 @@ def _has_cohort_labels(embedder: "Embedder") -> bool:
 def stale_identities(gallery: Gallery, embedder: "Embedder | None" = None) -> list[str]:
     """Identities whose stored calibration an older rule made: none stored (galleries enrolled before
     issue 28), or the pooled cohort while this model ships cohort labels (hardest-source applies).
-    Scoring them with it would break the promise silently."""
+    Scoring them with it would break the promise silently. With `embedder`, also those stored without
+    the cohort curve the library check reads (recalibrating them keeps their threshold)."""
     out, labelled = [], None
     for name in gallery.identities()["identity"]:
         info = gallery.identity_info(name)
@@ -94,6 +95,9 @@ def stale_identities(gallery: Gallery, embedder: "Embedder | None" = None) -> li
             if labelled:
                 out.append(str(name))
         elif rule != RULE_HARDEST_SOURCE and rule != RULE_POOLED:
+            out.append(str(name))
+        elif embedder is not None and not info.get("curve"):
+            # calibrated before the library check kept the cohort's curve: the same threshold, with it
             out.append(str(name))
     return out
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -58,14 +58,18 @@ class FindResult:
     rows: int
     not_embedded: int  # files whose faces this model has not embedded yet (error rows)
     seconds: float = 0.0
+    library_checks: list = field(default_factory=list)  # verify.queries.library_check.LibraryCheck per person
 
 
 def find(library: Library, gallery: Gallery, *, names: Sequence[str] = (),
          out: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
-         page: PageOptions | None = None, under: Sequence[str] | None = None) -> FindResult:
+         page: PageOptions | None = None, under: Sequence[str] | None = None,
+         library_threshold: str = "check") -> FindResult:
     """The scan report from the index: every present file (or under `under`), matched against the
     gallery (with the embeddings of the gallery's model); with `names`, only the faces matched to one
-    of them. Writes `out` and/or the page `html`."""
+    of them. Writes `out` and/or the page `html`. `library_threshold`: "check" reports each person's
+    library estimate (FindResult.library_checks), "stricter" also applies the stricter ones
+    (verify.queries.library_check)."""
     t0 = time.perf_counter()
     require_embedded(library, gallery.fingerprint)
     known = set(gallery.identities()["identity"])
@@ -76,7 +80,14 @@ def find(library: Library, gallery: Gallery, *, names: Sequence[str] = (),
     thumbs_dir = files_dir(html_path) if html_path is not None else None
     from verify.identity.decisions import Verdicts
 
+    from verify.queries.library_check import LIBRARY_RULES, apply_stricter, library_checks
+
+    if library_threshold not in LIBRARY_RULES:
+        raise ValueError(f"unknown library threshold rule {library_threshold!r} (known: {', '.join(LIBRARY_RULES)})")
     matcher = build_matcher(gallery)
+    checks = library_checks(library, gallery.fingerprint, matcher, list(names) or None)
+    if library_threshold == "stricter":
+        matcher = apply_stricter(matcher, checks)
     verdicts = Verdicts.load(library, gallery.fingerprint)  # applied in the rows
     candidates = None
     if names:
@@ -95,7 +106,7 @@ def find(library: Library, gallery: Gallery, *, names: Sequence[str] = (),
         write_report(rows, out)
     if html_path is not None:
         write_html(rows, html_path, options=page, source=str(library.path))
-    return FindResult(summary, len(rows), missing, time.perf_counter() - t0)
+    return FindResult(summary, len(rows), missing, time.perf_counter() - t0, checks)
 
 
 def search_cache_path(library: Library, model: str) -> Path:
