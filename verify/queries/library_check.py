@@ -5,8 +5,9 @@ faces at the top), and verify.identity.library_tail estimates where the promised
 `check` (the default) reports an estimate that is reliable and stricter than the cohort's threshold
 ("your library suggests a stricter threshold") without acting; `stricter` applies it (the threshold
 source is then "library"). Measured (docs/decision.md, scripts/library_tail_check.py): the estimate
-alone lands at 0.6-1.9x of the promise across people whose own faces are 0.5-10% of the library, so
-it is not trusted to loosen a threshold, nor applied unasked.
+alone lands at 0.53-1.66x of the promise across people whose own faces are 0.5-10% of the library, and
+where it is stricter it over-corrects (0.2-0.5x at a cost of up to 4 points of TAR), so it is not
+trusted to loosen a threshold, nor applied unasked.
 """
 
 from __future__ import annotations
