@@ -278,10 +278,7 @@ def _hdbscan(x: np.ndarray, max_distance: float, min_faces: int, neighbours: int
     """HDBSCAN over the exact k-NN graph (FAISS), then the max_distance cap (see the module docstring).
     `min_samples` (default: min_cluster_size, scikit-learn's; HDBSCAN_MIN_SAMPLES when set) counts the
     face itself; `selection` is scikit-learn's cluster_selection_method (default HDBSCAN_SELECTION)."""
-    HDBSCAN = _sklearn_cluster("hdbscan").HDBSCAN
-    from scipy import sparse  # a scikit-learn dependency
-    from scipy.sparse import csgraph
-
+    _sklearn_cluster("hdbscan")  # the clear line when scikit-learn is missing, before any FAISS work
     n = len(x)
     size = max(2, min_faces)  # min_cluster_size
     if n < size:
@@ -294,6 +291,20 @@ def _hdbscan(x: np.ndarray, max_distance: float, min_faces: int, neighbours: int
     selection = selection or HDBSCAN_SELECTION
     k = min(n - 1, max(neighbours, min_samples))  # every row then holds >= min_samples entries
     src, dst, dist = knn_edges(x, k)
+    return hdbscan_on_edges(n, src, dst, dist, size, min_samples, selection, cap_distance=dist, max_distance=max_distance)
+
+
+def hdbscan_on_edges(n: int, src: np.ndarray, dst: np.ndarray, dist: np.ndarray, min_cluster_size: int,
+                     min_samples: int, selection: str, *, cap_distance: np.ndarray, max_distance: float) -> np.ndarray:
+    """(n,) raw cluster ids (noise: singletons) of scikit-learn's HDBSCAN over the undirected edges
+    (src, dst) (each pair once) weighted by `dist`; `min_samples` counts stored neighbours (not the
+    face itself). Then the cap: a member with no other member of its cluster joined by an edge whose
+    `cap_distance` (E,) is <= max_distance leaves the cluster. `_hdbscan` passes the Euclidean k-NN
+    distances as both; bench/bench_groups.py --tries passes rank-based distances as `dist`."""
+    HDBSCAN = _sklearn_cluster("hdbscan").HDBSCAN
+    from scipy import sparse  # a scikit-learn dependency
+    from scipy.sparse import csgraph
+
     graph = sparse.coo_matrix((np.r_[dist, dist], (np.r_[src, dst], np.r_[dst, src])), shape=(n, n)).tocsr()
     # HDBSCAN refuses a disconnected sparse graph: run it per component (components join only at
     # "infinity", above any max_distance)
@@ -302,14 +313,14 @@ def _hdbscan(x: np.ndarray, max_distance: float, min_faces: int, neighbours: int
     next_id = 0
     for c in range(n_comp):
         members = np.flatnonzero(comp == c)  # >= k + 1 >= 2 of them: each row's k neighbours are inside
-        lab = HDBSCAN(min_cluster_size=size, min_samples=min_samples, metric="precomputed",
+        lab = HDBSCAN(min_cluster_size=min_cluster_size, min_samples=min_samples, metric="precomputed",
                       cluster_selection_method=selection, copy=True).fit_predict(graph[members][:, members])
         ok = lab >= 0
         raw[members[ok]] = lab[ok] + next_id
         next_id += int(lab.max()) + 1 if ok.any() else 0
     # the cap: a member with no other member of its cluster among its k nearest neighbours within
     # max_distance leaves the cluster (HDBSCAN itself has no distance bound)
-    close = (dist <= max_distance) & (raw[src] == raw[dst]) & (raw[src] >= 0)
+    close = (cap_distance <= max_distance) & (raw[src] == raw[dst]) & (raw[src] >= 0)
     has_mate = np.zeros(n, bool)
     has_mate[src[close]] = True
     has_mate[dst[close]] = True
