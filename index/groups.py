@@ -94,6 +94,8 @@ METHODS = ("graph", "whispers", "dbscan", "hdbscan")
 AUTO_METHOD = "hdbscan"
 DEFAULT_MAX_DISTANCE: float = 1.2
 DEFAULT_MERGE_DISTANCE: float = 0.0  # merge_close_groups' distance in `faceverify people`; 0 = no second pass
+DEFAULT_CENTRE = True  # `faceverify people` subtracts the library's mean vector before grouping (centre_on)
+CENTRE_PRIOR_FACES: float = 200.0  # library_mean's shrinkage: the mean weighs N / (N + this)
 WHISPERS_SWEEPS = 100  # upper bound; a sweep that changes no label ends it earlier
 WHISPERS_SEED = 0
 HDBSCAN_NEIGHBOURS = 16  # k of the k-NN graph HDBSCAN runs on
@@ -129,6 +131,29 @@ def group_faces(vectors: np.ndarray, *, max_distance: float, min_faces: int = 2,
              n, name, max_distance, min_faces, int(labels.max()) + 1 if n else 0, int((labels < 0).sum()),
              time.perf_counter() - t0)
     return labels
+
+
+def library_mean(vectors: np.ndarray, prior_faces: float = CENTRE_PRIOR_FACES) -> np.ndarray:
+    """(D,) float32 offset for centre_on: the mean of a library's face vectors (N, D), shrunk toward 0 by
+    N / (N + prior_faces). The mean of a few faces is their person rather than the library's shared
+    direction (the mean of 2 faces of one person, subtracted, leaves them opposite), so a small
+    library is hardly centred; a library of thousands almost fully."""
+    x = np.asarray(vectors, np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        return np.zeros(x.shape[-1] if x.ndim == 2 else 0, np.float32)
+    n = len(x)
+    return (x.mean(axis=0) * (n / (n + float(prior_faces)))).astype(np.float32)
+
+
+def centre_on(vectors: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """(N, D) float32: the unit rows of vectors - mean (a row equal to `mean` stays 0). Domain
+    normalisation before grouping (the mean of a library's embeddings is a direction every face shares,
+    not identity; subtracting it spreads apart the faces that crowd around it, the "hubs" that are
+    near everyone: Suzuki et al. 2013, centering against hubness). Distances change scale, so
+    max_distance holds in the centred space; measured: docs/people.md."""
+    x = np.asarray(vectors, np.float32) - np.asarray(mean, np.float32)[None, :]  # (N, D)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)  # (N, 1)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
 def group_centres(vectors: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
