@@ -77,6 +77,13 @@ neighbour within d (both at d 0.6..1.0: selection F at best equal, LFW F lower).
 photos), shipped model: F 0.880 before, 0.886 after (with the quality gate of index.quality); dlib's
 imported network 0.925 -> 0.929; face_recognition's chinese whispers 0.898 (docs/people.md).
 
+Issue 30's second round: `faceverify people` groups the vectors less the library's mean (library_mean
+over every indexed face of the model, shrunk by N / (N + CENTRE_PRIOR_FACES), then centre_on;
+DEFAULT_CENTRE). Shipped model on the 3,062 LFW photos: F 0.886 -> 0.892 (baseline 0.898: still
+short); dlib's imported network 0.929 -> 0.931; CelebA partition 2 lower for both (0.633 -> 0.617,
+0.787 -> 0.773). Whitening, rank-based distances (rank-order, k-reciprocal, local scaling) and
+centring + merging were measured and left out: bench/bench_group_tries.py, docs/people.md.
+
 Cost: hdbscan: a brute-force k-NN search, O(N^2 D) in FAISS, then near-linear; graph/whispers: a
 brute-force range search, O(N^2 D), and whispers O(sweeps * edges) in Python.
 """
