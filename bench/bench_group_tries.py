@@ -175,6 +175,12 @@ def local_scaling(x: np.ndarray, k: int) -> np.ndarray:
     return hdbscan_with(x, src, dst, dist / np.sqrt(sigma[src] * sigma[dst]))
 
 
+def rank_order_times_euclid(x: np.ndarray, k: int) -> np.ndarray:
+    """HDBSCAN on the rank-order distance times the Euclidean one (ties among equal ranks broken by it)."""
+    src, dst, rank = rank_order(x, k)
+    return hdbscan_with(x, src, dst, rank * np.linalg.norm(x[src] - x[dst], axis=1))
+
+
 def plain(x: np.ndarray) -> np.ndarray:
     from index.groups import group_faces
 
@@ -199,7 +205,7 @@ TRIES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "whiten, shrinkage 0.95": lambda x, lib: plain(whiten(x, lib, 0.95)),
     "centre, top direction removed": lambda x, lib: plain(drop_top_direction(x, lib)),
     "local scaling, k 8": lambda x, lib: local_scaling(x, 8),
-    "rank-order x Euclidean, k 8": lambda x, lib: (lambda s, d, r: hdbscan_with(x, s, d, r * np.linalg.norm(x[s] - x[d], axis=1)))(*rank_order(x, 8)),
+    "rank-order x Euclidean, k 8": lambda x, lib: rank_order_times_euclid(x, 8),
     "rank-order, k 6": lambda x, lib: hdbscan_with(x, *rank_order(x, 6)),
     "k-reciprocal, k1 20 k2 6 lambda 0.3": lambda x, lib: hdbscan_with(x, *top_k_edges(k_reciprocal(x, 20, 6, 0.3), K_GRAPH)),
     "k-reciprocal, k1 10 k2 3 lambda 0.6": lambda x, lib: hdbscan_with(x, *top_k_edges(k_reciprocal(x, 10, 3, 0.6), K_GRAPH)),

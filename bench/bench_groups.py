@@ -12,9 +12,10 @@ One run prints, side by side:
      read directly, never the 68-point model), in this process;
    - dlib's network imported into faceverify (`model import-dlib --no-calibrate`) and the shipped
      model, each "before" (index.groups as it was: hdbscan, min_samples = min_cluster_size, eom,
-     max_distance 1.02, no quality gate, no merge) and "after" (`faceverify people`'s defaults now:
-     index.groups.DEFAULT_* and index.quality.DEFAULT_MIN_QUALITY); min_faces 2 everywhere (LFW has
-     many people with 2 photos).
+     max_distance 1.02, no quality gate, no merge, not centred) and "after" (`faceverify people`'s
+     defaults now: index.groups.DEFAULT_* and index.quality.DEFAULT_MIN_QUALITY; centred on the mean
+     of every face found in the row's photos, bystanders included, as `people` centres on the
+     library's); min_faces 2 everywhere (LFW has many people with 2 photos).
    Report sets: the LFW deep-funneled photos of the people with >= 2 photos (3,062; the issue's
    figure), the same restricted to LFW DevTest's people, and CelebA partition 2 (celeba + celeba_wild).
    One face per photo (the largest, as face_recognition's way takes it); a photo without a face, or a
