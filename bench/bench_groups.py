@@ -12,9 +12,10 @@ One run prints, side by side:
      read directly, never the 68-point model), in this process;
    - dlib's network imported into faceverify (`model import-dlib --no-calibrate`) and the shipped
      model, each "before" (index.groups as it was: hdbscan, min_samples = min_cluster_size, eom,
-     max_distance 1.02, no quality gate, no merge) and "after" (`faceverify people`'s defaults now:
-     index.groups.DEFAULT_* and index.quality.DEFAULT_MIN_QUALITY); min_faces 2 everywhere (LFW has
-     many people with 2 photos).
+     max_distance 1.02, no quality gate, no merge, not centred) and "after" (`faceverify people`'s
+     defaults now: index.groups.DEFAULT_* and index.quality.DEFAULT_MIN_QUALITY; centred on the mean
+     of every face found in the row's photos, bystanders included, as `people` centres on the
+     library's); min_faces 2 everywhere (LFW has many people with 2 photos).
    Report sets: the LFW deep-funneled photos of the people with >= 2 photos (3,062; the issue's
    figure), the same restricted to LFW DevTest's people, and CelebA partition 2 (celeba + celeba_wild).
    One face per photo (the largest, as face_recognition's way takes it); a photo without a face, or a
@@ -253,7 +254,7 @@ def per_photo(faces: dict, key: str, n_photos: int) -> tuple[np.ndarray, np.ndar
     return v, idx
 
 
-BEFORE = dict(max_distance=1.02, min_samples=None, selection="eom", merge=0.0, min_quality=0.0)
+BEFORE = dict(max_distance=1.02, min_samples=None, selection="eom", merge=0.0, min_quality=0.0, centre=False)
 
 
 def after_settings() -> dict:
@@ -261,22 +262,29 @@ def after_settings() -> dict:
     from index.quality import DEFAULT_MIN_QUALITY
 
     return dict(max_distance=groups.DEFAULT_MAX_DISTANCE, min_samples=groups.HDBSCAN_MIN_SAMPLES,
-                selection=groups.HDBSCAN_SELECTION, merge=groups.DEFAULT_MERGE_DISTANCE, min_quality=DEFAULT_MIN_QUALITY)
+                selection=groups.HDBSCAN_SELECTION, merge=groups.DEFAULT_MERGE_DISTANCE, min_quality=DEFAULT_MIN_QUALITY,
+                centre=groups.DEFAULT_CENTRE)
 
 
-def group_photos(vectors: np.ndarray, quality: np.ndarray | None, settings: dict, min_faces: int = 2) -> tuple[np.ndarray, float]:
-    """(N,) labels (-1: ungrouped, no face or left out by the gate) and seconds, `people`'s steps."""
-    from index.groups import group_faces, merge_close_groups
+def group_photos(vectors: np.ndarray, quality: np.ndarray | None, settings: dict, min_faces: int = 2,
+                 library: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """(N,) labels (-1: ungrouped, no face or left out by the gate) and seconds, `people`'s steps;
+    `library` (L, D): every face of the library, whose mean settings["centre"] subtracts (default: the
+    faces grouped)."""
+    from index.groups import centre_on, group_faces, library_mean, merge_close_groups
 
     ok = np.isfinite(vectors[:, 0])
     if quality is not None:
         ok &= ~(quality < settings["min_quality"])
     labels = np.full(len(vectors), -1, np.int64)
     t0 = time.perf_counter()
-    sub = group_faces(vectors[ok], max_distance=settings["max_distance"], min_faces=min_faces, method="hdbscan",
+    space = vectors[ok]
+    if settings.get("centre"):
+        space = centre_on(space, library_mean(space if library is None else library))
+    sub = group_faces(space, max_distance=settings["max_distance"], min_faces=min_faces, method="hdbscan",
                       min_samples=settings["min_samples"], selection=settings["selection"])
     if settings["merge"] > 0:
-        sub = merge_close_groups(vectors[ok], sub, settings["merge"])
+        sub = merge_close_groups(space, sub, settings["merge"])
     labels[ok] = sub
     return labels, time.perf_counter() - t0
 
@@ -417,7 +425,7 @@ def cost_child(n_faces: int, which: str, cache: Path) -> None:
     tracemalloc.start()  # numpy's arrays report to it; FAISS's own buffers do not
     if which == "before":
         groups.HDBSCAN_MIN_SAMPLES, groups.HDBSCAN_SELECTION = BEFORE["min_samples"], BEFORE["selection"]
-        kwargs = dict(max_distance=BEFORE["max_distance"], min_quality=0.0, merge_distance=0.0)
+        kwargs = dict(max_distance=BEFORE["max_distance"], min_quality=0.0, merge_distance=0.0, centre=False)
     else:
         kwargs = {}
     with Library.open(db) as lib:
@@ -550,8 +558,9 @@ def model_rows(ri: ReportInput, view: str, s: dict, keep: np.ndarray) -> list[li
     for key, model in (("v_dlib", "dlib imported"), ("v_shipped", "shipped")):
         vecs, idx = per_photo(s["faces"], key, len(s["paths"]))
         q = np.where(idx >= 0, s["quality"][np.maximum(idx, 0)], np.nan)[keep]
+        library = s["faces"][key][keep[s["faces"]["photo"]]]  # every face found in these photos, bystanders too
         for when, settings in (("before", BEFORE), ("after", ri.after)):
-            labels, seconds = group_photos(vecs[keep], q, settings)
+            labels, seconds = group_photos(vecs[keep], q, settings, library=library)
             ri.labels_of[view, f"{model} {when}"] = labels
             p, r, f = bcubed(y, labels)
             left = int((q < settings["min_quality"]).sum())
@@ -576,9 +585,13 @@ def report_sets_table(ri: ReportInput) -> None:
         rows += model_rows(ri, view, s, keep)
     print(f"models: shipped and dlib imported through MTCNN (min face {ri.args.min_face} px); baseline: dlib "
           f"{dlib.__version__}'s HOG + 5-point landmarks + resnet (face_recognition 1.3's steps)")
-    print(f"before: hdbscan, max_distance {BEFORE['max_distance']}, min_samples = min_cluster_size, eom, no gate, no merge; "
-          f"after: max_distance {after['max_distance']}, min_samples {after['min_samples'] or 'min_cluster_size'}, "
-          f"{after['selection']}, merge {after['merge']}, min_quality {after['min_quality']}; min_faces 2")
+    from index.groups import CENTRE_PRIOR_FACES
+
+    print(f"before: hdbscan, max_distance {BEFORE['max_distance']}, min_samples = min_cluster_size, eom, no gate, no merge, "
+          f"not centred; after: max_distance {after['max_distance']}, min_samples {after['min_samples'] or 'min_cluster_size'}, "
+          f"{after['selection']}, merge {after['merge']}, min_quality {after['min_quality']}, "
+          + (f"centred on the library's mean (prior {CENTRE_PRIOR_FACES:g} faces)" if after["centre"] else "not centred")
+          + "; min_faces 2")
     print()
     print_table(["report set", "grouping", "BCubed P", "BCubed R", "BCubed F", "groups (>= 2)", "left out (quality)",
                  "time to group (s)"], rows, right=[False, False, True, True, True, True, True, True])

@@ -77,6 +77,13 @@ neighbour within d (both at d 0.6..1.0: selection F at best equal, LFW F lower).
 photos), shipped model: F 0.880 before, 0.886 after (with the quality gate of index.quality); dlib's
 imported network 0.925 -> 0.929; face_recognition's chinese whispers 0.898 (docs/people.md).
 
+Issue 30's second round: `faceverify people` groups the vectors less the library's mean (library_mean
+over every indexed face of the model, shrunk by N / (N + CENTRE_PRIOR_FACES), then centre_on;
+DEFAULT_CENTRE). Shipped model on the 3,062 LFW photos: F 0.886 -> 0.892 (baseline 0.898: still
+short); dlib's imported network 0.929 -> 0.931; CelebA partition 2 lower for both (0.633 -> 0.617,
+0.787 -> 0.773). Whitening, rank-based distances (rank-order, k-reciprocal, local scaling) and
+centring + merging were measured and left out: bench/bench_group_tries.py, docs/people.md.
+
 Cost: hdbscan: a brute-force k-NN search, O(N^2 D) in FAISS, then near-linear; graph/whispers: a
 brute-force range search, O(N^2 D), and whispers O(sweeps * edges) in Python.
 """
@@ -94,6 +101,8 @@ METHODS = ("graph", "whispers", "dbscan", "hdbscan")
 AUTO_METHOD = "hdbscan"
 DEFAULT_MAX_DISTANCE: float = 1.2
 DEFAULT_MERGE_DISTANCE: float = 0.0  # merge_close_groups' distance in `faceverify people`; 0 = no second pass
+DEFAULT_CENTRE = True  # `faceverify people` subtracts the library's mean vector before grouping (centre_on)
+CENTRE_PRIOR_FACES: float = 200.0  # library_mean's shrinkage: the mean weighs N / (N + this)
 WHISPERS_SWEEPS = 100  # upper bound; a sweep that changes no label ends it earlier
 WHISPERS_SEED = 0
 HDBSCAN_NEIGHBOURS = 16  # k of the k-NN graph HDBSCAN runs on
@@ -129,6 +138,29 @@ def group_faces(vectors: np.ndarray, *, max_distance: float, min_faces: int = 2,
              n, name, max_distance, min_faces, int(labels.max()) + 1 if n else 0, int((labels < 0).sum()),
              time.perf_counter() - t0)
     return labels
+
+
+def library_mean(vectors: np.ndarray, prior_faces: float = CENTRE_PRIOR_FACES) -> np.ndarray:
+    """(D,) float32 offset for centre_on: the mean of a library's face vectors (N, D), shrunk toward 0 by
+    N / (N + prior_faces). The mean of a few faces is their person rather than the library's shared
+    direction (the mean of 2 faces of one person, subtracted, leaves them opposite), so a small
+    library is hardly centred; a library of thousands almost fully."""
+    x = np.asarray(vectors, np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        return np.zeros(x.shape[-1] if x.ndim == 2 else 0, np.float32)
+    n = len(x)
+    return (x.mean(axis=0) * (n / (n + float(prior_faces)))).astype(np.float32)
+
+
+def centre_on(vectors: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """(N, D) float32: the unit rows of vectors - mean (a row equal to `mean` stays 0). Domain
+    normalisation before grouping (the mean of a library's embeddings is a direction every face shares,
+    not identity; subtracting it spreads apart the faces that crowd around it, the "hubs" that are
+    near everyone: Suzuki et al. 2013, centering against hubness). Distances change scale, so
+    max_distance holds in the centred space; measured: docs/people.md."""
+    x = np.asarray(vectors, np.float32) - np.asarray(mean, np.float32)[None, :]  # (N, D)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)  # (N, 1)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
 def group_centres(vectors: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -278,10 +310,7 @@ def _hdbscan(x: np.ndarray, max_distance: float, min_faces: int, neighbours: int
     """HDBSCAN over the exact k-NN graph (FAISS), then the max_distance cap (see the module docstring).
     `min_samples` (default: min_cluster_size, scikit-learn's; HDBSCAN_MIN_SAMPLES when set) counts the
     face itself; `selection` is scikit-learn's cluster_selection_method (default HDBSCAN_SELECTION)."""
-    HDBSCAN = _sklearn_cluster("hdbscan").HDBSCAN
-    from scipy import sparse  # a scikit-learn dependency
-    from scipy.sparse import csgraph
-
+    _sklearn_cluster("hdbscan")  # the clear line when scikit-learn is missing, before any FAISS work
     n = len(x)
     size = max(2, min_faces)  # min_cluster_size
     if n < size:
@@ -294,6 +323,20 @@ def _hdbscan(x: np.ndarray, max_distance: float, min_faces: int, neighbours: int
     selection = selection or HDBSCAN_SELECTION
     k = min(n - 1, max(neighbours, min_samples))  # every row then holds >= min_samples entries
     src, dst, dist = knn_edges(x, k)
+    return hdbscan_on_edges(n, src, dst, dist, size, min_samples, selection, cap_distance=dist, max_distance=max_distance)
+
+
+def hdbscan_on_edges(n: int, src: np.ndarray, dst: np.ndarray, dist: np.ndarray, min_cluster_size: int,
+                     min_samples: int, selection: str, *, cap_distance: np.ndarray, max_distance: float) -> np.ndarray:
+    """(n,) raw cluster ids (noise: singletons) of scikit-learn's HDBSCAN over the undirected edges
+    (src, dst) (each pair once) weighted by `dist`; `min_samples` counts stored neighbours (not the
+    face itself). Then the cap: a member with no other member of its cluster joined by an edge whose
+    `cap_distance` (E,) is <= max_distance leaves the cluster. `_hdbscan` passes the Euclidean k-NN
+    distances as both; bench/bench_groups.py --tries passes rank-based distances as `dist`."""
+    HDBSCAN = _sklearn_cluster("hdbscan").HDBSCAN
+    from scipy import sparse  # a scikit-learn dependency
+    from scipy.sparse import csgraph
+
     graph = sparse.coo_matrix((np.r_[dist, dist], (np.r_[src, dst], np.r_[dst, src])), shape=(n, n)).tocsr()
     # HDBSCAN refuses a disconnected sparse graph: run it per component (components join only at
     # "infinity", above any max_distance)
@@ -302,14 +345,14 @@ def _hdbscan(x: np.ndarray, max_distance: float, min_faces: int, neighbours: int
     next_id = 0
     for c in range(n_comp):
         members = np.flatnonzero(comp == c)  # >= k + 1 >= 2 of them: each row's k neighbours are inside
-        lab = HDBSCAN(min_cluster_size=size, min_samples=min_samples, metric="precomputed",
+        lab = HDBSCAN(min_cluster_size=min_cluster_size, min_samples=min_samples, metric="precomputed",
                       cluster_selection_method=selection, copy=True).fit_predict(graph[members][:, members])
         ok = lab >= 0
         raw[members[ok]] = lab[ok] + next_id
         next_id += int(lab.max()) + 1 if ok.any() else 0
     # the cap: a member with no other member of its cluster among its k nearest neighbours within
     # max_distance leaves the cluster (HDBSCAN itself has no distance bound)
-    close = (dist <= max_distance) & (raw[src] == raw[dst]) & (raw[src] >= 0)
+    close = (cap_distance <= max_distance) & (raw[src] == raw[dst]) & (raw[src] >= 0)
     has_mate = np.zeros(n, bool)
     has_mate[src[close]] = True
     has_mate[dst[close]] = True

@@ -120,8 +120,8 @@ def test_people_then_enroll_group_then_find(tmp_path, lfw_root):
     r = invoke("scan", photos, *common, "--workers", 0, "--index", db, "--out", tmp_path / "r.csv")
     assert r.exit_code == 0, r.output
 
-    # a first grouping with every face, then the regrouping whose ids enroll --group uses
-    r = invoke("people", "--gallery", g, "--index", db, "--min-faces", 3, "--min-quality", 0, "--out",
+    # a first grouping with every face, not centred, then the regrouping whose ids enroll --group uses
+    r = invoke("people", "--gallery", g, "--index", db, "--min-faces", 3, "--min-quality", 0, "--no-centre", "--out",
                tmp_path / "people0.csv")
     assert r.exit_code == 0, r.output
     r = invoke("people", "--gallery", g, "--index", db, "--min-faces", 3, "--out", tmp_path / "people.csv",

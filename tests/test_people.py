@@ -134,3 +134,33 @@ def test_group_spread_is_larger_for_a_mixed_group() -> None:
     mixed = group_spread(np.concatenate([x[y == 0][:7], x[y == 1][:3]]))
     assert 0 < one < mixed
     assert group_spread(np.repeat(x[:1], 3, axis=0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_people_centres_on_the_library_mean(tmp_path) -> None:
+    """A library whose people share one direction (poor faces of different people crowd around it):
+    `people` (centred on the library's mean by default) recovers them better than without centring."""
+    rng = np.random.default_rng(0)
+    n_people, per_person = 150, 4
+    people = rng.normal(size=(n_people, DIM))
+    people /= np.linalg.norm(people, axis=1, keepdims=True)
+    shared = rng.normal(size=DIM)
+    y = np.repeat(np.arange(n_people), per_person)
+    x = rng.uniform(0.2, 1.0, (len(y), 1)) * people[y] + 2.0 * shared / np.linalg.norm(shared)
+    x += 0.1 * rng.normal(size=x.shape)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    recs = [FileRecord(f"/lib/{i}.jpg", f"/lib/{i}.jpg", 1, 1, 1, i, "face", faces=[FaceRecord(BOX, 0.999, FRONTAL, outside=0.0)],
+                       embeddings=x[i:i + 1]) for i in range(len(y))]
+    db = tmp_path / "lib.db"
+    with Library.open(db) as lib:
+        lib.ensure_model("m", DIM)
+        lib.record(recs, "m")
+        ids, _ = lib.embeddings("m")
+        truth = dict(zip(ids.tolist(), y.tolist()))  # face ids in insertion order
+        scores = {}
+        for centre in (True, False, None):
+            r = unknown_people(lib, None, "m", min_faces=2, centre=centre)
+            label = {f: g for g, m in r.groups.items() for f in m}
+            scores[centre] = bcubed(np.array([truth[i] for i in ids.tolist()]),
+                                    np.array([label.get(i, -1) for i in ids.tolist()]))[2]
+    assert scores[None] == scores[True]  # the default centres
+    assert scores[True] > scores[False] + 0.05, scores

@@ -42,7 +42,7 @@ class PeopleResult:
 def unknown_people(library: Library, gallery: Gallery | None, model: str, *, min_faces: int = 3,
                    max_distance: float | None = None, method: str = "auto",
                    min_quality: float | None = None, merge_distance: float | None = None,
-                   save: bool = True) -> PeopleResult:
+                   centre: bool | None = None, save: bool = True) -> PeopleResult:
     """Group the indexed faces of `model` (a fingerprint) that match nobody enrolled in `gallery`
     (every face without one) into candidate people; store the grouping in the index for `enroll --group`
     (unless not `save`: the review app only shows it). Faces decided about are left out when confirmed
@@ -50,8 +50,11 @@ def unknown_people(library: Library, gallery: Gallery | None, model: str, *, min
 
     Faces whose quality (index.quality) is below `min_quality` (default DEFAULT_MIN_QUALITY) neither
     form nor join a group: they come back in `excluded`, never dropped silently. `merge_distance`
-    (default DEFAULT_MERGE_DISTANCE; 0 = no merging) joins groups whose pooled vectors are that close."""
-    from index.groups import DEFAULT_MAX_DISTANCE, DEFAULT_MERGE_DISTANCE, group_faces, group_spread, merge_close_groups
+    (default DEFAULT_MERGE_DISTANCE; 0 = no merging) joins groups whose pooled vectors are that close.
+    `centre` (default DEFAULT_CENTRE) groups the vectors less the library's mean (index.groups.centre_on,
+    the mean over every indexed face of `model`); max_distance and merge_distance then hold in that space."""
+    from index.groups import (DEFAULT_CENTRE, DEFAULT_MAX_DISTANCE, DEFAULT_MERGE_DISTANCE, centre_on, group_faces,
+                              group_spread, library_mean, merge_close_groups)
     from index.quality import DEFAULT_MIN_QUALITY
 
     from verify.identity.decisions import Verdicts, apply_decisions
@@ -62,6 +65,8 @@ def unknown_people(library: Library, gallery: Gallery | None, model: str, *, min
     if not library.readonly:
         library.fill_quality()  # faces indexed before the score existed: scored once from what is stored
     face_ids, vectors = library.embeddings(model)  # (N,), (N, D)
+    centre = DEFAULT_CENTRE if centre is None else bool(centre)
+    mean = library_mean(vectors) if centre else None  # (D,) over the whole library, before any face is set aside
     verdicts = Verdicts.load(library, model)
     verdict_of = verdicts.of_face_ids()
     # ignored (not a face) and confirmed (known) faces are never grouped
@@ -78,10 +83,11 @@ def unknown_people(library: Library, gallery: Gallery | None, model: str, *, min
     good = ~(quality < min_quality)  # NaN (not scorable) stays in: only a measured low score excludes
     labels = np.full(len(face_ids), -1, np.int64)
     if good.any():
-        labels[good] = group_faces(vectors[good], min_faces=min_faces, method=method,
+        space = centre_on(vectors[good], mean) if mean is not None else vectors[good]  # (G, D) what is grouped
+        labels[good] = group_faces(space, min_faces=min_faces, method=method,
                                    max_distance=DEFAULT_MAX_DISTANCE if max_distance is None else max_distance)
         if merge_distance > 0:
-            labels[good] = merge_close_groups(vectors[good], labels[good], merge_distance)
+            labels[good] = merge_close_groups(space, labels[good], merge_distance)
     # page order: largest group first, then the better mean quality
     grouped = np.flatnonzero(labels >= 0)
     by_label = grouped[np.argsort(labels[grouped], kind="stable")]  # one sort, not one scan per group
