@@ -35,6 +35,9 @@ _EXPORTS = {
     "PhotoVerdict": "verify.identity.match",
     "Verdicts": "verify.identity.decisions",
     "apply_decisions": "verify.identity.decisions",
+    "library_checks": "verify.queries.library_check",
+    "apply_stricter": "verify.queries.library_check",
+    "LibraryCheck": "verify.queries.library_check",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -420,9 +420,15 @@ def _scan_library_checks(lib, model: str, matcher) -> list:
     stricter` applies it)."""
     if not matcher.pooled:
         return []
+    from index.library import LibraryError
+
     from verify.queries.library_check import library_checks
 
-    return library_checks(lib, model, matcher)
+    try:
+        return library_checks(lib, model, matcher)
+    except (ValueError, LibraryError, OSError, FloatingPointError) as e:  # the scan is done; only the check failed
+        typer.echo(f"warning: library check skipped: {e}", err=True)
+        return []
 
 
 def _start_scan_runtime(runtime: str, device: str, engine: str, address: Optional[str], workers: int,
