@@ -21,13 +21,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LFW, REPO, print_table, ratio, run_measured  # noqa: E402
+from common import export_code, LFW, REPO, print_table, ratio, run_measured  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,11 +39,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-decision-"))
     try:
-        base = tmp / "baseline"
-        base.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline_rev, "verify", "index"],
-                                 check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+        base = export_code(args.baseline_rev, tmp / "baseline")
         # the same model files for both sides (the archive's copies are the same bytes or LFS pointers)
         shutil.rmtree(base / "verify" / "model" / "shipped")
         shutil.copytree(REPO / "verify" / "model" / "shipped", base / "verify" / "model" / "shipped",

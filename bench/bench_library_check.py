@@ -19,7 +19,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_library_scale import FINGERPRINT, Layout, build_index, make_gallery  # noqa: E402
 from bench_facesearch import synthetic_faces  # noqa: E402
-from common import REPO, print_table, ratio, run_measured  # noqa: E402
+from common import export_code, REPO, print_table, ratio, run_measured  # noqa: E402
 
 ALICE = 0
 
@@ -81,11 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-library-check-"))
     work = args.work or tmp
     try:
-        base = tmp / "baseline"
-        base.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline_rev, "verify", "index"],
-                                 check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+        base = export_code(args.baseline_rev, tmp / "baseline")
         sides = {"baseline": (base, []), "check (default)": (REPO, []),
                  "stricter": (REPO, ["--library-threshold", "stricter"])}
         rows = []

@@ -310,3 +310,15 @@ def self_peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def export_code(rev: str, dest: Path) -> Path:
+    """`verify/` and `index/` of git revision `rev` extracted into `dest` (a baseline to run with
+    PYTHONPATH=dest side by side with this checkout)."""
+    import subprocess
+
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "verify", "index"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest

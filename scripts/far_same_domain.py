@@ -58,6 +58,14 @@ def embedded(paths: list[Path], emb: Embedder, cache: Path | None, name: str) ->
     return v
 
 
+def held_out_of_cohort(vectors: np.ndarray, cohort: np.ndarray, same: float = 0.9) -> np.ndarray:
+    """The rows of `vectors` with a face (finite) and no cohort face within similarity `same` (the same photo)."""
+    v = normalise(vectors[np.isfinite(vectors).all(1)])
+    c = normalise(cohort)
+    nearest = np.concatenate([(v[i:i + 4096] @ c.T).max(axis=1) for i in range(0, len(v), 4096)] or [np.zeros(0)])
+    return v[nearest < same]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None)
@@ -69,6 +77,10 @@ def main() -> int:
     ap.add_argument("--lookalike-share", type=float, default=0.4,
                     help="the third rule: per-source thresholds at target FAR x this share")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--strangers-dir", action="append", default=[], metavar="NAME=DIR",
+                    help="one more stranger source: every photo under DIR (central face), less the photos that are "
+                         "in the model's cohort (a face within similarity 0.9 of a cohort face); every LFW DevTest and "
+                         "CelebA partition-2 person is measured against it")
     args = ap.parse_args()
     t0 = time.time()
     emb = Embedder.load(args.model)
@@ -110,6 +122,13 @@ def main() -> int:
         other = okc & (c_who != who)
         tasks.append(("CelebA same sex and age band", c_v[mine], c_v[other & (male == m) & (young == y)]))
         tasks.append(("CelebA any", c_v[mine], c_v[other]))
+    for spec in args.strangers_dir:
+        name, _, folder = spec.partition("=")
+        extra = held_out_of_cohort(embedded(sorted(Path(folder).rglob("*.jpg")), emb, args.cache, f"dir_{name}"), cohort)
+        print(f"# {name}: {len(extra)} strangers held out of the cohort", file=sys.stderr)
+        people = [lfw_v[np.flatnonzero((lfw_who == w) & ok)] for w in np.unique(lfw_who)]
+        people += [c_v[np.flatnonzero(aligned & okc & (c_who == w))] for w in np.unique(c_who[aligned & okc])]
+        tasks += [(f"{name} (held out of the cohort)", mine, extra) for mine in people]
     print(f"# {len(tasks)} (person, source) tasks; {time.time() - t0:.0f} s", file=sys.stderr)
 
     res: dict[tuple[str, int, str], list[int]] = {}
