@@ -49,7 +49,7 @@ def people(args: argparse.Namespace, emb: Embedder) -> list[tuple[str, np.ndarra
     part = 1 if args.select else 2
     t = table[(table["partition"] == part) & table["path"].map(lambda q: Path(q).parents[1].name == "celeba")]
     t = t.sort_values("image").reset_index(drop=True)
-    cv = embedded([Path(q) for q in t["path"]], emb, args.cache, f"celeba_p{part}")
+    cv = embedded([Path(q) for q in t["path"]], emb, args.cache, f"celeba_aligned_p{part}")
     ok, cwho = np.isfinite(cv).all(1), t["identity"].to_numpy()
     for w in np.unique(cwho[ok]):
         mine = cv[ok & (cwho == w)]
