@@ -109,6 +109,10 @@ def fits(train: Path, orl: Path | None) -> dict[str, np.ndarray]:
         out[f"LDA {k} dims, shrinkage 0.5"] = fit_transform(x, y, kind="lda", shrink=0.5, dim=k)
     for k in (32, 64):
         out[f"LDA {k} dims, shrinkage 0.1"] = fit_transform(x, y, kind="lda", shrink=0.1, dim=k)
+    if "paths" in t:  # the full-size photos only: celeba_half's are downscaled to half (89x109)
+        full = np.array([Path(p).parts[-3] != "celeba_half" for p in t["paths"][t["photo"]]])
+        out.update({f"WCCN, full-size photos only, shrinkage {a}": fit_transform(x[full], y[full], kind="wccn", shrink=a)
+                    for a in (0.5, 0.9)})
     if orl is not None:
         t = np.load(orl)
         out.update({f"ORL WCCN, shrinkage {a}": fit_transform(t["vectors"], t["identity"], kind="wccn", shrink=a)

@@ -60,8 +60,9 @@ def training_photos(data: Path, per_identity: int, seed: int = 0) -> tuple[list[
 
 def embed_photos(paths: list[Path], identity: np.ndarray, model: Path, cache: Path, source: str,
                  save_every: int = 500) -> dict:
-    """{"vectors": (M, D), "identity": (M,), "photo": (M,)} of each photo's largest face, cached (and
-    resumed) in cache/train-<source>-<fingerprint>-<n>.npz, saved every save_every photos."""
+    """{"vectors": (M, D), "identity": (M,), "photo": (M,) index into "paths" (n,)} of each photo's
+    largest face, cached (and resumed) in cache/train-<source>-<fingerprint>-<n>.npz, saved every
+    save_every photos."""
     from verify.identity.enroll import face_pipeline
     from verify.model.file import read_model_file
     from verify.model.runtimes import load_embedder
@@ -73,7 +74,7 @@ def embed_photos(paths: list[Path], identity: np.ndarray, model: Path, cache: Pa
                                                      "done": np.array(0)}
     start = int(got["done"])
     if start >= len(paths):
-        return got
+        return {**got, "paths": np.array([str(p) for p in paths])}
     pipe = face_pipeline(load_embedder(model, device="cpu"), min_face=20)
     vecs, ids, photos = [got["vectors"]], [got["identity"]], [got["photo"]]
     t0 = time.perf_counter()
@@ -81,7 +82,8 @@ def embed_photos(paths: list[Path], identity: np.ndarray, model: Path, cache: Pa
 
     def save(done: int) -> dict:
         res = {"vectors": np.concatenate(vecs).astype(np.float32), "identity": np.concatenate(ids),
-               "photo": np.concatenate(photos), "done": np.array(done)}
+               "photo": np.concatenate(photos), "done": np.array(done),
+               "paths": np.array([str(p) for p in paths])}
         np.savez(out.with_suffix(".tmp.npz"), **res)
         out.with_suffix(".tmp.npz").replace(out)
         return res
