@@ -5,10 +5,11 @@ in neither the selection nor the report sets), applied before the centring, agai
     .venv/bin/python bench/bench_group_transform.py --train /tmp/i30f/train-b22a5359a93bfd59-16447.npz \
         [--dlib-model /tmp/dlib.pt] [--cache DIR] [--subsets 20]
 
---train / --orl: scripts/grouping_train_vectors.py's caches of the shipped model's vectors of CelebA
-partition 0 / of ORL's 40 people (run it first). --cache / --dlib-model: bench_groups.py's cached faces of the selection and report sets (as
+--train / --orl: scripts/grouping_train_vectors.py's caches of the network's vectors of CelebA
+partition 0 / of ORL's 40 people (run it first; for --network dlib with --model the dlib file). --cache / --dlib-model: bench_groups.py's cached faces of the selection and report sets (as
 bench_group_tries.py). Every try groups one face per photo with `people`'s other settings (hdbscan,
-min_faces 2, the quality gate, no merge), the shipped model's vectors. Prints:
+min_faces 2, the quality gate, no merge), the shipped model's vectors (--network dlib: dlib's imported
+network's, trained by dlib on its own face sets, not on these CelebA photos). Prints:
 
 1. Per try, the selection objective (mean of the CelebA partition 1 draws' mean F and LFW DevTrain's F,
    bench_groups' objective) at max_distance 0.9..1.5: distances change in the new space, so the cap is
@@ -40,7 +41,8 @@ from common import SHARED_DATA, print_table  # noqa: E402
 
 CAPS = (0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5)
 BASE = "centre (prior 200, the new default)"
-KEY = "v_shipped"
+KEY = "v_shipped"  # the network whose vectors are grouped (--network): bench_groups.py's field
+NETWORK = "shipped model"
 
 
 def fit_transform(vectors: np.ndarray, identity: np.ndarray, *, kind: str = "wccn", shrink: float = 0.5,
@@ -151,7 +153,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", default=str(bg.CACHE))
     ap.add_argument("--min-face", type=int, default=40)
     ap.add_argument("--subsets", type=int, default=20)
+    ap.add_argument("--network", default="shipped", choices=("shipped", "dlib"),
+                    help="whose vectors are grouped; --train / --orl must hold that network's vectors")
     args = ap.parse_args(argv)
+    global KEY, NETWORK
+    KEY, NETWORK = ("v_dlib", "dlib imported") if args.network == "dlib" else ("v_shipped", "shipped model")
     logging.basicConfig(level=logging.WARNING)
     sets, selection, report = bt.load_sets(args)
     matrices = fits(Path(args.train), Path(args.orl) if args.orl else None)
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             row.append(f"{scores[bt.CAP]:.4f}")
         best[name] = max(CAPS, key=lambda c: (round(scores[c], 4), -c))  # ties: the smaller cap
         rows.append(row + [best[name]])
-    print("\nshipped model: the selection objective by max_distance")
+    print(f"\n{NETWORK}: the selection objective by max_distance")
     print_table(["try", *(f"{c}" for c in CAPS), "best cap"], rows, right=[False, *[True] * (len(CAPS) + 1)])
     # 2. every set at the try's best cap
     views = {**selection, **report}
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     cols = ["selection", *[v for v in selection], *report]
     rows = [[name, best[name], *(f"{res[name][c]:.3f}" + ("" if name == BASE else f" ({res[name][c] - res[BASE][c]:+.3f})")
                                  for c in cols)] for name in names]
-    print(f"\nshipped model: BCubed F at each try's best cap (difference to '{BASE}')")
+    print(f"\n{NETWORK}: BCubed F at each try's best cap (difference to '{BASE}')")
     print_table(["try", "cap", *(f"{c} (sel.)" for c in cols[:len(selection) + 1]), *(f"{r} (report)" for r in report)],
                 rows, right=[False, *[True] * (len(cols) + 1)])
     chosen = max(names[2:], key=lambda n: res[n]["selection"])
@@ -238,7 +244,7 @@ def separability(sets: dict, photos: np.ndarray, matrices: dict[str, np.ndarray]
         genuine, impostor = sim[iu][same[iu]], sim[iu][~same[iu]]
         tar = [float((genuine > np.quantile(impostor, 1 - far)).mean()) for far in (1e-3, 1e-4)]
         rows.append([name, f"{nn_right[has_mate].mean():.3f}", f"{tar[0]:.3f}", f"{tar[1]:.3f}"])
-    print("\nLFW DevTrain people, shipped model, one face per photo: separability per space")
+    print(f"\nLFW DevTrain people, {NETWORK}, one face per photo: separability per space")
     print_table(["space", "nearest other face is that person", "genuine accepted at FAR 1e-3", "at FAR 1e-4"], rows,
                 right=[False, True, True, True])
 
@@ -277,7 +283,7 @@ def spread_and_cross_fit(args: argparse.Namespace, sets: dict, selection: dict) 
         keep = view[1][np.isfinite(vecs[view[1], 0]) & ~(q[view[1]] < DEFAULT_MIN_QUALITY)]
         return vecs[keep], s["y"][keep]
 
-    named = {"CelebA partition 0 (training identities)": np.load(args.train)}
+    named = {"CelebA partition 0 (the shipped model's training identities)": np.load(args.train)}
     if args.orl:
         named["ORL"] = np.load(args.orl)
     got = {name: spreads(t["vectors"], t["identity"]) for name, t in named.items()}
@@ -285,7 +291,7 @@ def spread_and_cross_fit(args: argparse.Namespace, sets: dict, selection: dict) 
     lfw_cov = got["LFW DevTrain (selection)"][3]
     rows = [[name, n, f"{w:.3f}", f"{b:.3f}", f"{b / w:.2f}", f"{top_share(cov, cov):.3f}", f"{top_share(lfw_cov, cov):.3f}"]
             for name, (w, b, n, cov) in got.items()]
-    print("\nshipped model: spread of one person's faces and of the people (people with 2 or more faces); the share of the "
+    print(f"\n{NETWORK}: spread of one person's faces and of the people (people with 2 or more faces); the share of the "
           "within-person variance in its top 10 of 128 directions (0.078 if even), and the share of LFW DevTrain's in this set's top 10")
     print_table(["set", "people", "face to its person's mean (mean squared distance)", "person's mean to the overall mean",
                  "ratio", "own top-10 share", "LFW DevTrain's share in these 10"], rows, right=[False, *[True] * 6])
