@@ -1,12 +1,15 @@
 """A learned linear transform before `faceverify people`'s grouping (issue 30, third round): WCCN and
-shrunk LDA fitted on the shipped model's vectors of CelebA partition 0 identities (training identities,
-in neither the selection nor the report sets), applied before the centring, against the centring alone.
+shrunk LDA fitted on a network's vectors of labelled faces in neither the selection nor the report
+sets (CelebA partition 0, the shipped model's training identities; ORL's 40 people), applied before
+the centring, against the centring alone (docs/people.md, "A learned transform for grouping").
 
-    .venv/bin/python bench/bench_group_transform.py --train /tmp/i30f/train-b22a5359a93bfd59-16447.npz \
-        [--dlib-model /tmp/dlib.pt] [--cache DIR] [--subsets 20]
+    .venv/bin/python bench/bench_group_transform.py --train /tmp/i30f/train-celeba-<fp>-16447.npz \
+        [--orl /tmp/i30f/train-orl-<fp>-400.npz] [--network shipped|dlib] [--dlib-model /tmp/dlib.pt]
+        [--cache DIR] [--subsets 20]
 
 --train / --orl: scripts/grouping_train_vectors.py's caches of the network's vectors of CelebA
-partition 0 / of ORL's 40 people (run it first; for --network dlib with --model the dlib file). --cache / --dlib-model: bench_groups.py's cached faces of the selection and report sets (as
+partition 0 / of ORL (run it first; for --network dlib, with --model the dlib file). --cache /
+--dlib-model: bench_groups.py's cached faces of the selection and report sets (as
 bench_group_tries.py). Every try groups one face per photo with `people`'s other settings (hdbscan,
 min_faces 2, the quality gate, no merge), the shipped model's vectors (--network dlib: dlib's imported
 network's, trained by dlib on its own face sets, not on these CelebA photos). Prints:
