@@ -1,0 +1,213 @@
+"""Fairness of `faceverify people`'s grouping across race groups, on UTKFace and SCUT-FBP5500.
+
+    .venv/bin/python bench/bench_group_fairness.py --utk DIR --scut DIR [--per-group 400]
+                     [--dlib-model /tmp/dlib.pt] [--cache DIR] [--refresh] [--seed 0]
+
+These sets label race (UTKFace: `age_gender_race_date.jpg`, race 0-3 = White / Black / Asian /
+Indian; SCUT-FBP5500: AF / AM / CF / CM = Asian or Caucasian, female or male) but not identity, so
+BCubed recall is undefined. Nearly every photo is a different person, though, so a precision-side
+measure is: the share of faces that `people`'s grouping puts into a group with anyone. One library is
+made of a balanced mix (--per-group photos drawn, seeded, from each of the 8 groups: UTKFace races 0-3
+and SCUT's AF / AM / CF / CM), grouped once per model, and read per group. Both models see the same
+MTCNN detections (bench_groups.photo_faces: the shipped model's pipeline, dlib's network imported
+into faceverify embedding the same faces aligned to its own geometry); one face per photo (the
+largest), as bench_groups does; the library's mean for centring is taken over every face found.
+
+Grouping: `people`'s defaults (index.groups.DEFAULT_*, index.quality.DEFAULT_MIN_QUALITY, centred,
+min_faces 3 as `faceverify people --min-faces`), and min_faces 2 beside it (bench_groups' setting).
+
+Printed per group, the two models side by side:
+- faces found (photos with a face) and faces the quality gate leaves out (model-independent);
+- share grouped with anyone (of the faces found; a face left out by the gate is not grouped), at
+  min_faces 3 and 2;
+- mean group purity of the grouped faces: the share of each one's group-mates from its own group
+  (race and set: UTKFace Asian and SCUT Asian are different groups here);
+- share of the grouped faces whose group mixes sexes (the file names' labels: such a group holds at
+  least two different people for certain, a lower bound on wrong grouping);
+- the mean similarity of each face to its nearest other face in the library (the models' own
+  unit vectors, not centred): how crowded each group's faces are for the model.
+
+A group can hold the same person twice (UTKFace has some people more than once; SCUT rarely), so
+"grouped" is an upper bound on wrong grouping and "mixed sexes" a lower one.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_groups import after_settings, face_signals_of, group_photos, per_photo, photo_faces  # noqa: E402
+from common import print_table, ratio  # noqa: E402
+
+log = logging.getLogger("bench_group_fairness")
+
+UTK_RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian"}
+SCUT_GROUPS = {"AF": "Asian F", "AM": "Asian M", "CF": "Caucasian F", "CM": "Caucasian M"}
+MODELS = (("v_shipped", "shipped"), ("v_dlib", "dlib imported"))
+
+
+def utk_groups(root: Path) -> dict[str, list[tuple[Path, str]]]:
+    """UTKFace's photos by race 0-3: group name -> [(photo, sex 'F'/'M')]; names that do not parse
+    (a few files lack a field) are skipped."""
+    out: dict[str, list[tuple[Path, str]]] = {f"UTKFace {n}": [] for n in UTK_RACES.values()}
+    for p in sorted(root.glob("*.jpg")):
+        fields = p.name.split("_")
+        try:
+            gender, race = int(fields[1]), int(fields[2])
+        except (IndexError, ValueError):
+            continue
+        if race in UTK_RACES and gender in (0, 1):
+            out[f"UTKFace {UTK_RACES[race]}"].append((p, "M" if gender == 0 else "F"))  # UTKFace: 0 male, 1 female
+    return out
+
+
+def scut_groups(root: Path) -> dict[str, list[tuple[Path, str]]]:
+    """SCUT-FBP5500's photos by file prefix: group name -> [(photo, sex)]."""
+    out: dict[str, list[tuple[Path, str]]] = {}
+    for prefix, name in SCUT_GROUPS.items():
+        out[f"SCUT {name}"] = [(p, prefix[1]) for p in sorted(root.glob(f"{prefix}*.jpg"))]
+    return out
+
+
+def draw(groups: dict[str, list[tuple[Path, str]]], per_group: int, seed: int
+         ) -> tuple[list[Path], np.ndarray, np.ndarray, list[str]]:
+    """(photos, (N,) group index, (N,) sex, group names): per_group photos of each group, seeded."""
+    rng = np.random.default_rng(seed)
+    paths, gid, sex, names = [], [], [], []
+    for name, items in groups.items():
+        if len(items) < per_group:
+            raise SystemExit(f"{name}: only {len(items)} photos, --per-group {per_group}")
+        for j in np.sort(rng.choice(len(items), per_group, replace=False)):
+            paths.append(items[j][0])
+            sex.append(items[j][1])
+            gid.append(len(names))
+        names.append(name)
+    return paths, np.asarray(gid, np.int64), np.asarray(sex), names
+
+
+def nearest_other_similarity(vectors: np.ndarray) -> np.ndarray:
+    """(N,) cosine similarity of each row to its nearest other row."""
+    import faiss
+
+    x = np.ascontiguousarray(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), np.float32)  # (N, D)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    sims, ids = index.search(x, 2)  # (N, 2): usually itself first
+    return np.where(ids[:, 0] == np.arange(len(x)), sims[:, 1], sims[:, 0])
+
+
+def group_stats(labels: np.ndarray, gid: np.ndarray, sex: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per photo: (share of its group-mates from its own group, NaN when ungrouped; its group mixes sexes)."""
+    purity = np.full(len(labels), np.nan)
+    mixed = np.zeros(len(labels), bool)
+    for g in np.unique(labels[labels >= 0]):
+        members = np.flatnonzero(labels == g)
+        same = (gid[members][:, None] == gid[members][None, :]).sum(axis=1) - 1  # minus itself
+        purity[members] = same / (len(members) - 1)
+        mixed[members] = len(np.unique(sex[members])) > 1
+    return purity, mixed
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--utk", required=True, help="UTKFace's folder of age_gender_race_date.jpg.chip.jpg files")
+    ap.add_argument("--scut", required=True, help="SCUT-FBP5500's Images folder (AF*.jpg, AM*, CF*, CM*)")
+    ap.add_argument("--per-group", type=int, default=400, help="photos drawn from each of the 8 groups")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dlib-model", default="/tmp/dlib.pt", help="faceverify model import-dlib --out FILE --no-calibrate")
+    ap.add_argument("--min-face", type=int, default=40)
+    ap.add_argument("--cache", default="/tmp/faceverify-bench-fairness")
+    ap.add_argument("--refresh", action="store_true", help="recompute the cached faces")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("index.groups").setLevel(logging.WARNING)
+
+    from index.quality import quality_scores
+
+    paths, gid, sex, names = draw({**utk_groups(Path(args.utk)), **scut_groups(Path(args.scut))}, args.per_group, args.seed)
+    faces = photo_faces(paths, Path(args.dlib_model), args.min_face, Path(args.cache), args.refresh,
+                        f"fairness{args.per_group}")
+    quality = quality_scores(face_signals_of(faces))  # (F,) every face found
+    after = after_settings()
+    n = len(paths)
+    found = np.zeros(n, bool)
+    found[faces["photo"][faces["rank"] == 0]] = True
+    variants = {"": (3, after), "min2": (2, after), "nogate": (3, {**after, "min_quality": 0.0})}
+    res: dict[str, dict[str, np.ndarray]] = {}
+    for key, model in MODELS:
+        vecs, idx = per_photo(faces, key, n)  # (N, D), (N,)
+        q = np.where(idx >= 0, quality[np.maximum(idx, 0)], np.nan)
+        r: dict[str, np.ndarray] = {"gated": q < after["min_quality"]}
+        for tag, (min_faces, settings) in variants.items():
+            labels, _ = group_photos(vecs, q, settings, min_faces=min_faces, library=faces[key])
+            r["grouped" + tag] = labels >= 0
+            r["purity" + tag], r["mixed" + tag] = group_stats(labels, gid, sex)
+            r["groups" + tag] = np.array(int(labels.max(initial=-1) + 1))
+        r["nn_sim"] = np.full(n, np.nan)
+        r["nn_sim"][found] = nearest_other_similarity(vecs[found])
+        res[model] = r
+    report(args, names, gid, found, faces, after, res)
+
+
+def report(args: argparse.Namespace, names: list[str], gid: np.ndarray, found: np.ndarray, faces: dict, after: dict,
+           res: dict[str, dict[str, np.ndarray]]) -> None:
+    """The two tables: people's defaults per group; min_faces 2, the gate off and the nearest similarity."""
+    n = len(gid)
+    s, d = res["shipped"], res["dlib imported"]
+    print(f"library: {n} photos, {args.per_group} drawn (seed {args.seed}) from each of {len(names)} groups; "
+          f"{int(found.sum())} with a face (MTCNN, min face {args.min_face} px), {len(faces['photo'])} faces in all; "
+          "one face per photo (the largest)")
+    print(f"grouping: people's defaults (max_distance {after['max_distance']}, min_samples {after['min_samples']}, "
+          f"{after['selection']}, merge {after['merge']}, min_quality {after['min_quality']}, "
+          f"{'centred on the library mean' if after['centre'] else 'not centred'}, min_faces 3)")
+    print("groups formed (default / min_faces 2 / gate off): " + "; ".join(
+        f"{m} {int(r['groups'])} / {int(r['groupsmin2'])} / {int(r['groupsnogate'])}" for m, r in res.items()))
+    print()
+
+    def share(mask: np.ndarray, of: np.ndarray) -> str:
+        return f"{mask[of].mean():.3f}" if of.any() else "-"
+
+    def mean(x: np.ndarray, of: np.ndarray) -> str:
+        v = x[of & np.isfinite(x)]
+        return f"{v.mean():.3f}" if len(v) else "-"
+
+    def vs(key: str, f: np.ndarray) -> str:
+        return ratio(s[key][f].mean(), d[key][f].mean()) if d[key][f].any() else "-"
+
+    utk = [i for i, nm in enumerate(names) if nm.startswith("UTK")]
+    subsets = [(name, gid == i) for i, name in enumerate(names)]
+    subsets += [("UTKFace, all", np.isin(gid, utk)), ("SCUT, all", ~np.isin(gid, utk)), ("all", np.ones(n, bool))]
+    first, second = [], []
+    for name, m in subsets:
+        f = m & found
+        first.append([name, int(m.sum()), int(f.sum()), f"{int(s['gated'][f].sum())} ({share(s['gated'], f)})",
+                      share(s["grouped"], f), share(d["grouped"], f), vs("grouped", f),
+                      mean(s["purity"], f), mean(d["purity"], f),
+                      share(s["mixed"], f & s["grouped"]), share(d["mixed"], f & d["grouped"])])
+        second.append([name, int(f.sum()), share(s["groupedmin2"], f), share(d["groupedmin2"], f), vs("groupedmin2", f),
+                       share(s["groupednogate"], f), share(d["groupednogate"], f), vs("groupednogate", f),
+                       mean(s["puritynogate"], f), mean(d["puritynogate"], f),
+                       mean(s["nn_sim"], f), mean(d["nn_sim"], f)])
+    print("`people`'s defaults (min_faces 3, quality gate 0.1):")
+    print_table(["group", "photos", "faces", "left out by the gate", "grouped, shipped", "grouped, dlib",
+                 "shipped / dlib", "purity, shipped", "purity, dlib", "mixed sexes, shipped", "mixed sexes, dlib"],
+                first, right=[False] + [True] * 10)
+    print()
+    print("beside it: min_faces 2; the gate off (--min-quality 0, min_faces 3); the nearest other face:")
+    print_table(["group", "faces", "grouped min 2, shipped", "grouped min 2, dlib", "shipped / dlib",
+                 "grouped no gate, shipped", "grouped no gate, dlib", "shipped / dlib", "purity no gate, shipped",
+                 "purity no gate, dlib", "nearest sim, shipped", "nearest sim, dlib"], second,
+                right=[False] + [True] * 11)
+    print()
+    print("grouped = share of the faces found put into a group with anyone (a face left out by the gate is not "
+          "grouped); purity = mean share of a grouped face's group-mates from its own group (race and set); mixed "
+          "sexes = share of the grouped faces whose group mixes sexes; nearest sim = mean cosine similarity to the "
+          "nearest other face of the library (the model's vectors, not centred; compare groups within a model)")
+
+
+if __name__ == "__main__":
+    main()
