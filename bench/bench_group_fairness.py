@@ -27,6 +27,11 @@ Printed per group, the two models side by side:
 - the mean similarity of each face to its nearest other face in the library (the models' own
   unit vectors, not centred): how crowded each group's faces are for the model.
 
+Then the same per group for the photos off the shipped model's training side alone (grouped in the same
+library): the shipped model was distilled from dlib's network on 45% of the prepared UTKFace and
+SCUT-FBP5500 faces, and 45% more are its impostor cohort (docs/data.md); the split is a hash of the
+file's path in its repository (training_side), so it is redone here. Grouping reads no cohort.
+
 A group can hold the same person twice (UTKFace has some people more than once; SCUT rarely), so
 "grouped" is an upper bound on wrong grouping and "mixed sexes" a lower one.
 """
@@ -48,12 +53,26 @@ log = logging.getLogger("bench_group_fairness")
 UTK_RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian"}
 SCUT_GROUPS = {"AF": "Asian F", "AM": "Asian M", "CF": "Caucasian F", "CM": "Caucasian M"}
 MODELS = (("v_shipped", "shipped"), ("v_dlib", "dlib imported"))
+# Each photo's path inside its repository, as scripts/prepare_extra_data.sh extracted it: what decides
+# the shipped model's data split (training_side)
+UTK_REL, SCUT_REL = "dataset/UTKFace", "data/landing/Images"
 
 
-def utk_groups(root: Path) -> dict[str, list[tuple[Path, str]]]:
-    """UTKFace's photos by race 0-3: group name -> [(photo, sex 'F'/'M')]; names that do not parse
-    (a few files lack a field) are skipped."""
-    out: dict[str, list[tuple[Path, str]]] = {f"UTKFace {n}": [] for n in UTK_RACES.values()}
+def training_side(rel: str) -> bool:
+    """Whether the photo at `rel` fell on the training side of the shipped model's data split
+    (scripts/prepare_faces.out_name, then scripts/filter_faces.name_fraction >= 0.45 + 0.10: neither
+    cohort nor strangers; the LFW and duplicate filters removed some of those before training, which
+    this cannot redo without the prepared folders)."""
+    import hashlib
+
+    out_name = hashlib.sha1(rel.encode()).hexdigest()[:16] + ".jpg"
+    return int(hashlib.sha1(out_name.encode()).hexdigest()[:8], 16) / 2**32 >= 0.55
+
+
+def utk_groups(root: Path) -> dict[str, list[tuple[Path, str, str]]]:
+    """UTKFace's photos by race 0-3: group name -> [(photo, sex 'F'/'M', path in the repository)]; names
+    that do not parse (a few files lack a field) are skipped."""
+    out: dict[str, list[tuple[Path, str, str]]] = {f"UTKFace {n}": [] for n in UTK_RACES.values()}
     for p in sorted(root.glob("*.jpg")):
         fields = p.name.split("_")
         try:
@@ -61,32 +80,34 @@ def utk_groups(root: Path) -> dict[str, list[tuple[Path, str]]]:
         except (IndexError, ValueError):
             continue
         if race in UTK_RACES and gender in (0, 1):
-            out[f"UTKFace {UTK_RACES[race]}"].append((p, "M" if gender == 0 else "F"))  # UTKFace: 0 male, 1 female
+            out[f"UTKFace {UTK_RACES[race]}"].append((p, "M" if gender == 0 else "F", f"{UTK_REL}/{p.name}"))  # UTKFace: 0 male, 1 female
     return out
 
 
-def scut_groups(root: Path) -> dict[str, list[tuple[Path, str]]]:
-    """SCUT-FBP5500's photos by file prefix: group name -> [(photo, sex)]."""
-    out: dict[str, list[tuple[Path, str]]] = {}
+def scut_groups(root: Path) -> dict[str, list[tuple[Path, str, str]]]:
+    """SCUT-FBP5500's photos by file prefix: group name -> [(photo, sex, path in the repository)]."""
+    out: dict[str, list[tuple[Path, str, str]]] = {}
     for prefix, name in SCUT_GROUPS.items():
-        out[f"SCUT {name}"] = [(p, prefix[1]) for p in sorted(root.glob(f"{prefix}*.jpg"))]
+        out[f"SCUT {name}"] = [(p, prefix[1], f"{SCUT_REL}/{p.name}") for p in sorted(root.glob(f"{prefix}*.jpg"))]
     return out
 
 
-def draw(groups: dict[str, list[tuple[Path, str]]], per_group: int, seed: int
-         ) -> tuple[list[Path], np.ndarray, np.ndarray, list[str]]:
-    """(photos, (N,) group index, (N,) sex, group names): per_group photos of each group, seeded."""
+def draw(groups: dict[str, list[tuple[Path, str, str]]], per_group: int, seed: int
+         ) -> tuple[list[Path], np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(photos, (N,) group index, (N,) sex, (N,) bool on the shipped model's training side, group
+    names): per_group photos of each group, seeded."""
     rng = np.random.default_rng(seed)
-    paths, gid, sex, names = [], [], [], []
+    paths, gid, sex, trained, names = [], [], [], [], []
     for name, items in groups.items():
         if len(items) < per_group:
             raise SystemExit(f"{name}: only {len(items)} photos, --per-group {per_group}")
         for j in np.sort(rng.choice(len(items), per_group, replace=False)):
             paths.append(items[j][0])
             sex.append(items[j][1])
+            trained.append(training_side(items[j][2]))
             gid.append(len(names))
         names.append(name)
-    return paths, np.asarray(gid, np.int64), np.asarray(sex), names
+    return paths, np.asarray(gid, np.int64), np.asarray(sex), np.asarray(trained), names
 
 
 def nearest_other_similarity(vectors: np.ndarray) -> np.ndarray:
@@ -128,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from index.quality import quality_scores
 
-    paths, gid, sex, names = draw({**utk_groups(Path(args.utk)), **scut_groups(Path(args.scut))}, args.per_group, args.seed)
+    paths, gid, sex, trained, names = draw({**utk_groups(Path(args.utk)), **scut_groups(Path(args.scut))}, args.per_group, args.seed)
     faces = photo_faces(paths, Path(args.dlib_model), args.min_face, Path(args.cache), args.refresh,
                         f"fairness{args.per_group}")
     quality = quality_scores(face_signals_of(faces))  # (F,) every face found
@@ -150,12 +171,13 @@ def main(argv: list[str] | None = None) -> None:
         r["nn_sim"] = np.full(n, np.nan)
         r["nn_sim"][found] = nearest_other_similarity(vecs[found])
         res[model] = r
-    report(args, names, gid, found, faces, after, res)
+    report(args, names, gid, trained, found, faces, after, res)
 
 
-def report(args: argparse.Namespace, names: list[str], gid: np.ndarray, found: np.ndarray, faces: dict, after: dict,
-           res: dict[str, dict[str, np.ndarray]]) -> None:
-    """The two tables: people's defaults per group; min_faces 2, the gate off and the nearest similarity."""
+def report(args: argparse.Namespace, names: list[str], gid: np.ndarray, trained: np.ndarray, found: np.ndarray,
+           faces: dict, after: dict, res: dict[str, dict[str, np.ndarray]]) -> None:
+    """The three tables: people's defaults per group; min_faces 2, the gate off and the nearest
+    similarity; the photos off the shipped model's training side alone."""
     n = len(gid)
     s, d = res["shipped"], res["dlib imported"]
     print(f"library: {n} photos, {args.per_group} drawn (seed {args.seed}) from each of {len(names)} groups; "
@@ -181,7 +203,7 @@ def report(args: argparse.Namespace, names: list[str], gid: np.ndarray, found: n
     utk = [i for i, nm in enumerate(names) if nm.startswith("UTK")]
     subsets = [(name, gid == i) for i, name in enumerate(names)]
     subsets += [("UTKFace, all", np.isin(gid, utk)), ("SCUT, all", ~np.isin(gid, utk)), ("all", np.ones(n, bool))]
-    first, second = [], []
+    first, second, third = [], [], []
     for name, m in subsets:
         f = m & found
         first.append([name, int(m.sum()), int(f.sum()), f"{int(s['gated'][f].sum())} ({share(s['gated'], f)})",
@@ -192,6 +214,10 @@ def report(args: argparse.Namespace, names: list[str], gid: np.ndarray, found: n
                        share(s["groupednogate"], f), share(d["groupednogate"], f), vs("groupednogate", f),
                        mean(s["puritynogate"], f), mean(d["puritynogate"], f),
                        mean(s["nn_sim"], f), mean(d["nn_sim"], f)])
+        u = f & ~trained  # never trained on: the cohort and strangers side of the split
+        third.append([name, f"{trained[f].mean():.3f}" if f.any() else "-", int(u.sum()),
+                      share(s["grouped"], u), share(d["grouped"], u), vs("grouped", u),
+                      share(s["groupednogate"], u), share(d["groupednogate"], u), vs("groupednogate", u)])
     print("`people`'s defaults (min_faces 3, quality gate 0.1):")
     print_table(["group", "photos", "faces", "left out by the gate", "grouped, shipped", "grouped, dlib",
                  "shipped / dlib", "purity, shipped", "purity, dlib", "mixed sexes, shipped", "mixed sexes, dlib"],
@@ -202,6 +228,12 @@ def report(args: argparse.Namespace, names: list[str], gid: np.ndarray, found: n
                  "grouped no gate, shipped", "grouped no gate, dlib", "shipped / dlib", "purity no gate, shipped",
                  "purity no gate, dlib", "nearest sim, shipped", "nearest sim, dlib"], second,
                 right=[False] + [True] * 11)
+    print()
+    print("the photos off the shipped model's training side (its data split by name hash: cohort and strangers), "
+          "grouped in the same library:")
+    print_table(["group", "share on the training side", "faces off it", "grouped, shipped", "grouped, dlib",
+                 "shipped / dlib", "grouped no gate, shipped", "grouped no gate, dlib", "shipped / dlib"], third,
+                right=[False] + [True] * 8)
     print()
     print("grouped = share of the faces found put into a group with anyone (a face left out by the gate is not "
           "grouped); purity = mean share of a grouped face's group-mates from its own group (race and set); mixed "
