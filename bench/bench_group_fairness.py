@@ -45,8 +45,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_groups import after_settings, face_signals_of, group_photos, per_photo, photo_faces  # noqa: E402
-from common import print_table, ratio  # noqa: E402
+from bench_groups import (
+    after_settings,
+    face_signals_of,
+    group_photos,
+    per_photo,
+    photo_faces,
+)
+from common import print_table, ratio
 
 log = logging.getLogger("bench_group_fairness")
 
