@@ -46,13 +46,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_groups import (
+    CACHE,
+    FACE_FIELDS,
     after_settings,
     face_signals_of,
     group_photos,
     per_photo,
     photo_faces,
 )
-from common import print_table, ratio
+from common import SHARED_DATA, print_table, ratio
 
 log = logging.getLogger("bench_group_fairness")
 
@@ -135,7 +137,8 @@ def group_stats(labels: np.ndarray, gid: np.ndarray, sex: np.ndarray) -> tuple[n
         members = np.flatnonzero(labels == g)
         same = (gid[members][:, None] == gid[members][None, :]).sum(axis=1) - 1  # minus itself
         purity[members] = same / (len(members) - 1)
-        mixed[members] = len(np.unique(sex[members])) > 1
+        known = sex[members][sex[members] != "?"]  # LFW's faces carry no sex label
+        mixed[members] = len(np.unique(known)) > 1
     return purity, mixed
 
 
@@ -149,18 +152,47 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-face", type=int, default=40)
     ap.add_argument("--cache", default="/tmp/faceverify-bench-fairness")
     ap.add_argument("--refresh", action="store_true", help="recompute the cached faces")
+    ap.add_argument("--with-lfw", action="store_true",
+                    help="then again with the LFW photos of the people with >= 2 photos in the library")
+    ap.add_argument("--data", default=str(SHARED_DATA), help="for --with-lfw: the shared data (lfw/lfw-deepfunneled)")
+    ap.add_argument("--lfw-cache", default=str(CACHE), help="for --with-lfw: bench_groups.py's cache of the LFW faces")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("index.groups").setLevel(logging.WARNING)
 
-    from index.quality import quality_scores
-
-    paths, gid, sex, trained, names = draw({**utk_groups(Path(args.utk)), **scut_groups(Path(args.scut))}, args.per_group, args.seed)
+    paths, gid, sex, trained, names = draw({**utk_groups(Path(args.utk)), **scut_groups(Path(args.scut))},
+                                           args.per_group, args.seed)
     faces = photo_faces(paths, Path(args.dlib_model), args.min_face, Path(args.cache), args.refresh,
                         f"fairness{args.per_group}")
-    quality = quality_scores(face_signals_of(faces))  # (F,) every face found
     after = after_settings()
-    n = len(paths)
+    title = (f"library: {len(paths)} photos, {args.per_group} drawn (seed {args.seed}) from each of {len(names)} groups")
+    report(args, title, names, len(names), gid, trained, faces, after, group_library(faces, len(paths), gid, sex, after))
+    if not args.with_lfw:
+        return
+    from bench_groups import lfw_photos
+
+    lfw, _, _ = lfw_photos(Path(args.data) / "lfw" / "lfw-deepfunneled")
+    lfw_faces = photo_faces(lfw, Path(args.dlib_model), args.min_face, Path(args.lfw_cache), args.refresh, "lfw")
+    both = {k: np.concatenate([faces[k], lfw_faces[k] + (len(paths) if k == "photo" else 0)]) for k in FACE_FIELDS}
+    n = len(paths) + len(lfw)
+    gid2 = np.concatenate([gid, np.full(len(lfw), len(names))])
+    sex2 = np.concatenate([sex, np.full(len(lfw), "?")])
+    trained2 = np.concatenate([trained, np.zeros(len(lfw), bool)])  # the shipped model never trained on LFW
+    print()
+    print("=" * 100)
+    print()
+    report(args, title + f", plus the {len(lfw)} LFW photos of the people with >= 2 photos (people who do repeat)",
+           [*names, "LFW (>= 2 photos each)"], len(names), gid2, trained2, both, after,
+           group_library(both, n, gid2, sex2, after))
+
+
+def group_library(faces: dict, n: int, gid: np.ndarray, sex: np.ndarray, after: dict) -> dict[str, dict[str, np.ndarray]]:
+    """Group the library of these photos' largest faces once per model and setting (people's defaults,
+    min_faces 2, the gate off), centred on every face found; per model: per photo arrays (gated, grouped,
+    purity, mixed, labels, nn_sim) and the number of groups, one key per setting."""
+    from index.quality import quality_scores
+
+    quality = quality_scores(face_signals_of(faces))  # (F,) every face found
     found = np.zeros(n, bool)
     found[faces["photo"][faces["rank"] == 0]] = True
     variants = {"": (3, after), "min2": (2, after), "nogate": (3, {**after, "min_quality": 0.0})}
@@ -168,26 +200,27 @@ def main(argv: list[str] | None = None) -> None:
     for key, model in MODELS:
         vecs, idx = per_photo(faces, key, n)  # (N, D), (N,)
         q = np.where(idx >= 0, quality[np.maximum(idx, 0)], np.nan)
-        r: dict[str, np.ndarray] = {"gated": q < after["min_quality"]}
+        r: dict[str, np.ndarray] = {"gated": q < after["min_quality"], "found": found}
         for tag, (min_faces, settings) in variants.items():
             labels, _ = group_photos(vecs, q, settings, min_faces=min_faces, library=faces[key])
             r["grouped" + tag] = labels >= 0
             r["purity" + tag], r["mixed" + tag] = group_stats(labels, gid, sex)
             r["groups" + tag] = np.array(int(labels.max(initial=-1) + 1))
+            r["labels" + tag] = labels
         r["nn_sim"] = np.full(n, np.nan)
         r["nn_sim"][found] = nearest_other_similarity(vecs[found])
         res[model] = r
-    report(args, names, gid, trained, found, faces, after, res)
+    return res
 
 
-def report(args: argparse.Namespace, names: list[str], gid: np.ndarray, trained: np.ndarray, found: np.ndarray,
-           faces: dict, after: dict, res: dict[str, dict[str, np.ndarray]]) -> None:
-    """The three tables: people's defaults per group; min_faces 2, the gate off and the nearest
-    similarity; the photos off the shipped model's training side alone."""
-    n = len(gid)
+def report(args: argparse.Namespace, title: str, names: list[str], n_stranger_groups: int, gid: np.ndarray,
+           trained: np.ndarray, faces: dict, after: dict, res: dict[str, dict[str, np.ndarray]]) -> None:
+    """The four tables: people's defaults per group; min_faces 2, the gate off and the nearest
+    similarity; the photos off the shipped model's training side alone; the largest groups. Groups
+    from n_stranger_groups on (LFW's people) get a row of their own, outside the "all" rows."""
     s, d = res["shipped"], res["dlib imported"]
-    print(f"library: {n} photos, {args.per_group} drawn (seed {args.seed}) from each of {len(names)} groups; "
-          f"{int(found.sum())} with a face (MTCNN, min face {args.min_face} px), {len(faces['photo'])} faces in all; "
+    found = s["found"]
+    print(f"{title}; {int(found.sum())} with a face (MTCNN, min face {args.min_face} px), {len(faces['photo'])} faces in all; "
           "one face per photo (the largest)")
     print(f"grouping: people's defaults (max_distance {after['max_distance']}, min_samples {after['min_samples']}, "
           f"{after['selection']}, merge {after['merge']}, min_quality {after['min_quality']}, "
@@ -208,7 +241,10 @@ def report(args: argparse.Namespace, names: list[str], gid: np.ndarray, trained:
 
     utk = [i for i, nm in enumerate(names) if nm.startswith("UTK")]
     subsets = [(name, gid == i) for i, name in enumerate(names)]
-    subsets += [("UTKFace, all", np.isin(gid, utk)), ("SCUT, all", ~np.isin(gid, utk)), ("all", np.ones(n, bool))]
+    strangers = gid < n_stranger_groups
+    subsets = subsets[:n_stranger_groups] + [("UTKFace, all", np.isin(gid, utk)),
+                                             ("SCUT, all", strangers & ~np.isin(gid, utk)), ("all strangers", strangers)]
+    subsets += [(name, gid == i) for i, name in enumerate(names) if i >= n_stranger_groups]
     first, second, third = [], [], []
     for name, m in subsets:
         f = m & found
@@ -240,6 +276,18 @@ def report(args: argparse.Namespace, names: list[str], gid: np.ndarray, trained:
     print_table(["group", "share on the training side", "faces off it", "grouped, shipped", "grouped, dlib",
                  "shipped / dlib", "grouped no gate, shipped", "grouped no gate, dlib", "shipped / dlib"], third,
                 right=[False] + [True] * 8)
+    print()
+    print("the largest groups (people's defaults; then the gate off), by the groups of their faces:")
+    big = []
+    for model, r in res.items():
+        for tag, what in (("", "defaults"), ("nogate", "gate off")):
+            labels = r["labels" + tag]
+            ids, sizes = np.unique(labels[labels >= 0], return_counts=True)
+            for g in ids[np.argsort(-sizes, kind="stable")][:3]:
+                members = gid[labels == g]
+                big.append([model, what, len(members), ", ".join(
+                    f"{names[i]} {c}" for i, c in sorted(zip(*np.unique(members, return_counts=True)), key=lambda x: -x[1]))])
+    print_table(["model", "settings", "faces", "made of"], big, right=[False, False, True, False])
     print()
     print("grouped = share of the faces found put into a group with anyone (a face left out by the gate is not "
           "grouped); purity = mean share of a grouped face's group-mates from its own group (race and set); mixed "
