@@ -1,7 +1,8 @@
 """Fairness of `faceverify people`'s grouping across race groups, on UTKFace and SCUT-FBP5500.
 
     .venv/bin/python bench/bench_group_fairness.py --utk DIR --scut DIR [--per-group 400]
-                     [--dlib-model /tmp/dlib.pt] [--cache DIR] [--refresh] [--seed 0]
+                     [--dlib-model /tmp/dlib.pt] [--cache DIR] [--refresh] [--seeds 0,1,2]
+                     [--with-lfw [--lfw-cache DIR]]
 
 These sets label race (UTKFace: `age_gender_race_date.jpg`, race 0-3 = White / Black / Asian /
 Indian; SCUT-FBP5500: AF / AM / CF / CM = Asian or Caucasian, female or male) but not identity, so
@@ -26,6 +27,12 @@ Printed per group, the two models side by side:
   least two different people for certain, a lower bound on wrong grouping);
 - the mean similarity of each face to its nearest other face in the library (the models' own
   unit vectors, not centred): how crowded each group's faces are for the model.
+
+--with-lfw groups the same strangers again in a library with the 3,062 LFW photos of the people
+with >= 2 photos (bench_groups.py's cached faces): people who do repeat, as in a real library, so that
+the grouping has real groups to form and a stranger can be wrongly put with strangers or with a real
+person. --seeds draws the library several times: full tables for the first draw, then per group the
+mean [min, max] over the draws (one draw's figures depend on whether HDBSCAN forms one big group).
 
 Then the same per group for the photos off the shipped model's training side alone (grouped in the same
 library): the shipped model was distilled from dlib's network on 45% of the prepared UTKFace and
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--utk", required=True, help="UTKFace's folder of age_gender_race_date.jpg.chip.jpg files")
     ap.add_argument("--scut", required=True, help="SCUT-FBP5500's Images folder (AF*.jpg, AM*, CF*, CM*)")
     ap.add_argument("--per-group", type=int, default=400, help="photos drawn from each of the 8 groups")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="the draws: full tables for the first, a summary over all")
     ap.add_argument("--dlib-model", default="/tmp/dlib.pt", help="faceverify model import-dlib --out FILE --no-calibrate")
     ap.add_argument("--min-face", type=int, default=40)
     ap.add_argument("--cache", default="/tmp/faceverify-bench-fairness")
@@ -160,30 +167,88 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("index.groups").setLevel(logging.WARNING)
 
-    paths, gid, sex, trained, names = draw({**utk_groups(Path(args.utk)), **scut_groups(Path(args.scut))},
-                                           args.per_group, args.seed)
-    faces = photo_faces(paths, Path(args.dlib_model), args.min_face, Path(args.cache), args.refresh,
-                        f"fairness{args.per_group}")
+    groups = {**utk_groups(Path(args.utk)), **scut_groups(Path(args.scut))}
     after = after_settings()
-    title = (f"library: {len(paths)} photos, {args.per_group} drawn (seed {args.seed}) from each of {len(names)} groups")
-    report(args, title, names, len(names), gid, trained, faces, after, group_library(faces, len(paths), gid, sex, after))
-    if not args.with_lfw:
-        return
-    from bench_groups import lfw_photos
+    seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    lfw_faces = None
+    if args.with_lfw:
+        from bench_groups import lfw_photos
 
-    lfw, _, _ = lfw_photos(Path(args.data) / "lfw" / "lfw-deepfunneled")
-    lfw_faces = photo_faces(lfw, Path(args.dlib_model), args.min_face, Path(args.lfw_cache), args.refresh, "lfw")
-    both = {k: np.concatenate([faces[k], lfw_faces[k] + (len(paths) if k == "photo" else 0)]) for k in FACE_FIELDS}
-    n = len(paths) + len(lfw)
-    gid2 = np.concatenate([gid, np.full(len(lfw), len(names))])
-    sex2 = np.concatenate([sex, np.full(len(lfw), "?")])
-    trained2 = np.concatenate([trained, np.zeros(len(lfw), bool)])  # the shipped model never trained on LFW
+        lfw, _, _ = lfw_photos(Path(args.data) / "lfw" / "lfw-deepfunneled")
+        lfw_faces = photo_faces(lfw, Path(args.dlib_model), args.min_face, Path(args.lfw_cache), args.refresh, "lfw")
+    per_seed: dict[str, list] = {"A": [], "B": []}  # library -> [(names, gid, res)] one per seed
+    for k, seed in enumerate(seeds):
+        paths, gid, sex, trained, names = draw(groups, args.per_group, seed)
+        faces = photo_faces(paths, Path(args.dlib_model), args.min_face, Path(args.cache), args.refresh,
+                            f"fairness{args.per_group}")
+        title = f"library: {len(paths)} photos, {args.per_group} drawn (seed {seed}) from each of {len(names)} groups"
+        res = group_library(faces, len(paths), gid, sex, after)
+        per_seed["A"].append((names, gid, res))
+        if k == 0:
+            print("A: the strangers alone")
+            report(args, title, names, len(names), gid, trained, faces, after, res)
+        if lfw_faces is None:
+            continue
+        both = {f: np.concatenate([faces[f], lfw_faces[f] + (len(paths) if f == "photo" else 0)]) for f in FACE_FIELDS}
+        n_lfw = len(lfw)
+        names2 = [*names, "LFW (>= 2 photos each)"]
+        gid2 = np.concatenate([gid, np.full(n_lfw, len(names))])
+        sex2 = np.concatenate([sex, np.full(n_lfw, "?")])
+        trained2 = np.concatenate([trained, np.zeros(n_lfw, bool)])  # the shipped model never trained on LFW
+        res2 = group_library(both, len(paths) + n_lfw, gid2, sex2, after)
+        per_seed["B"].append((names2, gid2, res2))
+        if k == 0:
+            print()
+            print("=" * 100)
+            print()
+            print("B: the same strangers in a library with LFW's repeating people")
+            report(args, title + f", plus the {n_lfw} LFW photos of the people with >= 2 photos (people who do repeat)",
+                   names2, len(names), gid2, trained2, both, after, res2)
+    if len(seeds) > 1:
+        for lib, runs in per_seed.items():
+            if runs:
+                seeds_table(lib, seeds, runs)
+
+
+def seeds_table(lib: str, seeds: list[int], runs: list) -> None:
+    """Per group, over the seeds' draws: the share grouped by each model (defaults and the gate off) as
+    mean [min, max], the ratio of the means, and the largest group's size per seed."""
+
+    def spread(values: list[float]) -> str:
+        return f"{np.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+    names = runs[0][0]
+    utk = [i for i, nm in enumerate(names) if nm.startswith("UTK")]
+    scut = [i for i, nm in enumerate(names) if nm.startswith("SCUT")]
+    subsets = [(name, [i]) for i, name in enumerate(names) if i < len(utk) + len(scut)]
+    subsets += [("UTKFace, all", utk), ("SCUT, all", scut), ("all strangers", utk + scut)]
+    subsets += [(name, [i]) for i, name in enumerate(names) if i >= len(utk) + len(scut)]
+    rows = []
+    for name, which in subsets:
+        got: dict[str, list[float]] = {}
+        for _, gid, res in runs:
+            for model, r in res.items():
+                f = np.isin(gid, which) & r["found"]
+                for tag in ("", "nogate"):
+                    got.setdefault(model + tag, []).append(float(r["grouped" + tag][f].mean()))
+        rows.append([name, spread(got["shipped"]), spread(got["dlib imported"]),
+                     ratio(np.mean(got["shipped"]), np.mean(got["dlib imported"])),
+                     spread(got["shippednogate"]), spread(got["dlib importednogate"]),
+                     ratio(np.mean(got["shippednogate"]), np.mean(got["dlib importednogate"]))])
     print()
-    print("=" * 100)
+    print(f"{lib}, over the draws of seeds {', '.join(map(str, seeds))}: share grouped with anyone, mean [min, max]")
+    print_table(["group", "grouped, shipped", "grouped, dlib", "shipped / dlib", "grouped no gate, shipped",
+                 "grouped no gate, dlib", "shipped / dlib"], rows, right=[False] + [True] * 6)
+    sizes = []
+    for model in ("shipped", "dlib imported"):
+        for tag, what in (("", "defaults"), ("nogate", "gate off")):
+            per = []
+            for _, _, res in runs:
+                labels = res[model]["labels" + tag]
+                per.append(int(np.bincount(labels[labels >= 0]).max()) if (labels >= 0).any() else 0)
+            sizes.append([model, what, ", ".join(map(str, per))])
     print()
-    report(args, title + f", plus the {len(lfw)} LFW photos of the people with >= 2 photos (people who do repeat)",
-           [*names, "LFW (>= 2 photos each)"], len(names), gid2, trained2, both, after,
-           group_library(both, n, gid2, sex2, after))
+    print_table(["model", "settings", "largest group per seed (faces)"], sizes, right=[False, False, True])
 
 
 def group_library(faces: dict, n: int, gid: np.ndarray, sex: np.ndarray, after: dict) -> dict[str, dict[str, np.ndarray]]:
