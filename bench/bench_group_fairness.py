@@ -39,7 +39,7 @@ library): the shipped model was distilled from dlib's network on 45% of the prep
 SCUT-FBP5500 faces, and 45% more are its impostor cohort (docs/data.md); the split is a hash of the
 file's path in its repository (training_side), so it is redone here. Grouping reads no cohort.
 
-A group can hold the same person twice (UTKFace has some people more than once; SCUT rarely), so
+A group can hold the same person twice (the sets may hold some people more than once), so
 "grouped" is an upper bound on wrong grouping and "mixed sexes" a lower one.
 """
 from __future__ import annotations
