@@ -79,8 +79,11 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--strangers-dir", action="append", default=[], metavar="NAME=DIR",
                     help="one more stranger source: every photo under DIR (central face), less the photos that are "
-                         "in the model's cohort (a face within similarity 0.9 of a cohort face); every LFW DevTest and "
+                         "in the model's cohort (a face within --same-photo of a cohort face); every LFW DevTest and "
                          "CelebA partition-2 person is measured against it")
+    ap.add_argument("--same-photo", type=float, default=0.9,
+                    help="similarity from which a --strangers-dir face counts as a cohort photo (a cohort prepared "
+                         "from other crops of the same photos needs less: UTKFace's chips match its cohort rows at 0.8-0.95)")
     args = ap.parse_args()
     t0 = time.time()
     emb = Embedder.load(args.model)
@@ -124,7 +127,8 @@ def main() -> int:
         tasks.append(("CelebA any", c_v[mine], c_v[other]))
     for spec in args.strangers_dir:
         name, _, folder = spec.partition("=")
-        extra = held_out_of_cohort(embedded(sorted(Path(folder).rglob("*.jpg")), emb, args.cache, f"dir_{name}"), cohort)
+        extra = held_out_of_cohort(embedded(sorted(Path(folder).rglob("*.jpg")), emb, args.cache, f"dir_{name}"), cohort,
+                                   args.same_photo)
         print(f"# {name}: {len(extra)} strangers held out of the cohort", file=sys.stderr)
         people = [lfw_v[np.flatnonzero((lfw_who == w) & ok)] for w in np.unique(lfw_who)]
         people += [c_v[np.flatnonzero(aligned & okc & (c_who == w))] for w in np.unique(c_who[aligned & okc])]
