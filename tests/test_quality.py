@@ -42,6 +42,18 @@ def test_box_half_outside_the_photo_scores_lower_than_the_same_box_inside() -> N
     assert quality_score(half_out) < quality_score(inside)
 
 
+def test_a_tight_portrait_crop_is_not_a_face_cut_off_at_the_border() -> None:
+    # a 200 px chip filled by the face: the detector's box runs past every border, the face is whole
+    chip = (200, 200)
+    lm = shifted(FRONTAL, -50, -70) * 2.0 - np.array([100.0, 100.0], np.float32)  # face ~120 px wide, centred
+    box = (-20.0, -30.0, 220.0, 240.0)
+    tight = face_signals(box, lm, 0.999, chip)
+    assert outside_share(box, chip) > 0.3  # what the box alone would say
+    assert tight.outside == 0.0
+    roomy = face_signals(box, lm, 0.999, (2000, 2000))  # the same face in a large photo
+    assert quality_score(tight) == pytest.approx(quality_score(roomy))
+
+
 def test_pose_from_landmarks() -> None:
     yaw, roll, pitch = pose_from_landmarks(FRONTAL)
     assert yaw == pytest.approx(0.0, abs=1e-6) and roll == pytest.approx(0.0, abs=1e-6) and pitch < 0.1
