@@ -21,8 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.special import ndtr
 
 from verify.identity.scoring import CURVE_FARS, score_curve
 
@@ -99,6 +97,11 @@ def fit_library_tail(library_scores: np.ndarray, strangers: StrangerCurve, targe
     if len(lib) < min_faces:
         return LibraryTail(len(lib), 0.0, 0.0, float("nan"), base, target_far, False,
                            f"library holds {len(lib)} faces (< {min_faces})")
+    # imported here, not at the top: scipy.optimize costs ~0.2 s to import, and every `find` and `scan`
+    # imports this module while most libraries are too small to be fitted
+    from scipy.optimize import minimize
+    from scipy.special import ndtr
+
     sbar = strangers.survival
     u = strangers.score_at(depth)  # fit region: scores >= u
     top = max(float(lib.max()), float(strangers.scores[0]) + SHIFT_BOUNDS[1]) + bin_width

@@ -62,7 +62,7 @@ class LibraryCheck:
                 **({"library": self.fit.to_dict()} if self.fit else {})}
 
 
-def library_scores(library: "Library", model: str) -> np.ndarray:
+def library_vectors(library: "Library", model: str) -> np.ndarray:
     """(N, D) embeddings of the library's present faces of `model`, a fixed sample of at most
     ~MAX_SAMPLE_FACES of them."""
     every = max(1, int(np.ceil(library.face_count() / MAX_SAMPLE_FACES)))
@@ -75,7 +75,7 @@ def library_checks(library: "Library", model: str, matcher: IdentityMatcher,
     if library.face_count() < MIN_LIBRARY_FACES:
         return [LibraryCheck(n, matcher.similarity_threshold_of(n), None,
                              f"the library holds fewer than {MIN_LIBRARY_FACES:,} faces") for n in names or matcher.pooled]
-    vectors = library_scores(library, model)  # (N, D)
+    vectors = library_vectors(library, model)  # (N, D)
     out = []
     for name in names or list(matcher.pooled):
         cal = matcher.calibrations.get(name)
