@@ -193,15 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nchosen on selection: {chosen} (cap {best[chosen]}), selection {res[chosen]['selection']:.4f} "
           f"against {res[BASE]['selection']:.4f} for '{BASE}' (cap {best[BASE]})")
     # 3. paired subsets
-    data = Path(args.data)
     lfw_train = selection["LFW DevTrain"][1]
-    rng = np.random.default_rng(7)
-    people = sets["lfw"]["y"][lfw_train]
-    halves = [("lfw", lfw_train[np.isin(people, rng.choice(np.unique(people), len(np.unique(people)) // 2, replace=False))])
-              for _ in range(args.subsets)]
-    part = bg.celeba_partition(data)
-    p1 = np.flatnonzero([part[p.name] == 1 for p in sets["celeba"]["paths"]])
-    draws = [("celeba", p1[d]) for d in bg.selection_draws(sets["celeba"]["y"][p1], args.subsets, seed=2)]
+    halves, draws = bt.paired_subsets(sets, selection, args.subsets)
     rows = []
     for label, subsets in (("LFW DevTrain, random halves of the people", halves), ("CelebA p1 draws (seed 2)", draws)):
         fc, fb = [], []

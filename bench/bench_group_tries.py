@@ -227,6 +227,18 @@ PAIRED = ((CHOSEN, "none"), ("whiten, shrinkage 0.95, shrunk mean", CHOSEN))  # 
 # --------------------------------------------------------------------------------------------
 
 
+def paired_subsets(sets: dict, selection: dict, n: int) -> tuple[list, list]:
+    """The selection sets' paired subsets, each a view (tag, photo indices): `n` random halves of the LFW
+    DevTrain people (seed 7) and `n` CelebA partition-1 draws (seed 2)."""
+    lfw_train, p1 = selection["LFW DevTrain"][1], selection["CelebA p1, all photos"][1]
+    rng = np.random.default_rng(7)
+    people = sets["lfw"]["y"][lfw_train]
+    halves = [("lfw", lfw_train[np.isin(people, rng.choice(np.unique(people), len(np.unique(people)) // 2, replace=False))])
+              for _ in range(n)]
+    draws = [("celeba", p1[d]) for d in bg.selection_draws(sets["celeba"]["y"][p1], n, seed=2)]
+    return halves, draws
+
+
 def load_sets(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     """(faces per tag, selection views, report views); a view = (tag, photo indices)."""
     from index.quality import quality_scores
@@ -292,15 +304,8 @@ def main(argv: list[str] | None = None) -> None:
         print_table(["try", "selection", "CelebA p1 all (sel.)", "LFW DevTrain (sel.)", *(f"{r} (report)" for r in report)], rows,
                     right=[False, *[True] * 6])
     # the chosen try on paired subsets of the selection sets
-    data = Path(args.data)
-    lfw_train = selection["LFW DevTrain"][1]
-    rng = np.random.default_rng(7)
-    people = sets["lfw"]["y"][lfw_train]
-    halves = [("lfw", lfw_train[np.isin(people, rng.choice(np.unique(people), len(np.unique(people)) // 2, replace=False))])
-              for _ in range(args.subsets)]
-    part = bg.celeba_partition(data)
-    p1 = np.flatnonzero([part[p.name] == 1 for p in sets["celeba"]["paths"]])
-    draws = [("celeba", p1[d]) for d in bg.selection_draws(sets["celeba"]["y"][p1], args.subsets, seed=2)]
+    lfw_train, p1 = selection["LFW DevTrain"][1], selection["CelebA p1, all photos"][1]
+    halves, draws = paired_subsets(sets, selection, args.subsets)
     rows = []
     for name, against in PAIRED:
         for key, model in (("v_shipped", "shipped"), ("v_dlib", "dlib imported")):
