@@ -31,13 +31,16 @@ from bench_library_scale import FINGERPRINT, Layout, build_index, make_gallery  
 from bench_facesearch import synthetic_faces  # noqa: E402
 from common import export_code, REPO, print_table, ratio, run_measured  # noqa: E402
 
+from index import Gallery  # noqa: E402
+from index.library import Library  # noqa: E402
+from verify.identity.galleries import build_matcher  # noqa: E402
+from verify.queries.library_check import library_checks  # noqa: E402
+
 ALICE = 0
 
 
 def prepare(work: Path, n: int, seed: int) -> tuple[Path, Path]:
     """(index, gallery) of N synthetic faces under `work/N`, built once."""
-    from index import Gallery
-    from index.library import Library
     from verify.identity.scoring import calibrate_identity, pool_photos
 
     folder = work / str(n)
@@ -63,8 +66,6 @@ def prepare(work: Path, n: int, seed: int) -> tuple[Path, Path]:
         g.save()
     finally:
         g.close()
-    with Library.open(db, readonly=True):
-        pass
     (folder / "done").touch()
     return db, gallery
 
@@ -100,11 +101,6 @@ def main(argv: list[str] | None = None) -> None:
                         raise SystemExit(f"{side}: find failed ({m.returncode}): {m.stderr.strip()[-300:]}")
                     if rep:  # the first round builds / loads the search index cache
                         runs[side].append(m)
-            from index.library import Library
-            from verify.identity.galleries import build_matcher
-            from verify.queries.library_check import library_checks
-            from index import Gallery
-
             with Library.open(db, readonly=True) as lib:
                 g = Gallery.open(gallery)
                 matcher = build_matcher(g)
