@@ -332,7 +332,7 @@ def hdbscan_on_edges(n: int, src: np.ndarray, dst: np.ndarray, dist: np.ndarray,
     (src, dst) (each pair once) weighted by `dist`; `min_samples` counts stored neighbours (not the
     face itself). Then the cap: a member with no other member of its cluster joined by an edge whose
     `cap_distance` (E,) is <= max_distance leaves the cluster. `_hdbscan` passes the Euclidean k-NN
-    distances as both; bench/bench_groups.py --tries passes rank-based distances as `dist`."""
+    distances as both; bench/bench_group_tries.py passes rank-based distances as `dist`."""
     HDBSCAN = _sklearn_cluster("hdbscan").HDBSCAN
     from scipy import sparse  # a scikit-learn dependency
     from scipy.sparse import csgraph

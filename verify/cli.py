@@ -538,7 +538,7 @@ def people(
     min_faces: Annotated[int, typer.Option("--min-faces", help="Smallest group.")] = 3,
     max_distance: Annotated[Optional[float], typer.Option("--max-distance", help="Distance (Euclidean, between unit embeddings) within which faces link (default: the measured one).")] = None,
     min_quality: Annotated[Optional[float], typer.Option("--min-quality", help="Faces of lower quality (0..1, the scan report's quality column) form no group; they are counted and listed (default: the measured one; 0 keeps all).")] = None,
-    centre: Annotated[bool, typer.Option("--centre/--no-centre", help="Group the embeddings less the library's mean (the default; measured in docs/people.md).")] = True,
+    centre: Annotated[Optional[bool], typer.Option("--centre/--no-centre", help="Group the embeddings less the library's mean (default: index.groups.DEFAULT_CENTRE, on; measured in docs/people.md).")] = None,
     gallery: GalleryOpt = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model fingerprint whose embeddings to group (default: the gallery's, else the index's only model).")] = None,
     index: IndexOpt = None,
