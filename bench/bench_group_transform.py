@@ -229,16 +229,7 @@ def separability(sets: dict, photos: np.ndarray, matrices: dict[str, np.ndarray]
         spaces[f"{name} + centre"] = transform_space(x0, m, mean)
     rows = []
     for name, x in spaces.items():
-        x = x.astype(np.float64)
-        sim = x @ x.T
-        np.fill_diagonal(sim, -np.inf)
-        same = y[:, None] == y[None, :]
-        np.fill_diagonal(same, False)
-        has_mate = same.any(axis=1)
-        nn_right = same[np.arange(len(x)), sim.argmax(axis=1)]
-        iu = np.triu_indices(len(x), 1)
-        genuine, impostor = sim[iu][same[iu]], sim[iu][~same[iu]]
-        tar = [float((genuine > np.quantile(impostor, 1 - far)).mean()) for far in (1e-3, 1e-4)]
+        has_mate, nn_right, tar = bt.separation(x.astype(np.float64), y)
         rows.append([name, f"{nn_right[has_mate].mean():.3f}", f"{tar[0]:.3f}", f"{tar[1]:.3f}"])
     print(f"\nLFW DevTrain people, {NETWORK}, one face per photo: separability per space")
     print_table(["space", "nearest other face is that person", "genuine accepted at FAR 1e-3", "at FAR 1e-4"], rows,

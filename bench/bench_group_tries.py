@@ -227,6 +227,21 @@ PAIRED = ((CHOSEN, "none"), ("whiten, shrinkage 0.95, shrunk mean", CHOSEN))  # 
 # --------------------------------------------------------------------------------------------
 
 
+def separation(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """How well unit vectors x (N, D) of people y (N,) separate them: (N,) has another face of its
+    person, (N,) its nearest other face is its person's, and the share of genuine pairs accepted at a
+    false accept rate of 1e-3 and 1e-4 (all pairs)."""
+    sim = x @ x.T  # (N, N) cosine
+    np.fill_diagonal(sim, -np.inf)
+    same = y[:, None] == y[None, :]
+    np.fill_diagonal(same, False)
+    has_mate = same.any(axis=1)
+    nn_right = same[np.arange(len(x)), sim.argmax(axis=1)]
+    iu = np.triu_indices(len(x), 1)
+    genuine, impostor = sim[iu][same[iu]], sim[iu][~same[iu]]
+    return has_mate, nn_right, [float((genuine > np.quantile(impostor, 1 - far)).mean()) for far in (1e-3, 1e-4)]
+
+
 def paired_subsets(sets: dict, selection: dict, n: int) -> tuple[list, list]:
     """The selection sets' paired subsets, each a view (tag, photo indices): `n` random halves of the LFW
     DevTrain people (seed 7) and `n` CelebA partition-1 draws (seed 2)."""
@@ -355,15 +370,7 @@ def separability(sets: dict, photos: np.ndarray) -> None:
         q = np.where(idx >= 0, s["quality"][np.maximum(idx, 0)], np.nan)
         keep = photos[np.isfinite(vecs[photos, 0]) & ~(q[photos] < DEFAULT_MIN_QUALITY)]
         x, y = vecs[keep].astype(np.float64), s["y"][keep]
-        sim = x @ x.T  # (N, N) cosine
-        np.fill_diagonal(sim, -np.inf)
-        same = y[:, None] == y[None, :]
-        np.fill_diagonal(same, False)
-        has_mate = same.any(axis=1)
-        nn_right = same[np.arange(len(x)), sim.argmax(axis=1)]
-        iu = np.triu_indices(len(x), 1)
-        genuine, impostor = sim[iu][same[iu]], sim[iu][~same[iu]]
-        tar = [float((genuine > np.quantile(impostor, 1 - far)).mean()) for far in (1e-3, 1e-4)]
+        has_mate, nn_right, tar = separation(x, y)
         rows.append([model, int(has_mate.sum()), f"{nn_right[has_mate].mean():.3f}", f"{tar[0]:.3f}", f"{tar[1]:.3f}",
                      f"{np.linalg.norm(x.mean(axis=0)):.2f}"])
     print("\nLFW DevTrain people, one face per photo: how well each model separates people")
